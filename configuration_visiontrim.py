@@ -1,0 +1,249 @@
+# Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
+"""VisionTrim configuration: LLaVA configs plus the vision-token compression settings."""
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from transformers import CLIPTextConfig, LlavaConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+DVTS_SCORES = ("global_local", "received_attention")
+MERGE_UPDATES = ("add", "mean")
+EMPTY_GUIDANCE_RULES = ("error", "cls_similarity")
+
+# The text tower of openai/clip-vit-large-patch14-336, the CLIP model LLaVA-1.5 and LLaVA-1.6 take their vision tower from.
+CLIP_L14_TEXT_CONFIG = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+}
+
+
+def round_half_up(value: float) -> int:
+    """Rounds to the nearest integer, halves upwards (Python's `round` rounds halves to even)."""
+    return math.floor(value + 0.5)
+
+
+def visual_tokens_per_crop(num_patches: int, reduction_ratio: float) -> int:
+    """Tokens kept per crop: all `num_patches` when `reduction_ratio` is 0, else `num_patches * (1 - ratio)` rounded."""
+    if reduction_ratio == 0:
+        return num_patches
+    return round_half_up(num_patches * (1 - reduction_ratio))
+
+
+def check_reduction_ratio(reduction_ratio: Any, num_patches: int, owner: str) -> None:
+    """Raises a `ValueError` naming `owner.reduction_ratio` unless it is a number in [0, 1) that keeps at least one token."""
+    if isinstance(reduction_ratio, bool) or not isinstance(reduction_ratio, (int, float)):
+        raise ValueError(f"{owner}.reduction_ratio must be a number in [0, 1), got {reduction_ratio!r}.")
+    if not 0 <= reduction_ratio < 1:
+        raise ValueError(
+            f"{owner}.reduction_ratio must be in [0, 1) (the share of each crop's patch tokens removed; 0 switches "
+            f"compression off), got {reduction_ratio}."
+        )
+    if visual_tokens_per_crop(num_patches, reduction_ratio) < 1:
+        raise ValueError(
+            f"{owner}.reduction_ratio={reduction_ratio} keeps no token of the {num_patches} patches of a crop; the "
+            f"largest ratio that keeps one token is {1 - 1 / num_patches:.6f}."
+        )
+
+
+def reduction_ratio_for_tokens(visual_tokens: Any, num_patches: int, owner: str) -> float:
+    """The `reduction_ratio` that keeps `visual_tokens` of `num_patches` tokens per crop (`num_patches` gives 0: off)."""
+    if isinstance(visual_tokens, bool) or not isinstance(visual_tokens, int) or not 1 <= visual_tokens <= num_patches:
+        raise ValueError(
+            f"{owner}.visual_tokens must be an integer in [1, {num_patches}] (the vision tower has {num_patches} "
+            f"patch tokens per crop), got {visual_tokens!r}."
+        )
+    return 1 - visual_tokens / num_patches
+
+
+def vision_attention_layer(
+    vision_feature_layer: Any, vision_feature_select_strategy: str, num_layers: int, owner: str
+) -> int:
+    """
+    Index of the vision encoder layer whose output is `hidden_states[vision_feature_layer]`: DVTS reads that layer's
+    attention. Raises a `ValueError` when the selection has no such layer or keeps the CLS token.
+    """
+    if vision_feature_select_strategy != "default":
+        raise ValueError(
+            f"{owner}.vision_feature_select_strategy must be 'default' (CLS token dropped) when compression is on "
+            f"(reduction_ratio > 0), got {vision_feature_select_strategy!r}."
+        )
+    layer = vision_feature_layer
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers <= layer <= num_layers or layer == 0:
+        raise ValueError(
+            f"{owner}.vision_feature_layer must be one transformer layer's hidden-state index, in [{-num_layers}, -1] "
+            f"or [1, {num_layers}], when compression is on (reduction_ratio > 0); got {layer!r}."
+        )
+    return layer % (num_layers + 1) - 1
+
+
+@dataclass(kw_only=True)
+class VisionTrimSettings:
+    """
+    The VisionTrim compression settings, shared by the LLaVA and LLaVA-NeXT configs. See `ALGORITHM.md`.
+
+    Args:
+        reduction_ratio (`float`, defaults to `1 - 64/576`):
+            Share of a crop's patch tokens removed, in [0, 1); 0 switches compression off. The source of truth for the
+            budget: `visual_tokens` (tokens kept per crop) is derived from it. `visual_tokens=K` is accepted instead at
+            construction and in `from_pretrained`, and is stored as the ratio `1 - K / num_patches`.
+        dominant_ratio (`float`, defaults to 0.75):
+            Share of the kept tokens chosen by DVTS, in [0, 1]; TGVC merges the rest into the other tokens. 1 is
+            "DVTS only" (TGVC off, no guidance text needed), 0 is "TGVC only".
+        dvts_score (`str`, defaults to `"global_local"`):
+            DVTS score: `"global_local"` (the paper's: CLS attention and local token affinity, variance-weighted) or
+            `"received_attention"` (the authors' released code: CLS attention and attention received from patches).
+        merge_iterations (`int`, defaults to 3):
+            TGVC merge iterations (0 keeps the seeds as they are).
+        merge_update (`str`, defaults to `"add"`):
+            TGVC seed update: `"add"` (reference: each iteration adds the mean of the tokens assigned to a seed) or
+            `"mean"` (the seed becomes the mean of its original token and the tokens assigned to it).
+        empty_guidance (`str`, defaults to `"error"`):
+            What TGVC does for an image whose guidance text is empty: `"error"` raises, `"cls_similarity"` guides it by
+            the image's own CLS token instead of text.
+        projection_dim (`int`, defaults to 768):
+            Width of the CLIP joint embedding space (`visual_projection` output, `guidance_config.projection_dim`).
+        guidance_config (`CLIPTextConfig` or `dict`, *optional*):
+            The CLIP text tower that encodes the guidance text; defaults to CLIP ViT-L/14-336's.
+    """
+
+    _compression_fields: ClassVar[tuple[str, ...]] = (
+        "reduction_ratio",
+        "dominant_ratio",
+        "dvts_score",
+        "merge_iterations",
+        "merge_update",
+        "empty_guidance",
+        "projection_dim",
+    )
+
+    guidance_config: dict | PreTrainedConfig | None = None
+    projection_dim: int = 768
+    reduction_ratio: int | float = 1 - 64 / 576
+    dominant_ratio: int | float = 0.75
+    dvts_score: str = "global_local"
+    merge_iterations: int = 3
+    merge_update: str = "add"
+    empty_guidance: str = "error"
+
+    def __post_init__(self, visual_tokens: int | None = None, **kwargs):
+        super().__post_init__(**kwargs)
+        if visual_tokens is not None:
+            self.reduction_ratio = reduction_ratio_for_tokens(visual_tokens, self.num_patches, type(self).__name__)
+        self.check_compression_settings()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # `from_pretrained(..., reduction_ratio=...)` sets fields after construction: check those values too.
+        if name in self._compression_fields and getattr(self, "_post_init_done", False):
+            previous = getattr(self, name)
+            super().__setattr__(name, value)
+            try:
+                self.check_compression_settings()
+            except ValueError:
+                super().__setattr__(name, previous)
+                raise
+        else:
+            super().__setattr__(name, value)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        if (visual_tokens := kwargs.pop("visual_tokens", None)) is not None:
+            config_dict = {key: value for key, value in config_dict.items() if key != "reduction_ratio"}
+            config_dict["visual_tokens"] = visual_tokens
+        return super().from_dict(config_dict, **kwargs)
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per crop of the vision tower (576 for CLIP ViT-L/14 at 336 px)."""
+        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+
+    @property
+    def compression_enabled(self) -> bool:
+        return self.reduction_ratio > 0
+
+    @property
+    def visual_tokens(self) -> int:
+        """Visual tokens per crop given to the LLM (read-only: set `reduction_ratio`)."""
+        return visual_tokens_per_crop(self.num_patches, self.reduction_ratio)
+
+    @property
+    def dominant_tokens(self) -> int:
+        """Tokens per crop DVTS keeps."""
+        return round_half_up(self.visual_tokens * self.dominant_ratio)
+
+    @property
+    def complement_tokens(self) -> int:
+        """Tokens per crop TGVC produces."""
+        return self.visual_tokens - self.dominant_tokens
+
+    @property
+    def tgvc_enabled(self) -> bool:
+        """Whether TGVC runs (and so whether a guidance text is needed): compression on and `dominant_ratio` < 1."""
+        return self.compression_enabled and self.complement_tokens > 0
+
+    def check_compression_settings(self) -> None:
+        """Raises a `ValueError` that names the field and its allowed values for any invalid compression setting."""
+        owner = type(self).__name__
+        check_reduction_ratio(self.reduction_ratio, self.num_patches, owner)
+        dominant_ratio = self.dominant_ratio
+        if isinstance(dominant_ratio, bool) or not isinstance(dominant_ratio, (int, float)) or not 0 <= dominant_ratio <= 1:
+            raise ValueError(
+                f"{owner}.dominant_ratio must be in [0, 1] (the share of kept tokens chosen by DVTS; 1 = DVTS only, "
+                f"0 = TGVC only), got {dominant_ratio!r}."
+            )
+        for name, allowed in (
+            ("dvts_score", DVTS_SCORES),
+            ("merge_update", MERGE_UPDATES),
+            ("empty_guidance", EMPTY_GUIDANCE_RULES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{owner}.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        merge_iterations = self.merge_iterations
+        if isinstance(merge_iterations, bool) or not isinstance(merge_iterations, int) or merge_iterations < 0:
+            raise ValueError(f"{owner}.merge_iterations must be an integer >= 0, got {merge_iterations!r}.")
+        if self.guidance_config.projection_dim != self.projection_dim:
+            raise ValueError(
+                f"{owner}.projection_dim ({self.projection_dim}) must equal guidance_config.projection_dim "
+                f"({self.guidance_config.projection_dim}): text and image embeddings are compared in one space."
+            )
+        if self.compression_enabled:
+            vision_attention_layer(
+                self.vision_feature_layer,
+                self.vision_feature_select_strategy,
+                self.vision_config.num_hidden_layers,
+                owner,
+            )
+
+
+class VisionTrimLlavaConfig(VisionTrimSettings, LlavaConfig):
+    r"""
+    Configuration of [`VisionTrimLlavaForConditionalGeneration`]: a [`LlavaConfig`] plus the VisionTrim settings of
+    [`VisionTrimSettings`] (`reduction_ratio`, `dominant_ratio`, `dvts_score`, `merge_iterations`, `merge_update`,
+    `empty_guidance`, `projection_dim`, `guidance_config`).
+
+    Example:
+
+    ```python
+    >>> config = VisionTrimLlavaConfig(visual_tokens=64)  # LLaVA-1.5-7B shapes, 64 of 576 tokens kept per image
+    >>> config.reduction_ratio, config.dominant_tokens, config.complement_tokens
+    (0.8888888888888888, 48, 16)
+    ```"""
+
+    model_type = "visiontrim_llava"
+    sub_configs_defaults = {
+        **LlavaConfig.sub_configs_defaults,
+        "guidance_config": SubConfigSpec(config_class=CLIPTextConfig, init_kwargs=CLIP_L14_TEXT_CONFIG),
+    }
+
+
+VisionTrimLlavaConfig.register_for_auto_class()
+
+__all__ = ["VisionTrimLlavaConfig", "VisionTrimSettings"]
