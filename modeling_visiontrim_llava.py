@@ -1,0 +1,470 @@
+# Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
+"""PyTorch VisionTrim LLaVA: LLaVA whose vision tokens are compressed by DVTS + TGVC before the projector."""
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, CLIPTextModelWithProjection, LlavaForConditionalGeneration, LlavaModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava.modeling_llava import (
+    LlavaCausalLMOutputWithPast,
+    LlavaModelOutputWithPast,
+    LlavaMultiModalProjector,
+    LlavaPreTrainedModel,
+)
+from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import select_hidden_states
+
+from .compression_visiontrim import (
+    DominantVisionTokenSelection,
+    TextGuidedVisionComplement,
+    gather_tokens,
+    head_mean_attention,
+    positions_where_false,
+)
+from .configuration_visiontrim import VisionTrimLlavaConfig, VisionTrimSettings, vision_attention_layer
+
+
+logger = logging.get_logger(__name__)
+
+# CLIP's initial temperature, log(1 / 0.07); trained CLIP checkpoints bring their own value.
+CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)
+
+# Outputs of the projections recorded while the vision tower runs, per thread/task (see `record_outputs`).
+_RECORDED_OUTPUTS: ContextVar[dict[nn.Module, torch.Tensor] | None] = ContextVar("visiontrim_recorded", default=None)
+
+
+def _record_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    recorded = _RECORDED_OUTPUTS.get()
+    if recorded is not None:
+        recorded[module] = output
+
+
+@contextmanager
+def record_outputs(*modules: nn.Module) -> Iterator[dict[nn.Module, torch.Tensor]]:
+    """
+    Records the outputs of `modules` during the block, keyed by module. The hooks live only for the block and write to
+    a context-local dict, so concurrent calls on one model each see their own tensors.
+    """
+    recorded: dict[nn.Module, torch.Tensor] = {}
+    context = _RECORDED_OUTPUTS.set(recorded)
+    handles = [module.register_forward_hook(_record_output) for module in modules]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+        _RECORDED_OUTPUTS.reset(context)
+
+
+@dataclass
+class VisionTrimImageOutput(BaseModelOutputWithPooling):
+    r"""
+    pooler_output (`list[torch.FloatTensor]`):
+        Per image, the `(visual_tokens, text_hidden)` projected tokens given to the LLM.
+    dominant_indices (`torch.LongTensor` of shape `(crops, dominant_tokens)`):
+        Raster indices, in each crop's patch grid, of the tokens DVTS kept (ascending).
+    complement_seed_indices (`torch.LongTensor` of shape `(crops, complement_tokens)`):
+        Raster indices of the TGVC seed tokens the other tokens were merged into (ascending).
+    """
+
+    dominant_indices: torch.LongTensor | None = None
+    complement_seed_indices: torch.LongTensor | None = None
+
+
+@dataclass
+class CompressedCrops:
+    """DVTS + TGVC output for a batch of crops."""
+
+    features: torch.Tensor  # (crops, visual_tokens, vision_hidden): DVTS tokens, then the merged TGVC seeds
+    dominant_indices: torch.LongTensor  # (crops, dominant_tokens)
+    complement_seed_indices: torch.LongTensor  # (crops, complement_tokens)
+
+
+class VisionTrimModelMixin:
+    """
+    The VisionTrim parts of a LLaVA-family base model, shared by the LLaVA and LLaVA-NeXT classes: the CLIP text tower
+    (`guidance_encoder`), CLIP's `visual_projection` and `logit_scale` (named so a `CLIPModel`'s weights map one to
+    one), and DVTS + TGVC applied to a batch of crops.
+    """
+
+    config: VisionTrimSettings
+
+    def init_visiontrim_modules(self, config: VisionTrimSettings) -> None:
+        self.guidance_encoder = CLIPTextModelWithProjection(config.guidance_config)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(CLIP_LOGIT_SCALE_INIT))
+        self.dominant_selection = DominantVisionTokenSelection(config)
+        self.text_guided_complement = TextGuidedVisionComplement(config)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, VisionTrimModelMixin):
+            init.constant_(module.logit_scale, CLIP_LOGIT_SCALE_INIT)
+
+    def vision_attention_module(self, vision_feature_layer: int, vision_feature_select_strategy: str) -> nn.Module:
+        """The attention block of the vision layer whose output is `hidden_states[vision_feature_layer]`."""
+        layer_index = vision_attention_layer(
+            vision_feature_layer,
+            vision_feature_select_strategy,
+            self.config.vision_config.num_hidden_layers,
+            type(self.config).__name__,
+        )
+        layers = getattr(getattr(self.vision_tower, "encoder", None), "layers", None)
+        attention = getattr(layers[layer_index], "self_attn", None) if layers is not None else None
+        if attention is None or not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "num_heads", "scale")):
+            raise ValueError(
+                f"VisionTrim reads the attention of vision layer {layer_index} through "
+                f"`vision_tower.encoder.layers[{layer_index}].self_attn` (q_proj, k_proj, num_heads, scale), which "
+                f"{type(self.vision_tower).__name__} does not have; use a CLIP-style vision tower."
+            )
+        return attention
+
+    def encode_guidance(
+        self,
+        guidance_input_ids: torch.LongTensor | None,
+        guidance_attention_mask: torch.Tensor | None,
+        class_tokens: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Encodes the guidance text of each image with the CLIP text tower.
+
+        Args:
+            guidance_input_ids: `(images, text)` CLIP token ids, one row per image.
+            guidance_attention_mask: `(images, text)`; a row of zeros marks an empty guidance text.
+            class_tokens: `(images, vision_hidden)` CLS tokens of the selected vision layer, the stand-in guidance of
+                images without text when `config.empty_guidance == "cls_similarity"`.
+        Returns:
+            L2-normalised float32 token embeddings `(images, text, projection_dim)` and their validity mask
+            `(images, text)` (bool); with the CLS fallback in use, one leading slot holds the CLS embedding.
+        """
+        num_images = class_tokens.shape[0]
+        if guidance_input_ids is None:
+            raise ValueError(
+                "TGVC needs the question of each image: pass `guidance_input_ids` and `guidance_attention_mask` "
+                "(VisionTrimProcessor returns them; give it `guidance_text=` to choose the text), or set "
+                "`config.dominant_ratio=1.0` to run DVTS only."
+            )
+        if guidance_attention_mask is None:
+            guidance_attention_mask = torch.ones_like(guidance_input_ids)
+        if guidance_input_ids.shape[0] != num_images or guidance_attention_mask.shape != guidance_input_ids.shape:
+            raise ValueError(
+                f"`guidance_input_ids` {tuple(guidance_input_ids.shape)} and `guidance_attention_mask` "
+                f"{tuple(guidance_attention_mask.shape)} must both have one row per image ({num_images} images): "
+                "VisionTrimProcessor repeats each prompt's guidance for each of its images."
+            )
+        device = self.guidance_encoder.device
+        input_ids = guidance_input_ids.to(device)
+        text_mask = guidance_attention_mask.to(device).bool()
+        has_text = text_mask.any(dim=-1)
+        if self.config.empty_guidance == "error" and not bool(has_text.all()):
+            empty = torch.nonzero(~has_text).flatten().tolist()
+            raise ValueError(
+                f"The guidance text of image(s) {empty} is empty, so TGVC has no question to rank tokens by: pass a "
+                "non-empty `guidance_text=` to the processor, or set `config.empty_guidance='cls_similarity'` to guide "
+                "those images by their own CLS token."
+            )
+        # Rows without text still run on their special tokens, so no attention row is fully masked; they are ignored.
+        encoder_mask = torch.where(has_text.unsqueeze(-1), text_mask, torch.ones_like(text_mask))
+        hidden_states = self.guidance_encoder.text_model(input_ids=input_ids, attention_mask=encoder_mask.long())
+        text_embeds = F.normalize(self.guidance_encoder.text_projection(hidden_states.last_hidden_state).float(), dim=-1)
+        if bool(has_text.all()):
+            return text_embeds, text_mask
+        class_embeds = F.normalize(self.visual_projection(class_tokens).float(), dim=-1).to(device)
+        text_embeds = torch.cat([class_embeds.unsqueeze(1), text_embeds], dim=1)
+        text_mask = torch.cat([~has_text.unsqueeze(-1), text_mask], dim=1)
+        return text_embeds, text_mask
+
+    def compress_crops(
+        self,
+        hidden_states: torch.Tensor,
+        attention: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        guidance_input_ids: torch.LongTensor | None,
+        guidance_attention_mask: torch.Tensor | None,
+    ) -> CompressedCrops:
+        """
+        DVTS then TGVC on a batch of crops.
+
+        Args:
+            hidden_states: `(crops, patches + 1, vision_hidden)` selected-layer features, CLS first, pre-layernorm.
+            attention: that layer's attention block (for `num_heads` and `scale`).
+            query, key: `(crops, patches + 1, vision_hidden)` its projected queries and keys.
+            guidance_input_ids, guidance_attention_mask: `(crops, text)` guidance of each crop (see `encode_guidance`).
+        """
+        class_tokens, patches = hidden_states[:, 0], hidden_states[:, 1:]
+        num_crops, num_patches, _ = patches.shape
+        if num_patches != self.config.num_patches:
+            raise ValueError(
+                f"The vision tower gave {num_patches} patch tokens per crop but the config expects "
+                f"{self.config.num_patches} ({self.config.vision_config.image_size} px / patch "
+                f"{self.config.vision_config.patch_size}): feed images at the tower's resolution."
+            )
+        num_dominant = self.config.dominant_tokens
+        if num_dominant > 0:
+            rows = key.shape[1] if self.dominant_selection.needs_full_attention else 1
+            attention_map = head_mean_attention(query[:, :rows], key, attention.num_heads, attention.scale)
+            dominant_indices = self.dominant_selection(patches, attention_map)
+        else:
+            dominant_indices = torch.empty(num_crops, 0, dtype=torch.long, device=patches.device)
+        dominant = gather_tokens(patches, dominant_indices)
+        if not self.config.tgvc_enabled:
+            return CompressedCrops(dominant, dominant_indices, dominant_indices[:, :0])
+
+        is_dominant = torch.zeros(num_crops, num_patches, dtype=torch.bool, device=patches.device)
+        is_dominant = is_dominant.scatter(1, dominant_indices, True)
+        remaining_indices = positions_where_false(is_dominant, num_patches - num_dominant)
+        remaining = gather_tokens(patches, remaining_indices)
+        remaining_embeds = F.normalize(self.visual_projection(remaining).float(), dim=-1)
+        text_embeds, text_mask = self.encode_guidance(guidance_input_ids, guidance_attention_mask, class_tokens)
+        merged, seed_positions = self.text_guided_complement(
+            remaining,
+            remaining_embeds,
+            text_embeds.to(patches.device),
+            text_mask.to(patches.device),
+            self.logit_scale,
+            self.visual_projection,
+        )
+        return CompressedCrops(
+            torch.cat([dominant, merged], dim=1), dominant_indices, remaining_indices.gather(1, seed_positions)
+        )
+
+    def encode_and_compress(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int,
+        vision_feature_select_strategy: str,
+        guidance_input_ids: torch.LongTensor | None,
+        guidance_attention_mask: torch.Tensor | None,
+        **kwargs,
+    ) -> tuple[BaseModelOutputWithPooling, CompressedCrops]:
+        """Runs the vision tower on `(crops, 3, height, width)` pixels, recording one layer's q/k, and compresses."""
+        attention = self.vision_attention_module(vision_feature_layer, vision_feature_select_strategy)
+        with record_outputs(attention.q_proj, attention.k_proj) as recorded:
+            image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+        compressed = self.compress_crops(
+            image_outputs.hidden_states[vision_feature_layer],
+            attention,
+            recorded[attention.q_proj],
+            recorded[attention.k_proj],
+            guidance_input_ids,
+            guidance_attention_mask,
+        )
+        return image_outputs, compressed
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        if input_ids is not None:
+            num_placeholders = int((input_ids == self.config.image_token_id).sum())
+            if num_placeholders != image_features.shape[0]:
+                raise ValueError(
+                    f"The prompts hold {num_placeholders} image placeholder tokens but the images give "
+                    f"{image_features.shape[0]} visual tokens: this model keeps {self.config.visual_tokens} per crop "
+                    f"(config.reduction_ratio={self.config.reduction_ratio}). Build the inputs with the "
+                    "VisionTrimProcessor saved with the model, or give the processor the same reduction_ratio as "
+                    "the model config (a stock LLaVA processor emits every patch token)."
+                )
+        return super().get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
+
+
+class VisionTrimLlavaModel(VisionTrimModelMixin, LlavaModel):
+    """`LlavaModel` whose image features are the DVTS + TGVC tokens of each image, `config.visual_tokens` per image."""
+
+    config: VisionTrimLlavaConfig
+
+    def __init__(self, config: VisionTrimLlavaConfig):
+        LlavaPreTrainedModel.__init__(self, config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.init_visiontrim_modules(config)
+        self.post_init()
+
+    @merge_with_config_defaults
+    @can_return_tuple
+    @select_hidden_states("vision_feature_layer")
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        guidance_input_ids: torch.LongTensor | None = None,
+        guidance_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPooling:
+        r"""
+        Encodes `(images, 3, height, width)` pixels and keeps `config.visual_tokens` tokens per image (DVTS + TGVC,
+        guided by the CLIP-tokenised `(images, text)` guidance), projected to the LLM width. With compression off
+        (`reduction_ratio=0`) this is stock LLaVA's `get_image_features`.
+        """
+        if not self.config.compression_enabled:
+            return super().get_image_features(
+                pixel_values,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                image_sizes=image_sizes,
+                **kwargs,
+            )
+        if image_sizes is not None:
+            raise ValueError(
+                "`image_sizes` is for variable-resolution vision towers, which VisionTrim's LLaVA class does not "
+                "compress; for anyres images use VisionTrimLlavaNextForConditionalGeneration."
+            )
+        image_outputs, compressed = self.encode_and_compress(
+            pixel_values,
+            vision_feature_layer,
+            vision_feature_select_strategy,
+            guidance_input_ids,
+            guidance_attention_mask,
+            **kwargs,
+        )
+        image_features = self.multi_modal_projector(compressed.features)
+        return VisionTrimImageOutput(
+            last_hidden_state=image_outputs.last_hidden_state,
+            pooler_output=list(image_features),
+            hidden_states=image_outputs.hidden_states,
+            attentions=image_outputs.attentions,
+            dominant_indices=compressed.dominant_indices,
+            complement_seed_indices=compressed.complement_seed_indices,
+        )
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        guidance_input_ids: torch.LongTensor | None = None,
+        guidance_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple | LlavaModelOutputWithPast:
+        r"""
+        guidance_input_ids (`torch.LongTensor` of shape `(images, text)`, *optional*):
+            CLIP-tokenised guidance text of each image (`VisionTrimProcessor` returns it); needed when TGVC is on.
+        guidance_attention_mask (`torch.Tensor` of shape `(images, text)`, *optional*):
+            Mask of `guidance_input_ids`; a row of zeros marks an empty guidance text.
+        """
+        if pixel_values is not None and mm_encoder_outputs is None:
+            # Encode here, as generate() does, so that the guidance reaches the image encoder and not the LLM.
+            mm_encoder_outputs = {
+                "image": self.get_image_features(
+                    pixel_values=pixel_values,
+                    vision_feature_layer=vision_feature_layer,
+                    vision_feature_select_strategy=vision_feature_select_strategy,
+                    image_sizes=image_sizes,
+                    guidance_input_ids=guidance_input_ids,
+                    guidance_attention_mask=guidance_attention_mask,
+                    return_dict=True,
+                    **kwargs,
+                )
+            }
+            pixel_values = None
+        return super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+
+
+class VisionTrimLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """
+    LLaVA-1.5 with VisionTrim: the LLM sees `config.visual_tokens` tokens per image (DVTS-selected dominant tokens,
+    then TGVC-merged question-relevant tokens) instead of every patch token. Inputs come from `VisionTrimProcessor`.
+    """
+
+    config: VisionTrimLlavaConfig
+
+    def __init__(self, config: VisionTrimLlavaConfig):
+        LlavaPreTrainedModel.__init__(self, config)
+        self.model = VisionTrimLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        guidance_input_ids: torch.LongTensor | None = None,
+        guidance_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple | LlavaCausalLMOutputWithPast:
+        r"""
+        `LlavaForConditionalGeneration.forward` plus the guidance text of each image:
+
+        guidance_input_ids (`torch.LongTensor` of shape `(images, text)`, *optional*):
+            CLIP-tokenised guidance text of each image (`VisionTrimProcessor` returns it); needed when TGVC is on.
+        guidance_attention_mask (`torch.Tensor` of shape `(images, text)`, *optional*):
+            Mask of `guidance_input_ids`; a row of zeros marks an empty guidance text.
+        """
+        return super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            image_sizes=image_sizes,
+            mm_encoder_outputs=mm_encoder_outputs,
+            guidance_input_ids=guidance_input_ids,
+            guidance_attention_mask=guidance_attention_mask,
+            **kwargs,
+        )
+
+
+# Custom classes skip Transformers' llava-hf key renaming unless it is registered for them: without this, a llava-hf
+# checkpoint would load with a randomly initialised LLM.
+register_checkpoint_conversion_mapping(
+    "VisionTrimLlavaForConditionalGeneration", get_checkpoint_conversion_mapping("llava"), overwrite=True
+)
+VisionTrimLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = [
+    "VisionTrimImageOutput",
+    "VisionTrimLlavaForConditionalGeneration",
+    "VisionTrimLlavaModel",
+    "VisionTrimModelMixin",
+]

@@ -1,0 +1,42 @@
+"""Helpers for the tests: tiny checkpoints saved to folders and loaded back with `trust_remote_code=True`."""
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from visiontrim.tools.build import build_config, build_model, build_processor
+
+
+QUESTION_PROMPT = "USER: <image>\nWhat animal is in the picture? ASSISTANT:"
+OTHER_PROMPT = "USER: <image>\nIs there a cup of coffee on the table? Answer with one word. ASSISTANT:"
+
+
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def save_checkpoint(folder: Path, seed: int = 0, **compression) -> Path:
+    """Builds a seeded tiny model and its processor with the given compression settings and saves both to `folder`."""
+    config = build_config(**compression)
+    build_model(config, seed=seed).save_pretrained(folder)
+    build_processor(config).save_pretrained(folder)
+    return folder
+
+
+def load_remote(folder: Path, **overrides):
+    """Loads model and processor from `folder` with `trust_remote_code=True`, from another working directory."""
+    processor_overrides = {key: value for key, value in overrides.items() if key in ("visual_tokens", "reduction_ratio")}
+    with working_directory(Path(tempfile.mkdtemp(prefix="visiontrim-user-"))):
+        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, **overrides)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True, **processor_overrides)
+    return model.eval(), processor
