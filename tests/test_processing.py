@@ -1,0 +1,171 @@
+"""VisionTrimProcessor: placeholder counts, the guidance text it extracts and tokenises, its errors, save and reload."""
+
+import pytest
+import torch
+from helpers import QUESTION_PROMPT, working_directory
+from PIL import Image
+from transformers import AutoProcessor
+
+from visiontrim import VisionTrimProcessor
+from visiontrim.processing_visiontrim import guidance_from_prompt
+from visiontrim.tools.build import build_config, build_processor
+
+
+@pytest.mark.parametrize(
+    ("prompt", "guidance"),
+    [
+        ("USER: <image>\nWhat is shown? ASSISTANT:", "What is shown?"),
+        (
+            "USER: <image>\nIs there a dog in the image?\nAnswer the question using a single word or phrase. ASSISTANT:",
+            "Is there a dog in the image? Answer the question using a single word or phrase.",
+        ),
+        (
+            "A chat between a curious human and an artificial intelligence assistant. USER: <image>\nCount the cups. ASSISTANT:",
+            "Count the cups.",
+        ),
+        ("USER: <image>\nWhat is it? ASSISTANT: A cat.</s>USER: What colour is it? ASSISTANT:", "What colour is it?"),
+        ("[INST] <image>\nWhat is shown in this image? [/INST]", "What is shown in this image?"),
+        ("<|im_start|>user\n<image>\nDescribe it.<|im_end|>\n<|im_start|>assistant\n", "Describe it."),
+        (
+            "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhere is the car?<|eot_id|><|start_header_id|>assistant",
+            "Where is the car?",
+        ),
+        ("<image>\nWhat is on the table?", "What is on the table?"),
+        ("USER: <image> ASSISTANT:", ""),
+    ],
+)
+def test_guidance_is_the_last_user_turn_without_markers(prompt, guidance):
+    assert guidance_from_prompt(prompt, "<image>") == guidance
+
+
+@pytest.fixture(scope="module")
+def processor() -> VisionTrimProcessor:
+    return build_processor(build_config())
+
+
+def test_each_image_becomes_the_kept_number_of_placeholders(photos):
+    for tokens in (576, 192, 128, 64):
+        config = build_config(reduction_ratio=0) if tokens == 576 else build_config(visual_tokens=tokens)
+        processor = build_processor(config)
+        inputs = processor(images=photos, text=[QUESTION_PROMPT, QUESTION_PROMPT], padding=True, return_tensors="pt")
+        image_token_id = processor.image_token_id
+        assert (inputs["input_ids"] == image_token_id).sum(dim=1).tolist() == [tokens, tokens]
+        assert processor._get_num_multimodal_tokens(image_sizes=[(300, 451), (400, 600)]).num_image_tokens == [
+            tokens,
+            tokens,
+        ]
+
+
+def test_guidance_tensors_are_clip_tokens_of_the_question_right_padded(processor, photos):
+    prompts = [QUESTION_PROMPT, "USER: <image>\nA much longer question about the cup on the table? ASSISTANT:"]
+    inputs = processor(images=photos, text=prompts, padding=True, return_tensors="pt")
+    assert inputs["guidance_input_ids"].dtype == torch.long and inputs["guidance_input_ids"].shape[0] == 2
+    mask = inputs["guidance_attention_mask"]
+    assert mask[1].all() and not mask[0].all()
+    assert torch.equal(mask[0], torch.sort(mask[0], descending=True).values)  # padding on the right
+    decoded = processor.guidance_tokenizer.decode(inputs["guidance_input_ids"][0][mask[0].bool()], skip_special_tokens=True)
+    assert decoded == "what animal is in the picture ?"  # CLIP lower-cases and splits punctuation
+    assert inputs["guidance_input_ids"].shape[1] == mask[1].sum()  # padded to the longest question, not to 77
+
+
+def test_long_guidance_is_truncated_to_the_clip_context(processor, photos):
+    question = "Is there " + "a very small red cup " * 30 + "on the table?"
+    inputs = processor(images=photos[0], text=f"USER: <image>\n{question} ASSISTANT:", return_tensors="pt")
+    assert inputs["guidance_input_ids"].shape == (1, 77)
+    assert inputs["guidance_input_ids"][0, -1] == processor.guidance_tokenizer.eos_token_id
+
+
+def test_explicit_guidance_text_wins_and_is_checked(processor, photos):
+    inputs = processor(images=photos[0], text=QUESTION_PROMPT, guidance_text="a sleeping cat", return_tensors="pt")
+    assert processor.guidance_tokenizer.decode(inputs["guidance_input_ids"][0], skip_special_tokens=True) == "a sleeping cat"
+    with pytest.raises(ValueError, match=r"`guidance_text` has 1 entries but there are 2 prompts: give one per prompt"):
+        processor(images=photos, text=[QUESTION_PROMPT, QUESTION_PROMPT], guidance_text=["only one"], padding=True)
+
+
+def test_empty_guidance_gives_an_all_zero_mask_row(processor, photos):
+    inputs = processor(images=photos, text=["USER: <image> ASSISTANT:", QUESTION_PROMPT], padding=True, return_tensors="pt")
+    assert inputs["guidance_attention_mask"][0].sum() == 0 and inputs["guidance_attention_mask"][1].sum() > 0
+
+
+def test_images_without_prompts_take_one_guidance_text_each(processor, photos):
+    inputs = processor(images=photos, guidance_text=["a cat", "a cup"], return_tensors="pt")
+    assert inputs["guidance_input_ids"].shape[0] == 2 and "input_ids" not in inputs
+    with pytest.raises(ValueError, match=r"Pass `text` \(the prompts\) or `guidance_text=`"):
+        processor(images=photos)
+
+
+def test_text_only_input_has_no_guidance(processor):
+    inputs = processor(text="USER: Hi ASSISTANT:", return_tensors="pt")
+    assert set(inputs) == {"input_ids", "attention_mask"}
+
+
+def test_model_input_names_include_the_guidance(processor):
+    names = processor.model_input_names
+    assert {"input_ids", "attention_mask", "pixel_values", "guidance_input_ids", "guidance_attention_mask"} <= set(names)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"reduction_ratio": 1.0}, r"VisionTrimProcessor.reduction_ratio must be in \[0, 1\)"),
+        ({"reduction_ratio": 0.9999}, r"VisionTrimProcessor.reduction_ratio=0.9999 keeps no token of the 576 patches"),
+        ({"visual_tokens": 600}, r"VisionTrimProcessor.visual_tokens must be an integer in \[1, 576\]"),
+    ],
+)
+def test_invalid_budget_is_refused(processor, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VisionTrimProcessor(
+            image_processor=processor.image_processor,
+            tokenizer=processor.tokenizer,
+            guidance_tokenizer=processor.guidance_tokenizer,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            **kwargs,
+        )
+
+
+def test_save_and_reload_keep_every_setting(tmp_path, photos):
+    processor = build_processor(build_config(visual_tokens=128))
+    processor.guidance_max_length = 32
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "guidance_tokenizer" / "tokenizer_config.json").is_file()
+    assert (tmp_path / "chat_template.jinja").is_file()
+    with working_directory(tmp_path.parent):
+        reloaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(reloaded).__name__ == "VisionTrimProcessor" and type(reloaded).__module__.startswith("transformers_modules.")
+    assert type(reloaded.guidance_tokenizer).__name__ == "CLIPTokenizer"
+    settings = (
+        "reduction_ratio",
+        "guidance_max_length",
+        "patch_size",
+        "vision_feature_select_strategy",
+        "num_additional_image_tokens",
+        "image_token",
+        "chat_template",
+    )
+    for name in settings:
+        assert getattr(reloaded, name) == getattr(processor, name), name
+    assert reloaded.visual_tokens == 128
+    prompt = "USER: <image>\nWhat is " + "in the cup " * 10 + "? ASSISTANT:"
+    original = processor(images=photos[1], text=prompt, return_tensors="pt")
+    again = reloaded(images=photos[1], text=prompt, return_tensors="pt")
+    assert set(original) == set(again)
+    for key in original:
+        assert torch.equal(original[key], again[key]), key
+    assert again["guidance_input_ids"].shape[1] == 32
+    assert AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True, visual_tokens=64).visual_tokens == 64
+
+
+def test_chat_messages_render_with_the_llava_template(processor):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == "USER: <image>\nWhat is shown? ASSISTANT:"
+    assert guidance_from_prompt(prompt, processor.image_token) == "What is shown?"
+
+
+def test_small_and_odd_sized_photos_are_cropped_to_the_tower_grid(processor):
+    tiny, tall = Image.new("RGB", (40, 30), "red"), Image.new("RGB", (90, 700), "blue")
+    inputs = processor(images=[tiny, tall], text=[QUESTION_PROMPT, QUESTION_PROMPT], padding=True, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (2, 3, 336, 336)
+    assert (inputs["input_ids"] == processor.image_token_id).sum(dim=1).tolist() == [64, 64]
