@@ -1,0 +1,120 @@
+"""The user's path: a VisionTrim folder loaded with Auto classes and `trust_remote_code=True`, generate and pipeline."""
+
+import json
+
+import pytest
+import torch
+from helpers import QUESTION_PROMPT, load_remote, save_checkpoint, working_directory
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+
+REMOTE_CODE_FILES = (
+    "configuration_visiontrim.py",
+    "modeling_visiontrim_llava.py",
+    "processing_visiontrim.py",
+    "compression_visiontrim.py",
+)
+
+
+def test_checkpoint_folder_is_a_hub_repository(checkpoint):
+    for name in REMOTE_CODE_FILES + ("config.json", "generation_config.json", "processor_config.json", "chat_template.jinja"):
+        assert (checkpoint / name).is_file(), name
+    assert (checkpoint / "guidance_tokenizer" / "tokenizer.json").is_file()
+    assert not list(checkpoint.glob("*.bin"))  # safetensors only, never pickle
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_visiontrim.VisionTrimLlavaConfig",
+        "AutoModelForImageTextToText": "modeling_visiontrim_llava.VisionTrimLlavaForConditionalGeneration",
+    }
+    processor_config = json.loads((checkpoint / "processor_config.json").read_text())
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_visiontrim.VisionTrimProcessor"}
+    assert processor_config["reduction_ratio"] == config["reduction_ratio"]
+    with safe_open(checkpoint / "model.safetensors", "pt") as weights:
+        names = set(weights.keys())
+    assert {"model.logit_scale", "model.visual_projection.weight"} <= names
+
+
+def test_the_readme_snippet(checkpoint, photos, tmp_path):
+    with working_directory(tmp_path):
+        model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+        out = model.generate(**processor(images=photos[0], text=QUESTION_PROMPT, return_tensors="pt"), max_new_tokens=8)
+    assert type(model).__name__ == "VisionTrimLlavaForConditionalGeneration"
+    assert type(model).__module__.startswith("transformers_modules.")
+    prompt_length = len(processor(images=photos[0], text=QUESTION_PROMPT)["input_ids"][0])
+    assert prompt_length == len(processor.tokenizer(QUESTION_PROMPT)["input_ids"]) - 1 + 64
+    assert out.shape == (1, prompt_length + 8)
+
+
+def test_save_and_reload_keep_every_setting_and_weight(tmp_path, photos):
+    settings = dict(
+        visual_tokens=128,
+        dominant_ratio=0.5,
+        dvts_score="received_attention",
+        merge_iterations=2,
+        merge_update="mean",
+        empty_guidance="cls_similarity",
+    )
+    model, processor = load_remote(save_checkpoint(tmp_path / "first", seed=3, **settings))
+    model.save_pretrained(tmp_path / "second")
+    processor.save_pretrained(tmp_path / "second")
+    for name in REMOTE_CODE_FILES:
+        assert (tmp_path / "second" / name).read_text() == (tmp_path / "first" / name).read_text()
+    again, processor_again = load_remote(tmp_path / "second")
+    for field in ("reduction_ratio", "dominant_ratio", "dvts_score", "merge_iterations", "merge_update", "empty_guidance"):
+        assert getattr(again.config, field) == getattr(model.config, field), field
+    assert (again.config.visual_tokens, again.config.dominant_tokens, again.config.complement_tokens) == (128, 64, 64)
+    assert processor_again.visual_tokens == 128
+    weights = again.state_dict()
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weights[name], weight), name
+    inputs = processor_again(images=photos[0], text=QUESTION_PROMPT, return_tensors="pt")
+    torch.testing.assert_close(again(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_budget_override_at_load_keeps_processor_and_model_in_step(checkpoint, photos):
+    model, processor = load_remote(checkpoint, visual_tokens=192)
+    inputs = processor(images=photos[1], text=QUESTION_PROMPT, return_tensors="pt")
+    output = model(**inputs)
+    assert output.image_outputs.pooler_output[0].shape[0] == 192 == processor.visual_tokens
+
+
+def test_pipeline_with_chat_and_plain_prompts(checkpoint, photos, tmp_path):
+    with working_directory(tmp_path):
+        pipe = pipeline("image-text-to-text", model=str(checkpoint), trust_remote_code=True)
+    assert type(pipe.model).__name__ == "VisionTrimLlavaForConditionalGeneration"
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": photos[0]}, {"type": "text", "text": "What animal is this?"}]}
+    ]
+    chat = pipe(text=messages, max_new_tokens=4, do_sample=False)
+    assert chat[0]["generated_text"][-1]["role"] == "assistant"
+    assert isinstance(chat[0]["generated_text"][-1]["content"], str)
+    plain = pipe(images=photos[1], text=QUESTION_PROMPT, max_new_tokens=4, do_sample=False, return_full_text=False)
+    assert isinstance(plain[0]["generated_text"], str)
+
+    # The chat prompt's question reached TGVC: the pipeline's answer equals generate() with that guidance.
+    model, processor = pipe.model, pipe.processor
+    chat_without_pixels = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What animal is this?"}]}]
+    prompt = processor.apply_chat_template(chat_without_pixels, add_generation_prompt=True)
+    inputs = processor(images=photos[0], text=prompt, return_tensors="pt")
+    assert processor.guidance_tokenizer.decode(inputs["guidance_input_ids"][0], skip_special_tokens=True) == "what animal is this ?"
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    answer = processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert chat[0]["generated_text"][-1]["content"] == answer
+
+
+@pytest.mark.parametrize("name", ["eager", "sdpa"])
+def test_attention_implementation_choice_reaches_every_tower(checkpoint, name):
+    model, _ = load_remote(checkpoint, attn_implementation=name)
+    inner = model.model
+    assert inner.vision_tower.config._attn_implementation == name
+    assert inner.guidance_encoder.config._attn_implementation == name
+    assert inner.language_model.config._attn_implementation == name
+
+
+def test_flash_attention_2_is_requested_like_any_transformers_model(checkpoint):
+    # flash-attn is an optional extra: without it, loading fails with Transformers' own clear error, never with ours.
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed (optional extra, needs CUDA)")
+    model, _ = load_remote(checkpoint, attn_implementation="flash_attention_2", dtype=torch.bfloat16, device_map="cuda")
+    assert model.model.vision_tower.config._attn_implementation == "flash_attention_2"

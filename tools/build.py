@@ -1,0 +1,206 @@
+# Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
+"""
+Randomly initialised VisionTrim LLaVA models, tokenizers and processors built in memory, with no download: for the
+demo, the benchmark and the tests. Shapes are real where it matters (a 336 px / patch-14 tower gives the real 24x24
+grid) and small elsewhere.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPTextConfig,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
+
+from ..configuration_visiontrim import CLIP_L14_TEXT_CONFIG, VisionTrimLlavaConfig
+from ..modeling_visiontrim_llava import VisionTrimLlavaForConditionalGeneration
+from ..processing_visiontrim import VisionTrimProcessor
+
+
+IMAGE_TOKEN = "<image>"
+# llava-hf's LLaVA-1.5 chat template: "USER: <image>\n<question> ASSISTANT:".
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+TRAINING_TEXT = [
+    "USER: What is shown in the image? ASSISTANT: A cat sitting on a sofa next to a cup of coffee.",
+    "Is there a dog in the picture? Answer the question using a single word or phrase. No, there is a cat.",
+    "Describe the photo in detail: colours, objects, people, animals, text, the sky, a street, a table, a window.",
+    "How many people are in the image? Where is the red car? What colour is the cup? Yes. No. Two. Three.",
+]
+
+
+@dataclass
+class Shapes:
+    """Widths and depths of a random VisionTrim LLaVA; the defaults are tiny, the grid is the real 24x24."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    vision_hidden: int = 32
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vision_intermediate: int = 64
+    guidance_hidden: int = 32
+    guidance_layers: int = 2
+    guidance_heads: int = 4
+    guidance_intermediate: int = 64
+    projection_dim: int = 16
+    llm_hidden: int = 64
+    llm_layers: int = 2
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    llm_intermediate: int = 128
+
+
+# CLIP ViT-L/14-336 as in LLaVA-1.5, with a small LLM.
+LLAVA_15_SHAPES = Shapes(
+    vision_hidden=1024,
+    vision_layers=24,
+    vision_heads=16,
+    vision_intermediate=4096,
+    guidance_hidden=CLIP_L14_TEXT_CONFIG["hidden_size"],
+    guidance_layers=CLIP_L14_TEXT_CONFIG["num_hidden_layers"],
+    guidance_heads=CLIP_L14_TEXT_CONFIG["num_attention_heads"],
+    guidance_intermediate=CLIP_L14_TEXT_CONFIG["intermediate_size"],
+    projection_dim=CLIP_L14_TEXT_CONFIG["projection_dim"],
+    llm_hidden=1024,
+    llm_layers=4,
+    llm_heads=16,
+    llm_kv_heads=16,
+    llm_intermediate=2816,
+)
+
+
+def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE LLM tokenizer trained in memory, with `<image>` as its image token and left padding."""
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(TRAINING_TEXT, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+    )
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_guidance_tokenizer() -> CLIPTokenizer:
+    """A character-level CLIP tokenizer (CLIP's normaliser and pre-tokeniser, no merges), 77 tokens at most."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for character in sorted(alphabet):
+        vocab[character] = len(vocab)
+        vocab[character + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def build_config(shapes: Shapes = Shapes(), vocab_size: int | None = None, **compression) -> VisionTrimLlavaConfig:
+    """A `VisionTrimLlavaConfig` of the given shapes; `compression` sets the VisionTrim fields."""
+    tokenizer_vocab = vocab_size or len(build_tokenizer())
+    return VisionTrimLlavaConfig(
+        vision_config=CLIPVisionConfig(
+            image_size=shapes.image_size,
+            patch_size=shapes.patch_size,
+            hidden_size=shapes.vision_hidden,
+            num_hidden_layers=shapes.vision_layers,
+            num_attention_heads=shapes.vision_heads,
+            intermediate_size=shapes.vision_intermediate,
+            projection_dim=shapes.projection_dim,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=tokenizer_vocab,
+            hidden_size=shapes.llm_hidden,
+            num_hidden_layers=shapes.llm_layers,
+            num_attention_heads=shapes.llm_heads,
+            num_key_value_heads=shapes.llm_kv_heads,
+            intermediate_size=shapes.llm_intermediate,
+            max_position_embeddings=2048,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        ),
+        guidance_config=CLIPTextConfig(
+            vocab_size=len(build_guidance_tokenizer()),
+            hidden_size=shapes.guidance_hidden,
+            num_hidden_layers=shapes.guidance_layers,
+            num_attention_heads=shapes.guidance_heads,
+            intermediate_size=shapes.guidance_intermediate,
+            projection_dim=shapes.projection_dim,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        projection_dim=shapes.projection_dim,
+        image_token_index=4,
+        pad_token_id=3,
+        **compression,
+    )
+
+
+def build_model(config: VisionTrimLlavaConfig, seed: int = 0) -> VisionTrimLlavaForConditionalGeneration:
+    """A randomly initialised model (seeded), in eval mode."""
+    torch.manual_seed(seed)
+    return VisionTrimLlavaForConditionalGeneration(config).eval()
+
+
+def build_processor(config: VisionTrimLlavaConfig) -> VisionTrimProcessor:
+    """The processor matching `config` (same budget, 336 px CLIP preprocessing, LLaVA-1.5 chat template)."""
+    size = config.vision_config.image_size
+    return VisionTrimProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        ),
+        tokenizer=build_tokenizer(),
+        guidance_tokenizer=build_guidance_tokenizer(),
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        reduction_ratio=config.reduction_ratio,
+    )
+
+
+def stock_llava_with_same_weights(model: VisionTrimLlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """Stock `LlavaForConditionalGeneration` sharing `model`'s vision tower, projector, LLM and head (no copy)."""
+    config = model.config
+    stock_config = LlavaConfig(
+        vision_config=config.vision_config,
+        text_config=config.text_config,
+        image_token_index=config.image_token_index,
+        projector_hidden_act=config.projector_hidden_act,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        vision_feature_layer=config.vision_feature_layer,
+        multimodal_projector_bias=config.multimodal_projector_bias,
+        pad_token_id=config.pad_token_id,
+    )
+    with torch.device("meta"):
+        stock = LlavaForConditionalGeneration(stock_config).eval()
+    stock.model.vision_tower = model.model.vision_tower
+    stock.model.multi_modal_projector = model.model.multi_modal_projector
+    stock.model.language_model = model.model.language_model
+    stock.lm_head = model.lm_head
+    stock.generation_config = model.generation_config
+    return stock

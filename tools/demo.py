@@ -1,0 +1,202 @@
+# Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
+"""
+The main job: one real photo and a question through stock LLaVA and VisionTrim with the same weights, reporting the
+tokens given to the LLM, which cells of the patch grid DVTS kept and which TGVC seeds were chosen, and prefill times.
+"""
+
+import argparse
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
+
+from ..modeling_visiontrim_llava import VisionTrimImageOutput, VisionTrimLlavaForConditionalGeneration
+from ..processing_visiontrim import VisionTrimProcessor
+from .build import LLAVA_15_SHAPES, Shapes, build_config, build_model, build_processor, stock_llava_with_same_weights
+
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_QUESTION = "What animal is in the picture, and what is it lying on?"
+DOMINANT_MARK, SEED_MARK, MERGED_MARK = "D", "S", "."
+
+
+def sample_photo(name: str = "chelsea.jpg") -> Path:
+    """Path of a photo shipped with the package (see `tools/assets/LICENSE.md`)."""
+    return Path(str(resources.files(__package__) / "assets" / name))
+
+
+def stock_processor(processor: VisionTrimProcessor) -> LlavaProcessor:
+    """Stock `LlavaProcessor` with the same image processor and tokenizer: one placeholder per patch token."""
+    return LlavaProcessor(
+        image_processor=processor.image_processor,
+        tokenizer=processor.tokenizer,
+        patch_size=processor.patch_size,
+        vision_feature_select_strategy=processor.vision_feature_select_strategy,
+        num_additional_image_tokens=processor.num_additional_image_tokens,
+        chat_template=processor.chat_template,
+    )
+
+
+def grid_map(output: VisionTrimImageOutput, grid_size: int) -> list[str]:
+    """Rows of the patch grid: `D` kept by DVTS, `S` a TGVC seed, `.` merged into a seed (first image)."""
+    cells = [MERGED_MARK] * grid_size**2
+    for index in output.dominant_indices[0].tolist():
+        cells[index] = DOMINANT_MARK
+    for index in output.complement_seed_indices[0].tolist():
+        cells[index] = SEED_MARK
+    return [" ".join(cells[row * grid_size : (row + 1) * grid_size]) for row in range(grid_size)]
+
+
+def save_overlay(image: Image.Image, output: VisionTrimImageOutput, grid_size: int, crop: int, path: Path) -> None:
+    """Writes the centre crop the tower sees, with DVTS cells boxed in red and TGVC seeds filled in blue, as PNG."""
+    width, height = image.size
+    scale = crop / min(width, height)
+    resized = image.convert("RGB").resize((round(width * scale), round(height * scale)), Image.Resampling.BICUBIC)
+    left, top = (resized.width - crop) // 2, (resized.height - crop) // 2
+    canvas = resized.crop((left, top, left + crop, top + crop)).convert("RGBA")
+    layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    cell = crop / grid_size
+
+    def box(index: int) -> tuple[float, float, float, float]:
+        row, col = divmod(index, grid_size)
+        return col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1
+
+    for index in output.dominant_indices[0].tolist():
+        draw.rectangle(box(index), outline=(230, 30, 30, 255), width=2)
+    for index in output.complement_seed_indices[0].tolist():
+        draw.rectangle(box(index), fill=(40, 90, 255, 140), outline=(40, 90, 255, 255), width=2)
+    Image.alpha_composite(canvas, layer).convert("RGB").save(path, format="PNG")
+
+
+def timings(function: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of `repeats` calls of `function` after one warm-up call."""
+    function()
+    results = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        results.append(time.perf_counter() - start)
+    return results
+
+
+def describe(label: str, seconds: list[float]) -> str:
+    return f"{label}: min {min(seconds):.3f} s, median {statistics.median(seconds):.3f} s"
+
+
+def load_or_build(
+    model_path: str | None, tokens: int | None, shapes: Shapes, dtype: torch.dtype, device: str
+) -> tuple[VisionTrimLlavaForConditionalGeneration, VisionTrimProcessor]:
+    if model_path is None:
+        logger.info("Building a random LLaVA-1.5-shaped VisionTrim model (CLIP ViT-L/14-336 tower, small LLM)")
+        config = build_config(shapes, visual_tokens=tokens or 64)
+        return build_model(config).to(device=device, dtype=dtype), build_processor(config)
+    overrides = {} if tokens is None else {"visual_tokens": tokens}
+    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=dtype, **overrides)
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True, **overrides)
+    return model.to(device).eval(), processor
+
+
+def run(args: argparse.Namespace) -> None:
+    dtype = getattr(torch, args.dtype)
+    shapes = Shapes(**{**vars(LLAVA_15_SHAPES), "llm_layers": args.llm_layers, "llm_hidden": args.llm_hidden})
+    model, processor = load_or_build(args.model, args.tokens, shapes, dtype, args.device)
+    stock: LlavaForConditionalGeneration = stock_llava_with_same_weights(model)
+    image = Image.open(args.image or sample_photo()).convert("RGB")
+    prompt = f"USER: {processor.image_token}\n{args.question} ASSISTANT:"
+    inputs = processor(images=image, text=prompt, return_tensors="pt").to(args.device)
+    stock_inputs = stock_processor(processor)(images=image, text=prompt, return_tensors="pt").to(args.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    stock_inputs["pixel_values"] = stock_inputs["pixel_values"].to(dtype)
+    config = model.config
+    grid_size = config.vision_config.image_size // config.vision_config.patch_size
+    image_token = config.image_token_id
+
+    with torch.inference_mode():
+        encoded = model.model.get_image_features(
+            inputs["pixel_values"],
+            guidance_input_ids=inputs.get("guidance_input_ids"),
+            guidance_attention_mask=inputs.get("guidance_attention_mask"),
+        )
+        stock_encoded = stock.model.get_image_features(stock_inputs["pixel_values"])
+
+        def encode() -> object:
+            return model.model.get_image_features(
+                inputs["pixel_values"],
+                guidance_input_ids=inputs.get("guidance_input_ids"),
+                guidance_attention_mask=inputs.get("guidance_attention_mask"),
+            )
+
+        def stock_encode() -> object:
+            return stock.model.get_image_features(stock_inputs["pixel_values"])
+
+        def prefill() -> object:
+            llm_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+            return model(**llm_inputs, mm_encoder_outputs={"image": encoded}, logits_to_keep=1)
+
+        def stock_prefill() -> object:
+            llm_inputs = {k: v for k, v in stock_inputs.items() if k in ("input_ids", "attention_mask")}
+            return stock(**llm_inputs, mm_encoder_outputs={"image": stock_encoded}, logits_to_keep=1)
+
+        timing_rows = {}
+        for label, function in (
+            ("vision encoding, stock", stock_encode),
+            ("vision encoding, VisionTrim (tower + DVTS + TGVC)", encode),
+            ("LLM prefill, stock", stock_prefill),
+            ("LLM prefill, VisionTrim", prefill),
+        ):
+            timing_rows[label] = timings(function, args.repeats)
+        answers = {}
+        if args.max_new_tokens:
+            for label, (net, net_inputs) in (("stock", (stock, stock_inputs)), ("VisionTrim", (model, inputs))):
+                generated = net.generate(**net_inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+                new_tokens = generated[:, net_inputs["input_ids"].shape[1] :]
+                answers[label] = processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+
+    stock_visual = int((stock_inputs["input_ids"] == image_token).sum())
+    visual = int((inputs["input_ids"] == image_token).sum())
+    lines = [
+        f"model: {'random LLaVA-1.5-shaped (CLIP ViT-L/14-336, LLM %d x %d)' % (shapes.llm_layers, shapes.llm_hidden) if args.model is None else args.model}",
+        f"image: {args.image or sample_photo()}  question: {args.question!r}",
+        f"guidance text (CLIP tokens): {processor.guidance_tokenizer.decode(inputs['guidance_input_ids'][0], skip_special_tokens=True)!r}",
+        f"visual tokens fed to the LLM: stock {stock_visual}, VisionTrim {visual} "
+        f"({config.dominant_tokens} DVTS + {config.complement_tokens} TGVC, {1 - visual / stock_visual:.1%} fewer)",
+        f"prompt length: stock {stock_inputs['input_ids'].shape[1]}, VisionTrim {inputs['input_ids'].shape[1]} tokens",
+        f"{grid_size}x{grid_size} patch grid ({DOMINANT_MARK} = kept by DVTS, {SEED_MARK} = TGVC seed, "
+        f"{MERGED_MARK} = merged into a seed):",
+        *("  " + row for row in grid_map(encoded, grid_size)),
+        f"timings on {args.device}, {args.dtype}, {torch.get_num_threads()} threads, 1 warm-up + {args.repeats} runs:",
+        *(f"  {describe(label, seconds)}" for label, seconds in timing_rows.items()),
+    ]
+    stock_total = min(timing_rows["vision encoding, stock"]) + min(timing_rows["LLM prefill, stock"])
+    total = min(timing_rows["vision encoding, VisionTrim (tower + DVTS + TGVC)"]) + min(timing_rows["LLM prefill, VisionTrim"])
+    lines.append(
+        f"  prefill speed-up: LLM {min(timing_rows['LLM prefill, stock']) / min(timing_rows['LLM prefill, VisionTrim']):.2f}x, "
+        f"end to end {stock_total / total:.2f}x (minimums)"
+    )
+    lines.extend(f"answer, {label}: {answer!r}" for label, answer in answers.items())
+    if args.save:
+        save_overlay(image, encoded, grid_size, config.vision_config.image_size, Path(args.save))
+        lines.append(f"overlay written to {args.save}")
+    print("\n".join(lines))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="a converted VisionTrim checkpoint folder (default: build a random one)")
+    parser.add_argument("--image", help="photo to run (default: the bundled chelsea.jpg)")
+    parser.add_argument("--question", default=DEFAULT_QUESTION)
+    parser.add_argument("--tokens", type=int, help="visual tokens kept per image (default: 64, or the checkpoint's)")
+    parser.add_argument("--save", help="write a PNG overlay of the kept cells to this path")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up (default: 2)")
+    parser.add_argument("--llm-layers", type=int, default=LLAVA_15_SHAPES.llm_layers)
+    parser.add_argument("--llm-hidden", type=int, default=LLAVA_15_SHAPES.llm_hidden)
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="also generate an answer from both models")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
