@@ -149,7 +149,7 @@ class TextGuidedVisionComplement(nn.Module):
             `(batch, complement_tokens)`, ascending.
         """
         num_seeds = self.config.complement_tokens
-        scale = logit_scale.float().exp()
+        scale = logit_scale.float().exp().to(tokens.device)
         text_embeds = text_embeds.float().masked_fill(~text_mask.unsqueeze(-1), 0)
         similarity = scale * token_embeds.float() @ text_embeds.transpose(1, 2)
         relevance = similarity.sum(dim=-1) / text_mask.sum(dim=-1, keepdim=True)

@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy
 from PIL import Image
@@ -50,3 +51,10 @@ def test_main_job_runs_with_no_arguments():
     assert "visual tokens fed to the LLM: stock 576, VisionTrim 64" in result.stdout
     assert "random LLaVA-1.5-shaped (CLIP ViT-L/14-336, LLM 4 x 1024)" in result.stdout
     assert re.search(r"prefill speed-up: LLM \d+\.\d\dx", result.stdout)
+
+
+def test_ci_runs_the_readmes_test_command():
+    root = Path(__file__).resolve().parent.parent
+    ci_command = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci_command.endswith("python -m pytest")
+    assert f"```bash\n{ci_command}\n```" in (root / "README.md").read_text()
