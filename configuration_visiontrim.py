@@ -7,16 +7,13 @@ from typing import Any, ClassVar
 
 from transformers import CLIPTextConfig, LlavaConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
-from transformers.utils import logging
 
-
-logger = logging.get_logger(__name__)
 
 DVTS_SCORES = ("global_local", "received_attention")
 MERGE_UPDATES = ("add", "mean")
 EMPTY_GUIDANCE_RULES = ("error", "cls_similarity")
 
-# The text tower of openai/clip-vit-large-patch14-336, the CLIP model LLaVA-1.5 and LLaVA-1.6 take their vision tower from.
+# The text tower of openai/clip-vit-large-patch14-336, whose vision tower LLaVA-1.5 and LLaVA-1.6 use.
 CLIP_L14_TEXT_CONFIG = {
     "hidden_size": 768,
     "intermediate_size": 3072,
@@ -32,14 +29,14 @@ def round_half_up(value: float) -> int:
 
 
 def visual_tokens_per_crop(num_patches: int, reduction_ratio: float) -> int:
-    """Tokens kept per crop: all `num_patches` when `reduction_ratio` is 0, else `num_patches * (1 - ratio)` rounded."""
+    """Tokens kept per crop: all `num_patches` for a ratio of 0, else `num_patches * (1 - ratio)`, rounded."""
     if reduction_ratio == 0:
         return num_patches
     return round_half_up(num_patches * (1 - reduction_ratio))
 
 
 def check_reduction_ratio(reduction_ratio: Any, num_patches: int, owner: str) -> None:
-    """Raises a `ValueError` naming `owner.reduction_ratio` unless it is a number in [0, 1) that keeps at least one token."""
+    """Raises a `ValueError` naming `owner.reduction_ratio` unless it is in [0, 1) and keeps at least one token."""
     if isinstance(reduction_ratio, bool) or not isinstance(reduction_ratio, (int, float)):
         raise ValueError(f"{owner}.reduction_ratio must be a number in [0, 1), got {reduction_ratio!r}.")
     if not 0 <= reduction_ratio < 1:
@@ -55,7 +52,7 @@ def check_reduction_ratio(reduction_ratio: Any, num_patches: int, owner: str) ->
 
 
 def reduction_ratio_for_tokens(visual_tokens: Any, num_patches: int, owner: str) -> float:
-    """The `reduction_ratio` that keeps `visual_tokens` of `num_patches` tokens per crop (`num_patches` gives 0: off)."""
+    """The `reduction_ratio` keeping `visual_tokens` of `num_patches` tokens per crop (all of them: 0, off)."""
     if isinstance(visual_tokens, bool) or not isinstance(visual_tokens, int) or not 1 <= visual_tokens <= num_patches:
         raise ValueError(
             f"{owner}.visual_tokens must be an integer in [1, {num_patches}] (the vision tower has {num_patches} "
@@ -194,7 +191,11 @@ class VisionTrimSettings:
         owner = type(self).__name__
         check_reduction_ratio(self.reduction_ratio, self.num_patches, owner)
         dominant_ratio = self.dominant_ratio
-        if isinstance(dominant_ratio, bool) or not isinstance(dominant_ratio, (int, float)) or not 0 <= dominant_ratio <= 1:
+        if (
+            isinstance(dominant_ratio, bool)
+            or not isinstance(dominant_ratio, (int, float))
+            or not 0 <= dominant_ratio <= 1
+        ):
             raise ValueError(
                 f"{owner}.dominant_ratio must be in [0, 1] (the share of kept tokens chosen by DVTS; 1 = DVTS only, "
                 f"0 = TGVC only), got {dominant_ratio!r}."

@@ -21,7 +21,6 @@ from transformers.models.llava.modeling_llava import (
     LlavaMultiModalProjector,
     LlavaPreTrainedModel,
 )
-from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import select_hidden_states
@@ -35,8 +34,6 @@ from .compression_visiontrim import (
 )
 from .configuration_visiontrim import VisionTrimLlavaConfig, VisionTrimSettings, vision_attention_layer
 
-
-logger = logging.get_logger(__name__)
 
 # CLIP's initial temperature, log(1 / 0.07); trained CLIP checkpoints bring their own value.
 CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -123,7 +120,9 @@ class VisionTrimModelMixin:
         )
         layers = getattr(getattr(self.vision_tower, "encoder", None), "layers", None)
         attention = getattr(layers[layer_index], "self_attn", None) if layers is not None else None
-        if attention is None or not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "num_heads", "scale")):
+        if attention is None or not all(
+            hasattr(attention, name) for name in ("q_proj", "k_proj", "num_heads", "scale")
+        ):
             raise ValueError(
                 f"VisionTrim reads the attention of vision layer {layer_index} through "
                 f"`vision_tower.encoder.layers[{layer_index}].self_attn` (q_proj, k_proj, num_heads, scale), which "
@@ -171,14 +170,16 @@ class VisionTrimModelMixin:
         if self.config.empty_guidance == "error" and not bool(has_text.all()):
             empty = torch.nonzero(~has_text).flatten().tolist()
             raise ValueError(
-                f"The guidance text of image(s) {empty} is empty, so TGVC has no question to rank tokens by: pass a "
-                "non-empty `guidance_text=` to the processor, or set `config.empty_guidance='cls_similarity'` to guide "
-                "those images by their own CLS token."
+                f"The guidance text of image(s) {empty} is empty, so TGVC has no question to rank tokens by: pass "
+                "a non-empty `guidance_text=` to the processor, or set `config.empty_guidance='cls_similarity'` to "
+                "guide those images by their own CLS token."
             )
         # Rows without text still run on their special tokens, so no attention row is fully masked; they are ignored.
         encoder_mask = torch.where(has_text.unsqueeze(-1), text_mask, torch.ones_like(text_mask))
         hidden_states = self.guidance_encoder.text_model(input_ids=input_ids, attention_mask=encoder_mask.long())
-        text_embeds = F.normalize(self.guidance_encoder.text_projection(hidden_states.last_hidden_state).float(), dim=-1)
+        text_embeds = F.normalize(
+            self.guidance_encoder.text_projection(hidden_states.last_hidden_state).float(), dim=-1
+        )
         if bool(has_text.all()):
             return text_embeds, text_mask
         class_embeds = F.normalize(self.visual_projection(class_tokens).float(), dim=-1).to(device)

@@ -5,12 +5,9 @@ from transformers import CLIPTokenizer, LlavaProcessor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import get_image_size, to_numpy_array
 from transformers.processing_utils import MultiModalData, ProcessorMixin
-from transformers.utils import logging
 
 from .configuration_visiontrim import check_reduction_ratio, reduction_ratio_for_tokens, visual_tokens_per_crop
 
-
-logger = logging.get_logger(__name__)
 
 # Chat-role markers of the LLaVA families' prompt formats (Vicuna, Mistral/Llama-2, ChatML, Llama-3, ...).
 USER_TURN_MARKERS = (
@@ -38,7 +35,9 @@ def guidance_from_prompt(prompt: str, image_token: str) -> str:
     The question of a prompt: the text of its last user turn, without image markers, chat role tags or extra spaces.
     `"USER: <image>\\nWhat is shown? ASSISTANT:"` gives `"What is shown?"`; a prompt without role tags is kept whole.
     """
-    turn_start = max((prompt.rfind(marker) + len(marker) for marker in USER_TURN_MARKERS if marker in prompt), default=0)
+    turn_start = max(
+        (prompt.rfind(marker) + len(marker) for marker in USER_TURN_MARKERS if marker in prompt), default=0
+    )
     turn = prompt[turn_start:]
     turn_end = min((turn.find(marker) for marker in TURN_END_MARKERS if marker in turn), default=len(turn))
     return " ".join(turn[:turn_end].replace(image_token, " ").split())
@@ -111,10 +110,14 @@ class VisionTrimProcessor(LlavaProcessor):
 
     @property
     def model_input_names(self) -> list[str]:
-        return self.tokenizer.model_input_names + self.image_processor.model_input_names + [
-            "guidance_input_ids",
-            "guidance_attention_mask",
-        ]
+        return (
+            self.tokenizer.model_input_names
+            + self.image_processor.model_input_names
+            + [
+                "guidance_input_ids",
+                "guidance_attention_mask",
+            ]
+        )
 
     def __call__(self, images=None, text=None, guidance_text: str | list[str] | None = None, **kwargs) -> BatchFeature:
         """
@@ -130,10 +133,14 @@ class VisionTrimProcessor(LlavaProcessor):
             return encoding
         prompts = [text] if isinstance(text, str) else list(text or [])
         # One guidance row per image: the guidance of the prompt it belongs to (images without prompts: one each).
-        images_per_prompt = [prompt.count(self.image_token) for prompt in prompts] or [1] * len(encoding["pixel_values"])
+        images_per_prompt = [prompt.count(self.image_token) for prompt in prompts] or [1] * len(
+            encoding["pixel_values"]
+        )
         if guidance_text is None:
             if not prompts:
-                raise ValueError("Pass `text` (the prompts) or `guidance_text=` with the images: TGVC needs a question.")
+                raise ValueError(
+                    "Pass `text` (the prompts) or `guidance_text=` with the images: TGVC needs a question."
+                )
             guidance_text = [guidance_from_prompt(prompt, self.image_token) for prompt in prompts]
         elif isinstance(guidance_text, str):
             guidance_text = [guidance_text]
@@ -142,15 +149,21 @@ class VisionTrimProcessor(LlavaProcessor):
                 f"`guidance_text` has {len(guidance_text)} entries but there are {len(images_per_prompt)} "
                 f"{'prompts' if prompts else 'images'}: give one per {'prompt' if prompts else 'image'}."
             )
-        rows = [guidance for guidance, count in zip(guidance_text, images_per_prompt) for _ in range(count)]
+        rows = [
+            guidance for guidance, count in zip(guidance_text, images_per_prompt, strict=True) for _ in range(count)
+        ]
         guidance = self.guidance_tokenizer(
             rows, padding="longest", truncation=True, max_length=self.guidance_max_length, padding_side="right"
         )
-        masks = [mask if row.strip() else [0] * len(mask) for row, mask in zip(rows, guidance["attention_mask"])]
+        masks = [
+            mask if row.strip() else [0] * len(mask)
+            for row, mask in zip(rows, guidance["attention_mask"], strict=True)
+        ]
         return_tensors = kwargs.get("return_tensors", kwargs.get("text_kwargs", {}).get("return_tensors"))
         encoding.update(
             BatchFeature(
-                {"guidance_input_ids": guidance["input_ids"], "guidance_attention_mask": masks}, tensor_type=return_tensors
+                {"guidance_input_ids": guidance["input_ids"], "guidance_attention_mask": masks},
+                tensor_type=return_tensors,
             )
         )
         return encoding

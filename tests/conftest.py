@@ -1,7 +1,7 @@
 """
-Shared fixtures: tiny random VisionTrim LLaVA checkpoints (real 336 px / patch 14 grid, small widths) saved to temporary
-folders and loaded back as a user would, with `trust_remote_code=True` from another working directory, so only the
-folder's copy of the code runs.
+Shared fixtures: tiny random VisionTrim LLaVA checkpoints (real 336 px / patch 14 grid, small widths) saved to
+temporary folders and loaded back as a user would, with `trust_remote_code=True` from another working directory, so
+only the folder's copy of the code runs.
 """
 
 import os
@@ -17,10 +17,11 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import load_remote, save_checkpoint  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from visiontrim.tools.demo import sample_photo  # noqa: E402
+
+from helpers import load_remote, save_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,9 @@ def slow_local_token_affinity(features: torch.Tensor, grid_size: int) -> torch.T
     num_patches = grid_size * grid_size
     feature_variance = features.var()
     coordinates = [divmod(index, grid_size) for index in range(num_patches)]
-    position_variance = torch.tensor([r for r, _ in coordinates] + [c for _, c in coordinates], dtype=torch.float64).var()
+    position_variance = torch.tensor(
+        [r for r, _ in coordinates] + [c for _, c in coordinates], dtype=torch.float64
+    ).var()
     affinities = []
     for index in range(num_patches):
         row, col = coordinates[index]

@@ -8,12 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import (
-    slow_global_local_scores,
-    slow_local_token_affinity,
-    slow_received_attention_scores,
-    slow_tgvc,
-)
 from torch import nn
 
 from visiontrim import VisionTrimLlavaConfig
@@ -22,6 +16,13 @@ from visiontrim.compression_visiontrim import (
     TextGuidedVisionComplement,
     head_mean_attention,
     local_token_affinity,
+)
+
+from reference import (
+    slow_global_local_scores,
+    slow_local_token_affinity,
+    slow_received_attention_scores,
+    slow_tgvc,
 )
 
 
@@ -57,7 +58,10 @@ def test_head_mean_attention_is_softmax_of_scaled_query_key_per_head():
     generator = torch.Generator().manual_seed(0)
     query, key = torch.randn(2, 5, 8, generator=generator), torch.randn(2, 5, 8, generator=generator)
     expected = torch.stack(
-        [torch.softmax(query[:, :, h * 4 : h * 4 + 4] @ key[:, :, h * 4 : h * 4 + 4].transpose(1, 2) * 0.5, -1) for h in range(2)]
+        [
+            torch.softmax(query[:, :, h * 4 : h * 4 + 4] @ key[:, :, h * 4 : h * 4 + 4].transpose(1, 2) * 0.5, -1)
+            for h in range(2)
+        ]
     ).mean(0)
     torch.testing.assert_close(head_mean_attention(query, key, num_heads=2, scaling=0.5), expected)
     torch.testing.assert_close(head_mean_attention(query[:, :1], key, num_heads=2, scaling=0.5), expected[:, :1])
@@ -89,7 +93,9 @@ def test_received_attention_keeps_the_most_attended_patches_in_raster_order():
     attention = torch.full((1, num_patches + 1, num_patches + 1), 1e-4)
     for patch, weight in ((500, 0.9), (17, 0.8), (3, 0.7)):
         attention[0, :, 1 + patch] = weight  # every query, CLS included, attends to these three
-    selection = DominantVisionTokenSelection(config_with(visual_tokens=4, dominant_ratio=0.75, dvts_score="received_attention"))
+    selection = DominantVisionTokenSelection(
+        config_with(visual_tokens=4, dominant_ratio=0.75, dvts_score="received_attention")
+    )
     assert selection(torch.zeros(1, num_patches, 8), attention).tolist() == [[3, 17, 500]]
 
 

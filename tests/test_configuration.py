@@ -21,7 +21,9 @@ def test_defaults_are_the_papers_headline_setting():
     assert config.tgvc_enabled
 
 
-@pytest.mark.parametrize(("tokens", "dominant", "complement"), [(192, 144, 48), (128, 96, 32), (64, 48, 16), (1, 1, 0)])
+@pytest.mark.parametrize(
+    ("tokens", "dominant", "complement"), [(192, 144, 48), (128, 96, 32), (64, 48, 16), (1, 1, 0)]
+)
 def test_published_budgets_and_their_default_split(tokens, dominant, complement):
     config = VisionTrimLlavaConfig(visual_tokens=tokens)
     assert (config.visual_tokens, config.dominant_tokens, config.complement_tokens) == (tokens, dominant, complement)
@@ -86,7 +88,9 @@ def test_invalid_settings_raise_value_error_naming_the_field(kwargs, field, mess
 
 
 def test_layer_and_strategy_are_free_when_compression_is_off():
-    config = VisionTrimLlavaConfig(reduction_ratio=0, vision_feature_select_strategy="full", vision_feature_layer=[-2, -5])
+    config = VisionTrimLlavaConfig(
+        reduction_ratio=0, vision_feature_select_strategy="full", vision_feature_layer=[-2, -5]
+    )
     assert config.visual_tokens == 576
 
 
@@ -124,7 +128,14 @@ def test_config_json_stores_every_compression_setting(tmp_path):
     assert stored["auto_map"]["AutoConfig"] == "configuration_visiontrim.VisionTrimLlavaConfig"
 
     reloaded = VisionTrimLlavaConfig.from_pretrained(tmp_path)
-    for field in ("reduction_ratio", "dominant_ratio", "dvts_score", "merge_iterations", "merge_update", "empty_guidance"):
+    for field in (
+        "reduction_ratio",
+        "dominant_ratio",
+        "dvts_score",
+        "merge_iterations",
+        "merge_update",
+        "empty_guidance",
+    ):
         assert getattr(reloaded, field) == getattr(config, field)
     assert reloaded.visual_tokens == 128
 

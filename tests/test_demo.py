@@ -28,7 +28,12 @@ def test_report_and_overlay_for_a_converted_checkpoint(checkpoint, tmp_path, cap
     assert len(rows) == 24 and all(len(row) == 24 for row in rows)
     cells = [cell for row in rows for cell in row]
     assert (cells.count("D"), cells.count("S"), cells.count(".")) == (48, 16, 512)
-    for label in ("vision encoding, stock", "vision encoding, VisionTrim", "LLM prefill, stock", "LLM prefill, VisionTrim"):
+    for label in (
+        "vision encoding, stock",
+        "vision encoding, VisionTrim",
+        "LLM prefill, stock",
+        "LLM prefill, VisionTrim",
+    ):
         assert re.search(re.escape(label) + r".*: min \d+\.\d{3} s, median \d+\.\d{3} s", report), label
     assert "answer, stock:" in report and "answer, VisionTrim:" in report
 

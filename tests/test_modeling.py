@@ -1,7 +1,7 @@
 """
-VisionTrimLlavaForConditionalGeneration loaded from a saved folder with `trust_remote_code=True`: the tokens it keeps
-(checked against the slow reference on eager attention maps), parity with stock LLaVA when compression is off, batching,
-generation paths, dtypes and errors.
+VisionTrimLlavaForConditionalGeneration loaded from a saved folder with `trust_remote_code=True`: the tokens it
+keeps (checked against the slow reference on eager attention maps), parity with stock LLaVA when compression is off,
+batching, generation paths, dtypes and errors.
 """
 
 import math
@@ -9,13 +9,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import OTHER_PROMPT, QUESTION_PROMPT, load_remote, save_checkpoint
-from reference import slow_global_local_scores, slow_received_attention_scores, slow_tgvc
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from visiontrim import VisionTrimLlavaForConditionalGeneration
-from visiontrim.tools.build import build_config, build_guidance_tokenizer, build_processor, stock_llava_with_same_weights
+from visiontrim.tools.build import (
+    build_config,
+    build_guidance_tokenizer,
+    build_processor,
+    stock_llava_with_same_weights,
+)
 from visiontrim.tools.demo import stock_processor
+
+from helpers import OTHER_PROMPT, QUESTION_PROMPT, load_remote, save_checkpoint
+from reference import slow_global_local_scores, slow_received_attention_scores, slow_tgvc
 
 
 def image_output(model, inputs):
@@ -33,7 +39,9 @@ def reference_image_tokens(model, inputs, image: int) -> tuple[torch.Tensor, lis
     eager tower's `attentions` / `hidden_states` and the guidance row run alone (no padding).
     """
     config, inner = model.config, model.model
-    tower = inner.vision_tower(inputs["pixel_values"][image : image + 1], output_attentions=True, output_hidden_states=True)
+    tower = inner.vision_tower(
+        inputs["pixel_values"][image : image + 1], output_attentions=True, output_hidden_states=True
+    )
     hidden = tower.hidden_states[config.vision_feature_layer][0]
     attention = tower.attentions[config.vision_feature_layer][0].mean(dim=0)
     patches = hidden[1:]
@@ -83,7 +91,9 @@ def test_compression_off_gives_stock_llava_logits_and_generations(tmp_path, phot
     model, processor = load_remote(save_checkpoint(tmp_path, reduction_ratio=0))
     stock = stock_llava_with_same_weights(model)
     inputs = processor(images=photos, text=[QUESTION_PROMPT, OTHER_PROMPT], padding=True, return_tensors="pt")
-    stock_inputs = stock_processor(processor)(images=photos, text=[QUESTION_PROMPT, OTHER_PROMPT], padding=True, return_tensors="pt")
+    stock_inputs = stock_processor(processor)(
+        images=photos, text=[QUESTION_PROMPT, OTHER_PROMPT], padding=True, return_tensors="pt"
+    )
     assert torch.equal(inputs["input_ids"], stock_inputs["input_ids"])
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 2 * 576
     torch.testing.assert_close(model(**inputs).logits, stock(**stock_inputs).logits, rtol=0, atol=1e-5)
@@ -117,12 +127,14 @@ def test_eager_and_sdpa_keep_the_same_tokens(checkpoint, photos):
     for implementation in ("eager", "sdpa"):
         model, processor = load_remote(checkpoint, attn_implementation=implementation)
         assert model.model.vision_tower.config._attn_implementation == implementation
-        inputs = inputs or processor(images=photos, text=[QUESTION_PROMPT, OTHER_PROMPT], padding=True, return_tensors="pt")
+        inputs = inputs or processor(
+            images=photos, text=[QUESTION_PROMPT, OTHER_PROMPT], padding=True, return_tensors="pt"
+        )
         outputs.append(image_output(model, inputs))
     eager, sdpa = outputs
     assert torch.equal(eager.dominant_indices, sdpa.dominant_indices)
     assert torch.equal(eager.complement_seed_indices, sdpa.complement_seed_indices)
-    for eager_tokens, sdpa_tokens in zip(eager.pooler_output, sdpa.pooler_output):
+    for eager_tokens, sdpa_tokens in zip(eager.pooler_output, sdpa.pooler_output, strict=True):
         torch.testing.assert_close(eager_tokens, sdpa_tokens, rtol=1e-4, atol=1e-5)
 
 
@@ -180,7 +192,9 @@ def test_generate_with_cache_equals_without_and_supports_beams_and_dict_output(r
 
 def test_text_only_prompts_need_no_image_and_no_guidance(remote):
     model, processor = remote
-    inputs = processor(text=["USER: Hello there! ASSISTANT:", "USER: Tell me a story. ASSISTANT:"], padding=True, return_tensors="pt")
+    inputs = processor(
+        text=["USER: Hello there! ASSISTANT:", "USER: Tell me a story. ASSISTANT:"], padding=True, return_tensors="pt"
+    )
     assert "guidance_input_ids" not in inputs and "pixel_values" not in inputs
     generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert generated.shape == (2, inputs["input_ids"].shape[1] + 4)
@@ -195,8 +209,14 @@ def test_several_images_in_one_prompt_are_each_compressed_with_the_prompts_quest
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 128
     output = model(**inputs)
     for image in range(2):
-        alone = processor(images=photos[image], text="USER: <image>\nWhat differs between the two pictures? ASSISTANT:", return_tensors="pt")
-        torch.testing.assert_close(output.image_outputs.pooler_output[image], image_output(model, alone).pooler_output[0])
+        alone = processor(
+            images=photos[image],
+            text="USER: <image>\nWhat differs between the two pictures? ASSISTANT:",
+            return_tensors="pt",
+        )
+        torch.testing.assert_close(
+            output.image_outputs.pooler_output[image], image_output(model, alone).pooler_output[0]
+        )
     assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
 
 
@@ -246,7 +266,9 @@ def test_budget_mismatch_between_processor_and_model_names_both_numbers(checkpoi
     model, _ = load_remote(checkpoint)
     _, processor = load_remote(checkpoint, visual_tokens=128)
     inputs = processor(images=photos[0], text=QUESTION_PROMPT, return_tensors="pt")
-    with pytest.raises(ValueError, match=r"hold 128 image placeholder tokens but the images give 64 visual tokens.*reduction_ratio"):
+    with pytest.raises(
+        ValueError, match=r"hold 128 image placeholder tokens but the images give 64 visual tokens.*reduction_ratio"
+    ):
         model(**inputs)
     with pytest.raises(ValueError, match=r"hold 128 image placeholder tokens but the images give 64"):
         model.generate(**inputs, max_new_tokens=2)
@@ -270,9 +292,17 @@ def test_guidance_rows_must_match_images(remote, photos):
 
 def test_empty_guidance_raises_or_falls_back_to_cls_similarity(checkpoint, photos):
     model, processor = load_remote(checkpoint)
-    inputs = processor(images=photos, text=[QUESTION_PROMPT, OTHER_PROMPT], guidance_text=["", "a cup"], padding=True, return_tensors="pt")
+    inputs = processor(
+        images=photos,
+        text=[QUESTION_PROMPT, OTHER_PROMPT],
+        guidance_text=["", "a cup"],
+        padding=True,
+        return_tensors="pt",
+    )
     assert inputs["guidance_attention_mask"][0].sum() == 0 and inputs["guidance_attention_mask"][1].sum() > 0
-    with pytest.raises(ValueError, match=r"guidance text of image\(s\) \[0\] is empty.*empty_guidance='cls_similarity'"):
+    with pytest.raises(
+        ValueError, match=r"guidance text of image\(s\) \[0\] is empty.*empty_guidance='cls_similarity'"
+    ):
         model(**inputs)
 
     fallback, _ = load_remote(checkpoint, empty_guidance="cls_similarity")
@@ -284,7 +314,9 @@ def test_empty_guidance_raises_or_falls_back_to_cls_similarity(checkpoint, photo
     dominant = output.dominant_indices[0].tolist()
     remaining = [index for index in range(576) if index not in dominant]
     cls_embed = F.normalize(inner.visual_projection(hidden[0]), dim=-1)
-    _, seed_positions = slow_tgvc(hidden[1:][remaining], cls_embed.unsqueeze(0), inner.visual_projection, inner.logit_scale.exp(), 16, 3)
+    _, seed_positions = slow_tgvc(
+        hidden[1:][remaining], cls_embed.unsqueeze(0), inner.visual_projection, inner.logit_scale.exp(), 16, 3
+    )
     assert output.complement_seed_indices[0].tolist() == [remaining[position] for position in seed_positions]
     # Image 1 keeps its text guidance, exactly as without the fallback.
     text_only = processor(images=photos[1], text=OTHER_PROMPT, guidance_text="a cup", return_tensors="pt")

@@ -1,8 +1,7 @@
-"""VisionTrimProcessor: placeholder counts, the guidance text it extracts and tokenises, its errors, save and reload."""
+"""VisionTrimProcessor: placeholder counts, the guidance text it extracts and tokenises, errors, save and reload."""
 
 import pytest
 import torch
-from helpers import QUESTION_PROMPT, working_directory
 from PIL import Image
 from transformers import AutoProcessor
 
@@ -10,24 +9,29 @@ from visiontrim import VisionTrimProcessor
 from visiontrim.processing_visiontrim import guidance_from_prompt
 from visiontrim.tools.build import build_config, build_processor
 
+from helpers import QUESTION_PROMPT, working_directory
+
 
 @pytest.mark.parametrize(
     ("prompt", "guidance"),
     [
         ("USER: <image>\nWhat is shown? ASSISTANT:", "What is shown?"),
         (
-            "USER: <image>\nIs there a dog in the image?\nAnswer the question using a single word or phrase. ASSISTANT:",
+            "USER: <image>\nIs there a dog in the image?\nAnswer the question using a single word or phrase."
+            " ASSISTANT:",
             "Is there a dog in the image? Answer the question using a single word or phrase.",
         ),
         (
-            "A chat between a curious human and an artificial intelligence assistant. USER: <image>\nCount the cups. ASSISTANT:",
+            "A chat between a curious human and an artificial intelligence assistant. "
+            "USER: <image>\nCount the cups. ASSISTANT:",
             "Count the cups.",
         ),
         ("USER: <image>\nWhat is it? ASSISTANT: A cat.</s>USER: What colour is it? ASSISTANT:", "What colour is it?"),
         ("[INST] <image>\nWhat is shown in this image? [/INST]", "What is shown in this image?"),
         ("<|im_start|>user\n<image>\nDescribe it.<|im_end|>\n<|im_start|>assistant\n", "Describe it."),
         (
-            "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhere is the car?<|eot_id|><|start_header_id|>assistant",
+            "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhere is the car?<|eot_id|>"
+            "<|start_header_id|>assistant",
             "Where is the car?",
         ),
         ("<image>\nWhat is on the table?", "What is on the table?"),
@@ -63,7 +67,9 @@ def test_guidance_tensors_are_clip_tokens_of_the_question_right_padded(processor
     mask = inputs["guidance_attention_mask"]
     assert mask[1].all() and not mask[0].all()
     assert torch.equal(mask[0], torch.sort(mask[0], descending=True).values)  # padding on the right
-    decoded = processor.guidance_tokenizer.decode(inputs["guidance_input_ids"][0][mask[0].bool()], skip_special_tokens=True)
+    decoded = processor.guidance_tokenizer.decode(
+        inputs["guidance_input_ids"][0][mask[0].bool()], skip_special_tokens=True
+    )
     assert decoded == "what animal is in the picture ?"  # CLIP lower-cases and splits punctuation
     assert inputs["guidance_input_ids"].shape[1] == mask[1].sum()  # padded to the longest question, not to 77
 
@@ -77,13 +83,20 @@ def test_long_guidance_is_truncated_to_the_clip_context(processor, photos):
 
 def test_explicit_guidance_text_wins_and_is_checked(processor, photos):
     inputs = processor(images=photos[0], text=QUESTION_PROMPT, guidance_text="a sleeping cat", return_tensors="pt")
-    assert processor.guidance_tokenizer.decode(inputs["guidance_input_ids"][0], skip_special_tokens=True) == "a sleeping cat"
-    with pytest.raises(ValueError, match=r"`guidance_text` has 1 entries but there are 2 prompts: give one per prompt"):
+    assert (
+        processor.guidance_tokenizer.decode(inputs["guidance_input_ids"][0], skip_special_tokens=True)
+        == "a sleeping cat"
+    )
+    with pytest.raises(
+        ValueError, match=r"`guidance_text` has 1 entries but there are 2 prompts: give one per prompt"
+    ):
         processor(images=photos, text=[QUESTION_PROMPT, QUESTION_PROMPT], guidance_text=["only one"], padding=True)
 
 
 def test_empty_guidance_gives_an_all_zero_mask_row(processor, photos):
-    inputs = processor(images=photos, text=["USER: <image> ASSISTANT:", QUESTION_PROMPT], padding=True, return_tensors="pt")
+    inputs = processor(
+        images=photos, text=["USER: <image> ASSISTANT:", QUESTION_PROMPT], padding=True, return_tensors="pt"
+    )
     assert inputs["guidance_attention_mask"][0].sum() == 0 and inputs["guidance_attention_mask"][1].sum() > 0
 
 
@@ -101,7 +114,9 @@ def test_text_only_input_has_no_guidance(processor):
 
 def test_model_input_names_include_the_guidance(processor):
     names = processor.model_input_names
-    assert {"input_ids", "attention_mask", "pixel_values", "guidance_input_ids", "guidance_attention_mask"} <= set(names)
+    assert {"input_ids", "attention_mask", "pixel_values", "guidance_input_ids", "guidance_attention_mask"} <= set(
+        names
+    )
 
 
 @pytest.mark.parametrize(
@@ -133,7 +148,9 @@ def test_save_and_reload_keep_every_setting(tmp_path, photos):
     assert (tmp_path / "chat_template.jinja").is_file()
     with working_directory(tmp_path.parent):
         reloaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
-    assert type(reloaded).__name__ == "VisionTrimProcessor" and type(reloaded).__module__.startswith("transformers_modules.")
+    assert type(reloaded).__name__ == "VisionTrimProcessor" and type(reloaded).__module__.startswith(
+        "transformers_modules."
+    )
     assert type(reloaded.guidance_tokenizer).__name__ == "CLIPTokenizer"
     settings = (
         "reduction_ratio",

@@ -1,12 +1,13 @@
-"""The user's path: a VisionTrim folder loaded with Auto classes and `trust_remote_code=True`, generate and pipeline."""
+"""The user's path: a VisionTrim folder loaded by Auto classes with `trust_remote_code=True`, generate, pipeline."""
 
 import json
 
 import pytest
 import torch
-from helpers import QUESTION_PROMPT, load_remote, save_checkpoint, working_directory
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+from helpers import QUESTION_PROMPT, load_remote, save_checkpoint, working_directory
 
 
 REMOTE_CODE_FILES = (
@@ -18,7 +19,12 @@ REMOTE_CODE_FILES = (
 
 
 def test_checkpoint_folder_is_a_hub_repository(checkpoint):
-    for name in REMOTE_CODE_FILES + ("config.json", "generation_config.json", "processor_config.json", "chat_template.jinja"):
+    for name in REMOTE_CODE_FILES + (
+        "config.json",
+        "generation_config.json",
+        "processor_config.json",
+        "chat_template.jinja",
+    ):
         assert (checkpoint / name).is_file(), name
     assert (checkpoint / "guidance_tokenizer" / "tokenizer.json").is_file()
     assert not list(checkpoint.glob("*.bin"))  # safetensors only, never pickle
@@ -39,7 +45,9 @@ def test_the_readme_snippet(checkpoint, photos, tmp_path):
     with working_directory(tmp_path):
         model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True)
         processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
-        out = model.generate(**processor(images=photos[0], text=QUESTION_PROMPT, return_tensors="pt"), max_new_tokens=8)
+        out = model.generate(
+            **processor(images=photos[0], text=QUESTION_PROMPT, return_tensors="pt"), max_new_tokens=8
+        )
     assert type(model).__name__ == "VisionTrimLlavaForConditionalGeneration"
     assert type(model).__module__.startswith("transformers_modules.")
     prompt_length = len(processor(images=photos[0], text=QUESTION_PROMPT)["input_ids"][0])
@@ -62,7 +70,14 @@ def test_save_and_reload_keep_every_setting_and_weight(tmp_path, photos):
     for name in REMOTE_CODE_FILES:
         assert (tmp_path / "second" / name).read_text() == (tmp_path / "first" / name).read_text()
     again, processor_again = load_remote(tmp_path / "second")
-    for field in ("reduction_ratio", "dominant_ratio", "dvts_score", "merge_iterations", "merge_update", "empty_guidance"):
+    for field in (
+        "reduction_ratio",
+        "dominant_ratio",
+        "dvts_score",
+        "merge_iterations",
+        "merge_update",
+        "empty_guidance",
+    ):
         assert getattr(again.config, field) == getattr(model.config, field), field
     assert (again.config.visual_tokens, again.config.dominant_tokens, again.config.complement_tokens) == (128, 64, 64)
     assert processor_again.visual_tokens == 128
@@ -85,7 +100,10 @@ def test_pipeline_with_chat_and_plain_prompts(checkpoint, photos, tmp_path):
         pipe = pipeline("image-text-to-text", model=str(checkpoint), trust_remote_code=True)
     assert type(pipe.model).__name__ == "VisionTrimLlavaForConditionalGeneration"
     messages = [
-        {"role": "user", "content": [{"type": "image", "image": photos[0]}, {"type": "text", "text": "What animal is this?"}]}
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": photos[0]}, {"type": "text", "text": "What animal is this?"}],
+        }
     ]
     chat = pipe(text=messages, max_new_tokens=4, do_sample=False)
     assert chat[0]["generated_text"][-1]["role"] == "assistant"
@@ -95,10 +113,15 @@ def test_pipeline_with_chat_and_plain_prompts(checkpoint, photos, tmp_path):
 
     # The chat prompt's question reached TGVC: the pipeline's answer equals generate() with that guidance.
     model, processor = pipe.model, pipe.processor
-    chat_without_pixels = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What animal is this?"}]}]
+    chat_without_pixels = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What animal is this?"}]}
+    ]
     prompt = processor.apply_chat_template(chat_without_pixels, add_generation_prompt=True)
     inputs = processor(images=photos[0], text=prompt, return_tensors="pt")
-    assert processor.guidance_tokenizer.decode(inputs["guidance_input_ids"][0], skip_special_tokens=True) == "what animal is this ?"
+    assert (
+        processor.guidance_tokenizer.decode(inputs["guidance_input_ids"][0], skip_special_tokens=True)
+        == "what animal is this ?"
+    )
     generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     answer = processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert chat[0]["generated_text"][-1]["content"] == answer
@@ -116,5 +139,7 @@ def test_attention_implementation_choice_reaches_every_tower(checkpoint, name):
 def test_flash_attention_2_is_requested_like_any_transformers_model(checkpoint):
     # flash-attn is an optional extra: without it, loading fails with Transformers' own clear error, never with ours.
     pytest.importorskip("flash_attn", reason="flash-attn is not installed (optional extra, needs CUDA)")
-    model, _ = load_remote(checkpoint, attn_implementation="flash_attention_2", dtype=torch.bfloat16, device_map="cuda")
+    model, _ = load_remote(
+        checkpoint, attn_implementation="flash_attention_2", dtype=torch.bfloat16, device_map="cuda"
+    )
     assert model.model.vision_tower.config._attn_implementation == "flash_attention_2"

@@ -117,8 +117,9 @@ def build_guidance_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def build_config(shapes: Shapes = Shapes(), vocab_size: int | None = None, **compression) -> VisionTrimLlavaConfig:
-    """A `VisionTrimLlavaConfig` of the given shapes; `compression` sets the VisionTrim fields."""
+def build_config(shapes: Shapes | None = None, vocab_size: int | None = None, **compression) -> VisionTrimLlavaConfig:
+    """A `VisionTrimLlavaConfig` of the given shapes (default: tiny); `compression` sets the VisionTrim fields."""
+    shapes = shapes or Shapes()
     tokenizer_vocab = vocab_size or len(build_tokenizer())
     return VisionTrimLlavaConfig(
         vision_config=CLIPVisionConfig(
@@ -170,9 +171,7 @@ def build_processor(config: VisionTrimLlavaConfig) -> VisionTrimProcessor:
     """The processor matching `config` (same budget, 336 px CLIP preprocessing, LLaVA-1.5 chat template)."""
     size = config.vision_config.image_size
     return VisionTrimProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-        ),
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
         tokenizer=build_tokenizer(),
         guidance_tokenizer=build_guidance_tokenizer(),
         patch_size=config.vision_config.patch_size,

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BatchFeature,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..modeling_visiontrim_llava import VisionTrimImageOutput, VisionTrimLlavaForConditionalGeneration
 from ..processing_visiontrim import VisionTrimProcessor
@@ -25,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_QUESTION = "What animal is in the picture, and what is it lying on?"
 DOMINANT_MARK, SEED_MARK, MERGED_MARK = "D", "S", "."
+STOCK, VISIONTRIM = "stock", "VisionTrim"
 
 
 def sample_photo(name: str = "chelsea.jpg") -> Path:
@@ -87,8 +95,8 @@ def timings(function: Callable[[], object], repeats: int) -> list[float]:
     return results
 
 
-def describe(label: str, seconds: list[float]) -> str:
-    return f"{label}: min {min(seconds):.3f} s, median {statistics.median(seconds):.3f} s"
+def describe(seconds: list[float]) -> str:
+    return f"min {min(seconds):.3f} s, median {statistics.median(seconds):.3f} s"
 
 
 def load_or_build(
@@ -104,86 +112,81 @@ def load_or_build(
     return model.to(device).eval(), processor
 
 
+def encoder(model: LlavaForConditionalGeneration, inputs: BatchFeature) -> Callable[[], BaseModelOutputWithPooling]:
+    """Image encoding of `inputs` by `model` (with the guidance tensors, if the inputs hold them)."""
+    guidance = {key: value for key, value in inputs.items() if key.startswith("guidance_")}
+    return lambda: model.model.get_image_features(inputs["pixel_values"], **guidance)
+
+
+def prefiller(
+    model: LlavaForConditionalGeneration, inputs: BatchFeature, encoded: BaseModelOutputWithPooling
+) -> Callable[[], object]:
+    """LLM prefill of `inputs` with the images already encoded, keeping only the last logits, as generate() does."""
+    text = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    return lambda: model(**text, mm_encoder_outputs={"image": encoded}, logits_to_keep=1)
+
+
 def run(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     shapes = Shapes(**{**vars(LLAVA_15_SHAPES), "llm_layers": args.llm_layers, "llm_hidden": args.llm_hidden})
     model, processor = load_or_build(args.model, args.tokens, shapes, dtype, args.device)
-    stock: LlavaForConditionalGeneration = stock_llava_with_same_weights(model)
+    models = {STOCK: stock_llava_with_same_weights(model), VISIONTRIM: model}
     image = Image.open(args.image or sample_photo()).convert("RGB")
     prompt = f"USER: {processor.image_token}\n{args.question} ASSISTANT:"
-    inputs = processor(images=image, text=prompt, return_tensors="pt").to(args.device)
-    stock_inputs = stock_processor(processor)(images=image, text=prompt, return_tensors="pt").to(args.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    stock_inputs["pixel_values"] = stock_inputs["pixel_values"].to(dtype)
+    inputs = {
+        STOCK: stock_processor(processor)(images=image, text=prompt, return_tensors="pt"),
+        VISIONTRIM: processor(images=image, text=prompt, return_tensors="pt"),
+    }
+    for batch in inputs.values():
+        batch.to(args.device)
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
     config = model.config
     grid_size = config.vision_config.image_size // config.vision_config.patch_size
-    image_token = config.image_token_id
 
     with torch.inference_mode():
-        encoded = model.model.get_image_features(
-            inputs["pixel_values"],
-            guidance_input_ids=inputs.get("guidance_input_ids"),
-            guidance_attention_mask=inputs.get("guidance_attention_mask"),
-        )
-        stock_encoded = stock.model.get_image_features(stock_inputs["pixel_values"])
-
-        def encode() -> object:
-            return model.model.get_image_features(
-                inputs["pixel_values"],
-                guidance_input_ids=inputs.get("guidance_input_ids"),
-                guidance_attention_mask=inputs.get("guidance_attention_mask"),
-            )
-
-        def stock_encode() -> object:
-            return stock.model.get_image_features(stock_inputs["pixel_values"])
-
-        def prefill() -> object:
-            llm_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-            return model(**llm_inputs, mm_encoder_outputs={"image": encoded}, logits_to_keep=1)
-
-        def stock_prefill() -> object:
-            llm_inputs = {k: v for k, v in stock_inputs.items() if k in ("input_ids", "attention_mask")}
-            return stock(**llm_inputs, mm_encoder_outputs={"image": stock_encoded}, logits_to_keep=1)
-
-        timing_rows = {}
-        for label, function in (
-            ("vision encoding, stock", stock_encode),
-            ("vision encoding, VisionTrim (tower + DVTS + TGVC)", encode),
-            ("LLM prefill, stock", stock_prefill),
-            ("LLM prefill, VisionTrim", prefill),
-        ):
-            timing_rows[label] = timings(function, args.repeats)
+        encoded = {name: encoder(models[name], inputs[name])() for name in models}
+        vision_seconds = {name: timings(encoder(models[name], inputs[name]), args.repeats) for name in models}
+        prefill_seconds = {
+            name: timings(prefiller(models[name], inputs[name], encoded[name]), args.repeats) for name in models
+        }
         answers = {}
-        if args.max_new_tokens:
-            for label, (net, net_inputs) in (("stock", (stock, stock_inputs)), ("VisionTrim", (model, inputs))):
-                generated = net.generate(**net_inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-                new_tokens = generated[:, net_inputs["input_ids"].shape[1] :]
-                answers[label] = processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+        for name in models if args.max_new_tokens else ():
+            generated = models[name].generate(**inputs[name], max_new_tokens=args.max_new_tokens, do_sample=False)
+            new_tokens = generated[:, inputs[name]["input_ids"].shape[1] :]
+            answers[name] = processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
 
-    stock_visual = int((stock_inputs["input_ids"] == image_token).sum())
-    visual = int((inputs["input_ids"] == image_token).sum())
+    visual = {name: int((inputs[name]["input_ids"] == config.image_token_id).sum()) for name in models}
+    guidance = processor.guidance_tokenizer.decode(
+        inputs[VISIONTRIM]["guidance_input_ids"][0], skip_special_tokens=True
+    )
+    if args.model is None:
+        description = f"random LLaVA-1.5-shaped (CLIP ViT-L/14-336, LLM {shapes.llm_layers} x {shapes.llm_hidden})"
+    else:
+        description = args.model
+    end_to_end = {name: min(vision_seconds[name]) + min(prefill_seconds[name]) for name in models}
     lines = [
-        f"model: {'random LLaVA-1.5-shaped (CLIP ViT-L/14-336, LLM %d x %d)' % (shapes.llm_layers, shapes.llm_hidden) if args.model is None else args.model}",
+        f"model: {description}",
         f"image: {args.image or sample_photo()}  question: {args.question!r}",
-        f"guidance text (CLIP tokens): {processor.guidance_tokenizer.decode(inputs['guidance_input_ids'][0], skip_special_tokens=True)!r}",
-        f"visual tokens fed to the LLM: stock {stock_visual}, VisionTrim {visual} "
-        f"({config.dominant_tokens} DVTS + {config.complement_tokens} TGVC, {1 - visual / stock_visual:.1%} fewer)",
-        f"prompt length: stock {stock_inputs['input_ids'].shape[1]}, VisionTrim {inputs['input_ids'].shape[1]} tokens",
+        f"guidance text (CLIP tokens): {guidance!r}",
+        f"visual tokens fed to the LLM: stock {visual[STOCK]}, VisionTrim {visual[VISIONTRIM]} "
+        f"({config.dominant_tokens} DVTS + {config.complement_tokens} TGVC, "
+        f"{1 - visual[VISIONTRIM] / visual[STOCK]:.1%} fewer)",
+        f"prompt length: stock {inputs[STOCK]['input_ids'].shape[1]}, "
+        f"VisionTrim {inputs[VISIONTRIM]['input_ids'].shape[1]} tokens",
         f"{grid_size}x{grid_size} patch grid ({DOMINANT_MARK} = kept by DVTS, {SEED_MARK} = TGVC seed, "
         f"{MERGED_MARK} = merged into a seed):",
-        *("  " + row for row in grid_map(encoded, grid_size)),
+        *("  " + row for row in grid_map(encoded[VISIONTRIM], grid_size)),
         f"timings on {args.device}, {args.dtype}, {torch.get_num_threads()} threads, 1 warm-up + {args.repeats} runs:",
-        *(f"  {describe(label, seconds)}" for label, seconds in timing_rows.items()),
+        f"  vision encoding, stock: {describe(vision_seconds[STOCK])}",
+        f"  vision encoding, VisionTrim (tower + DVTS + TGVC): {describe(vision_seconds[VISIONTRIM])}",
+        f"  LLM prefill, stock: {describe(prefill_seconds[STOCK])}",
+        f"  LLM prefill, VisionTrim: {describe(prefill_seconds[VISIONTRIM])}",
+        f"  prefill speed-up: LLM {min(prefill_seconds[STOCK]) / min(prefill_seconds[VISIONTRIM]):.2f}x, "
+        f"end to end {end_to_end[STOCK] / end_to_end[VISIONTRIM]:.2f}x (minimums)",
+        *(f"answer, {name}: {answer!r}" for name, answer in answers.items()),
     ]
-    stock_total = min(timing_rows["vision encoding, stock"]) + min(timing_rows["LLM prefill, stock"])
-    total = min(timing_rows["vision encoding, VisionTrim (tower + DVTS + TGVC)"]) + min(timing_rows["LLM prefill, VisionTrim"])
-    lines.append(
-        f"  prefill speed-up: LLM {min(timing_rows['LLM prefill, stock']) / min(timing_rows['LLM prefill, VisionTrim']):.2f}x, "
-        f"end to end {stock_total / total:.2f}x (minimums)"
-    )
-    lines.extend(f"answer, {label}: {answer!r}" for label, answer in answers.items())
     if args.save:
-        save_overlay(image, encoded, grid_size, config.vision_config.image_size, Path(args.save))
+        save_overlay(image, encoded[VISIONTRIM], grid_size, config.vision_config.image_size, Path(args.save))
         lines.append(f"overlay written to {args.save}")
     print("\n".join(lines))
 
