@@ -322,8 +322,8 @@ class VisionTrimLlavaModel(VisionTrimModelMixin, LlavaModel):
             )
         if image_sizes is not None:
             raise ValueError(
-                "`image_sizes` is for variable-resolution vision towers, which VisionTrim's LLaVA class does not "
-                "compress; for anyres images use VisionTrimLlavaNextForConditionalGeneration."
+                "`image_sizes` is for variable-resolution vision towers; VisionTrim's LLaVA class compresses "
+                "fixed-size crops of the tower's resolution only: leave `image_sizes` unset."
             )
         image_outputs, compressed = self.encode_and_compress(
             pixel_values,

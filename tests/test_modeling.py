@@ -17,8 +17,8 @@ from visiontrim.tools.build import (
     build_guidance_tokenizer,
     build_processor,
     stock_llava_with_same_weights,
+    stock_processor,
 )
-from visiontrim.tools.demo import stock_processor
 
 from helpers import OTHER_PROMPT, QUESTION_PROMPT, load_remote, save_checkpoint
 from reference import slow_global_local_scores, slow_received_attention_scores, slow_tgvc

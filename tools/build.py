@@ -17,6 +17,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
@@ -203,3 +204,15 @@ def stock_llava_with_same_weights(model: VisionTrimLlavaForConditionalGeneration
     stock.lm_head = model.lm_head
     stock.generation_config = model.generation_config
     return stock
+
+
+def stock_processor(processor: VisionTrimProcessor) -> LlavaProcessor:
+    """Stock `LlavaProcessor` with the same image processor and tokenizer: one placeholder per patch token."""
+    return LlavaProcessor(
+        image_processor=processor.image_processor,
+        tokenizer=processor.tokenizer,
+        patch_size=processor.patch_size,
+        vision_feature_select_strategy=processor.vision_feature_select_strategy,
+        num_additional_image_tokens=processor.num_additional_image_tokens,
+        chat_template=processor.chat_template,
+    )

@@ -19,13 +19,20 @@ from transformers import (
     AutoProcessor,
     BatchFeature,
     LlavaForConditionalGeneration,
-    LlavaProcessor,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..modeling_visiontrim_llava import VisionTrimImageOutput, VisionTrimLlavaForConditionalGeneration
 from ..processing_visiontrim import VisionTrimProcessor
-from .build import LLAVA_15_SHAPES, Shapes, build_config, build_model, build_processor, stock_llava_with_same_weights
+from .build import (
+    LLAVA_15_SHAPES,
+    Shapes,
+    build_config,
+    build_model,
+    build_processor,
+    stock_llava_with_same_weights,
+    stock_processor,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -38,18 +45,6 @@ STOCK, VISIONTRIM = "stock", "VisionTrim"
 def sample_photo(name: str = "chelsea.jpg") -> Path:
     """Path of a photo shipped with the package (see `tools/assets/LICENSE.md`)."""
     return Path(str(resources.files(__package__) / "assets" / name))
-
-
-def stock_processor(processor: VisionTrimProcessor) -> LlavaProcessor:
-    """Stock `LlavaProcessor` with the same image processor and tokenizer: one placeholder per patch token."""
-    return LlavaProcessor(
-        image_processor=processor.image_processor,
-        tokenizer=processor.tokenizer,
-        patch_size=processor.patch_size,
-        vision_feature_select_strategy=processor.vision_feature_select_strategy,
-        num_additional_image_tokens=processor.num_additional_image_tokens,
-        chat_template=processor.chat_template,
-    )
 
 
 def grid_map(output: VisionTrimImageOutput, grid_size: int) -> list[str]:
