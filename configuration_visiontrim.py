@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from transformers import CLIPTextConfig, LlavaConfig, PreTrainedConfig
+from transformers import CLIPTextConfig, LlavaConfig, LlavaNextConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 
@@ -186,6 +186,10 @@ class VisionTrimSettings:
         """Whether TGVC runs (and so whether a guidance text is needed): compression on and `dominant_ratio` < 1."""
         return self.compression_enabled and self.complement_tokens > 0
 
+    def describe_budget(self) -> str:
+        """The visual tokens per crop the LLM sees, with the settings that decide it (for error messages)."""
+        return f"{self.visual_tokens} per crop (config.reduction_ratio={self.reduction_ratio})"
+
     def check_compression_settings(self) -> None:
         """Raises a `ValueError` that names the field and its allowed values for any invalid compression setting."""
         owner = type(self).__name__
@@ -245,6 +249,43 @@ class VisionTrimLlavaConfig(VisionTrimSettings, LlavaConfig):
     }
 
 
-VisionTrimLlavaConfig.register_for_auto_class()
+class VisionTrimLlavaNextConfig(VisionTrimSettings, LlavaNextConfig):
+    r"""
+    Configuration of [`VisionTrimLlavaNextForConditionalGeneration`]: a [`LlavaNextConfig`] plus the VisionTrim
+    settings of [`VisionTrimSettings`], applied to every crop (the base view and each high-res crop) on its own, and:
 
-__all__ = ["VisionTrimLlavaConfig", "VisionTrimSettings"]
+    Args:
+        crop_newline (`bool`, defaults to `True`):
+            Whether the model's `image_newline` embedding follows each crop's tokens. An image of `c` crops then gives
+            `c * (visual_tokens + 1)` tokens: base crop first, then the high-res crops in raster order.
+
+    Example:
+
+    ```python
+    >>> config = VisionTrimLlavaNextConfig(visual_tokens=64)  # 320 tokens for a 5-crop image instead of up to 2928
+    ```"""
+
+    model_type = "visiontrim_llava_next"
+    sub_configs_defaults = {
+        **LlavaNextConfig.sub_configs_defaults,
+        "guidance_config": SubConfigSpec(config_class=CLIPTextConfig, init_kwargs=CLIP_L14_TEXT_CONFIG),
+    }
+
+    _compression_fields: ClassVar[tuple[str, ...]] = (*VisionTrimSettings._compression_fields, "crop_newline")
+
+    crop_newline: bool = True
+
+    def check_compression_settings(self) -> None:
+        super().check_compression_settings()
+        if not isinstance(self.crop_newline, bool):
+            raise ValueError(f"{type(self).__name__}.crop_newline must be True or False, got {self.crop_newline!r}.")
+
+    def describe_budget(self) -> str:
+        newline = " plus one image_newline" if self.crop_newline else ", no image_newline"
+        return f"{super().describe_budget()}{newline} (config.crop_newline={self.crop_newline})"
+
+
+VisionTrimLlavaConfig.register_for_auto_class()
+VisionTrimLlavaNextConfig.register_for_auto_class()
+
+__all__ = ["VisionTrimLlavaConfig", "VisionTrimLlavaNextConfig", "VisionTrimSettings"]

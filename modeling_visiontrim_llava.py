@@ -10,7 +10,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, CLIPTextModelWithProjection, LlavaForConditionalGeneration, LlavaModel
+from transformers import (
+    AutoModel,
+    CLIPTextModelWithProjection,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaNextForConditionalGeneration,
+    LlavaNextModel,
+)
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -20,6 +27,13 @@ from transformers.models.llava.modeling_llava import (
     LlavaModelOutputWithPast,
     LlavaMultiModalProjector,
     LlavaPreTrainedModel,
+)
+from transformers.models.llava_next.modeling_llava_next import (
+    LlavaNextCausalLMOutputWithPast,
+    LlavaNextModelOutputWithPast,
+    LlavaNextMultiModalProjector,
+    LlavaNextPreTrainedModel,
+    image_size_to_num_patches,
 )
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
@@ -32,7 +46,12 @@ from .compression_visiontrim import (
     head_mean_attention,
     positions_where_false,
 )
-from .configuration_visiontrim import VisionTrimLlavaConfig, VisionTrimSettings, vision_attention_layer
+from .configuration_visiontrim import (
+    VisionTrimLlavaConfig,
+    VisionTrimLlavaNextConfig,
+    VisionTrimSettings,
+    vision_attention_layer,
+)
 
 
 # CLIP's initial temperature, log(1 / 0.07); trained CLIP checkpoints bring their own value.
@@ -134,7 +153,7 @@ class VisionTrimModelMixin:
         self,
         guidance_input_ids: torch.LongTensor | None,
         guidance_attention_mask: torch.Tensor | None,
-        class_tokens: torch.Tensor,
+        num_images: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Encodes the guidance text of each image with the CLIP text tower.
@@ -142,13 +161,10 @@ class VisionTrimModelMixin:
         Args:
             guidance_input_ids: `(images, text)` CLIP token ids, one row per image.
             guidance_attention_mask: `(images, text)`; a row of zeros marks an empty guidance text.
-            class_tokens: `(images, vision_hidden)` CLS tokens of the selected vision layer, the stand-in guidance of
-                images without text when `config.empty_guidance == "cls_similarity"`.
         Returns:
             L2-normalised float32 token embeddings `(images, text, projection_dim)` and their validity mask
-            `(images, text)` (bool); with the CLS fallback in use, one leading slot holds the CLS embedding.
+            `(images, text)` (bool; all False for an empty guidance text).
         """
-        num_images = class_tokens.shape[0]
         if guidance_input_ids is None:
             raise ValueError(
                 "TGVC needs the question of each image: pass `guidance_input_ids` and `guidance_attention_mask` "
@@ -180,9 +196,23 @@ class VisionTrimModelMixin:
         text_embeds = F.normalize(
             self.guidance_encoder.text_projection(hidden_states.last_hidden_state).float(), dim=-1
         )
+        return text_embeds, text_mask
+
+    def add_class_guidance(
+        self, text_embeds: torch.Tensor, text_mask: torch.Tensor, class_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Guides the crops without guidance text (`config.empty_guidance == "cls_similarity"`) by their own CLS token:
+        prepends a slot holding the crop's normalised `visual_projection(CLS)`, valid only for those crops.
+
+        Args:
+            text_embeds, text_mask: `(crops, text, projection_dim)` and `(crops, text)` from `encode_guidance`.
+            class_tokens: `(crops, vision_hidden)` CLS tokens of the selected vision layer.
+        """
+        has_text = text_mask.any(dim=-1)
         if bool(has_text.all()):
             return text_embeds, text_mask
-        class_embeds = F.normalize(self.visual_projection(class_tokens).float(), dim=-1).to(device)
+        class_embeds = F.normalize(self.visual_projection(class_tokens).float(), dim=-1).to(text_embeds.device)
         text_embeds = torch.cat([class_embeds.unsqueeze(1), text_embeds], dim=1)
         text_mask = torch.cat([~has_text.unsqueeze(-1), text_mask], dim=1)
         return text_embeds, text_mask
@@ -195,15 +225,18 @@ class VisionTrimModelMixin:
         key: torch.Tensor,
         guidance_input_ids: torch.LongTensor | None,
         guidance_attention_mask: torch.Tensor | None,
+        crops_per_image: list[int] | None = None,
     ) -> CompressedCrops:
         """
-        DVTS then TGVC on a batch of crops.
+        DVTS then TGVC on a batch of crops, all at once.
 
         Args:
             hidden_states: `(crops, patches + 1, vision_hidden)` selected-layer features, CLS first, pre-layernorm.
             attention: that layer's attention block (for `num_heads` and `scale`).
             query, key: `(crops, patches + 1, vision_hidden)` its projected queries and keys.
-            guidance_input_ids, guidance_attention_mask: `(crops, text)` guidance of each crop (see `encode_guidance`).
+            guidance_input_ids, guidance_attention_mask: `(images, text)` guidance of each image.
+            crops_per_image: how many consecutive crops each image has (default: one crop per image); the crops of
+                an image share its guidance.
         """
         class_tokens, patches = hidden_states[:, 0], hidden_states[:, 1:]
         num_crops, num_patches, _ = patches.shape
@@ -224,19 +257,22 @@ class VisionTrimModelMixin:
         if not self.config.tgvc_enabled:
             return CompressedCrops(dominant, dominant_indices, dominant_indices[:, :0])
 
+        crops_per_image = crops_per_image or [1] * num_crops
+        text_embeds, text_mask = self.encode_guidance(
+            guidance_input_ids, guidance_attention_mask, num_images=len(crops_per_image)
+        )
+        repeats = torch.tensor(crops_per_image, device=text_embeds.device)
+        text_embeds = text_embeds.repeat_interleave(repeats, dim=0).to(patches.device)
+        text_mask = text_mask.repeat_interleave(repeats, dim=0).to(patches.device)
+        text_embeds, text_mask = self.add_class_guidance(text_embeds, text_mask, class_tokens)
+
         is_dominant = torch.zeros(num_crops, num_patches, dtype=torch.bool, device=patches.device)
         is_dominant = is_dominant.scatter(1, dominant_indices, True)
         remaining_indices = positions_where_false(is_dominant, num_patches - num_dominant)
         remaining = gather_tokens(patches, remaining_indices)
         remaining_embeds = F.normalize(self.visual_projection(remaining).float(), dim=-1)
-        text_embeds, text_mask = self.encode_guidance(guidance_input_ids, guidance_attention_mask, class_tokens)
         merged, seed_positions = self.text_guided_complement(
-            remaining,
-            remaining_embeds,
-            text_embeds.to(patches.device),
-            text_mask.to(patches.device),
-            self.logit_scale,
-            self.visual_projection,
+            remaining, remaining_embeds, text_embeds, text_mask, self.logit_scale, self.visual_projection
         )
         return CompressedCrops(
             torch.cat([dominant, merged], dim=1), dominant_indices, remaining_indices.gather(1, seed_positions)
@@ -249,6 +285,7 @@ class VisionTrimModelMixin:
         vision_feature_select_strategy: str,
         guidance_input_ids: torch.LongTensor | None,
         guidance_attention_mask: torch.Tensor | None,
+        crops_per_image: list[int] | None = None,
         **kwargs,
     ) -> tuple[BaseModelOutputWithPooling, CompressedCrops]:
         """Runs the vision tower on `(crops, 3, height, width)` pixels, recording one layer's q/k, and compresses."""
@@ -262,8 +299,24 @@ class VisionTrimModelMixin:
             recorded[attention.k_proj],
             guidance_input_ids,
             guidance_attention_mask,
+            crops_per_image,
         )
         return image_outputs, compressed
+
+    def encode_before_language_model(
+        self,
+        pixel_values: torch.Tensor | None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None,
+        **image_kwargs,
+    ) -> tuple[torch.Tensor | None, dict[str, BaseModelOutputWithPooling] | None]:
+        """
+        Encodes `pixel_values` with their guidance (in `image_kwargs`) before the LLM runs, as `generate()` does, so
+        that the guidance tensors reach the image encoder and never the LLM. Returns the `(pixel_values,
+        mm_encoder_outputs)` to hand to the stock `forward`.
+        """
+        if pixel_values is None or mm_encoder_outputs is not None:
+            return pixel_values, mm_encoder_outputs
+        return None, {"image": self.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs)}
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
@@ -273,10 +326,9 @@ class VisionTrimModelMixin:
             if num_placeholders != image_features.shape[0]:
                 raise ValueError(
                     f"The prompts hold {num_placeholders} image placeholder tokens but the images give "
-                    f"{image_features.shape[0]} visual tokens: this model keeps {self.config.visual_tokens} per crop "
-                    f"(config.reduction_ratio={self.config.reduction_ratio}). Build the inputs with the "
-                    "VisionTrimProcessor saved with the model, or give the processor the same reduction_ratio as "
-                    "the model config (a stock LLaVA processor emits every patch token)."
+                    f"{image_features.shape[0]} visual tokens: this model keeps {self.config.describe_budget()}. "
+                    "Build the inputs with the VisionTrim processor saved with the model, or give the processor the "
+                    "same settings as the model config (a stock LLaVA processor emits every patch token)."
                 )
         return super().get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
 
@@ -367,21 +419,16 @@ class VisionTrimLlavaModel(VisionTrimModelMixin, LlavaModel):
         guidance_attention_mask (`torch.Tensor` of shape `(images, text)`, *optional*):
             Mask of `guidance_input_ids`; a row of zeros marks an empty guidance text.
         """
-        if pixel_values is not None and mm_encoder_outputs is None:
-            # Encode here, as generate() does, so that the guidance reaches the image encoder and not the LLM.
-            mm_encoder_outputs = {
-                "image": self.get_image_features(
-                    pixel_values=pixel_values,
-                    vision_feature_layer=vision_feature_layer,
-                    vision_feature_select_strategy=vision_feature_select_strategy,
-                    image_sizes=image_sizes,
-                    guidance_input_ids=guidance_input_ids,
-                    guidance_attention_mask=guidance_attention_mask,
-                    return_dict=True,
-                    **kwargs,
-                )
-            }
-            pixel_values = None
+        pixel_values, mm_encoder_outputs = self.encode_before_language_model(
+            pixel_values,
+            mm_encoder_outputs,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+            guidance_input_ids=guidance_input_ids,
+            guidance_attention_mask=guidance_attention_mask,
+            **kwargs,
+        )
         return super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -456,16 +503,227 @@ class VisionTrimLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         )
 
 
+class VisionTrimLlavaNextModel(VisionTrimModelMixin, LlavaNextModel):
+    """
+    `LlavaNextModel` whose image features are, per crop (base view first, then the high-res crops in raster order),
+    the `config.visual_tokens` DVTS + TGVC tokens followed by `image_newline` when `config.crop_newline` is set.
+    """
+
+    config: VisionTrimLlavaNextConfig
+
+    def __init__(self, config: VisionTrimLlavaNextConfig):
+        LlavaNextPreTrainedModel.__init__(self, config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaNextMultiModalProjector(config)
+        embed_std = 1 / math.sqrt(config.text_config.hidden_size)
+        self.image_newline = nn.Parameter(torch.randn(config.text_config.hidden_size, dtype=self.dtype) * embed_std)
+        self.vocab_size = config.text_config.vocab_size
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.init_visiontrim_modules(config)
+        self.post_init()
+
+    def crops_per_image(self, image_sizes: torch.Tensor) -> list[int]:
+        """Crops of each image, base view included, from its `(height, width)` and `config.image_grid_pinpoints`."""
+        return [
+            image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+            for size in image_sizes
+        ]
+
+    @merge_with_config_defaults
+    @can_return_tuple
+    @select_hidden_states("vision_feature_layer")
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        guidance_input_ids: torch.LongTensor | None = None,
+        guidance_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPooling:
+        r"""
+        Encodes `(images, max_crops, 3, height, width)` anyres pixels (or their `(crops, 3, height, width)`
+        concatenation) and compresses every crop to `config.visual_tokens` tokens with DVTS + TGVC, all crops of an
+        image guided by its `(images, text)` guidance. Each image gives `crops * (visual_tokens + crop_newline)`
+        tokens, base crop first. With compression off this is stock LLaVA-NeXT's `get_image_features` (unpadding and
+        newline per row included).
+        """
+        if not self.config.compression_enabled:
+            return super().get_image_features(
+                pixel_values,
+                image_sizes,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                **kwargs,
+            )
+        crops_per_image = self.crops_per_image(image_sizes)
+        if pixel_values.dim() == 5:
+            if pixel_values.shape[0] != len(crops_per_image):
+                raise ValueError(
+                    f"pixel_values holds {pixel_values.shape[0]} images but image_sizes {len(crops_per_image)}: pass "
+                    "the image_sizes the processor returned with the pixels."
+                )
+            crops = zip(pixel_values, crops_per_image, strict=True)
+            pixel_values = torch.cat([pixels[:count] for pixels, count in crops], dim=0)
+        elif pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)}: expected (images, crops, channels, height, "
+                "width) or (crops, channels, height, width)."
+            )
+        image_outputs, compressed = self.encode_and_compress(
+            pixel_values,
+            vision_feature_layer,
+            vision_feature_select_strategy,
+            guidance_input_ids,
+            guidance_attention_mask,
+            crops_per_image,
+            **kwargs,
+        )
+        features = self.multi_modal_projector(compressed.features)
+        if self.config.crop_newline:
+            newline = self.image_newline.to(features)[None, None].expand(features.shape[0], 1, -1)
+            features = torch.cat([features, newline], dim=1)
+        tokens_per_crop = features.shape[1]
+        per_image = torch.split(features.flatten(0, 1), [crops * tokens_per_crop for crops in crops_per_image])
+        return VisionTrimImageOutput(
+            last_hidden_state=image_outputs.last_hidden_state,
+            pooler_output=list(per_image),
+            hidden_states=image_outputs.hidden_states,
+            attentions=image_outputs.attentions,
+            dominant_indices=compressed.dominant_indices,
+            complement_seed_indices=compressed.complement_seed_indices,
+        )
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        use_cache: bool | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        guidance_input_ids: torch.LongTensor | None = None,
+        guidance_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple | LlavaNextModelOutputWithPast:
+        r"""
+        guidance_input_ids (`torch.LongTensor` of shape `(images, text)`, *optional*):
+            CLIP-tokenised guidance text of each image (the processor returns it); needed when TGVC is on.
+        guidance_attention_mask (`torch.Tensor` of shape `(images, text)`, *optional*):
+            Mask of `guidance_input_ids`; a row of zeros marks an empty guidance text.
+        """
+        if pixel_values is not None and pixel_values.size(0) > 0:
+            pixel_values, mm_encoder_outputs = self.encode_before_language_model(
+                pixel_values,
+                mm_encoder_outputs,
+                image_sizes=image_sizes,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                guidance_input_ids=guidance_input_ids,
+                guidance_attention_mask=guidance_attention_mask,
+            )
+        return super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            use_cache=use_cache,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+
+
+class VisionTrimLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+    """
+    LLaVA-NeXT (anyres) with VisionTrim: every crop of an image (base view and high-res crops) is compressed to
+    `config.visual_tokens` tokens by DVTS + TGVC, guided by the image's question. Inputs come from
+    `VisionTrimLlavaNextProcessor`.
+    """
+
+    config: VisionTrimLlavaNextConfig
+
+    def __init__(self, config: VisionTrimLlavaNextConfig):
+        LlavaNextPreTrainedModel.__init__(self, config)
+        self.model = VisionTrimLlavaNextModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        guidance_input_ids: torch.LongTensor | None = None,
+        guidance_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple | LlavaNextCausalLMOutputWithPast:
+        r"""
+        `LlavaNextForConditionalGeneration.forward` plus the guidance text of each image:
+
+        guidance_input_ids (`torch.LongTensor` of shape `(images, text)`, *optional*):
+            CLIP-tokenised guidance text of each image (the processor returns it); needed when TGVC is on.
+        guidance_attention_mask (`torch.Tensor` of shape `(images, text)`, *optional*):
+            Mask of `guidance_input_ids`; a row of zeros marks an empty guidance text.
+        """
+        return super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            mm_encoder_outputs=mm_encoder_outputs,
+            guidance_input_ids=guidance_input_ids,
+            guidance_attention_mask=guidance_attention_mask,
+            **kwargs,
+        )
+
+
 # Custom classes skip Transformers' llava-hf key renaming unless it is registered for them: without this, a llava-hf
 # checkpoint would load with a randomly initialised LLM.
 register_checkpoint_conversion_mapping(
     "VisionTrimLlavaForConditionalGeneration", get_checkpoint_conversion_mapping("llava"), overwrite=True
 )
+register_checkpoint_conversion_mapping(
+    "VisionTrimLlavaNextForConditionalGeneration", get_checkpoint_conversion_mapping("llava_next"), overwrite=True
+)
 VisionTrimLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+VisionTrimLlavaNextForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
     "VisionTrimImageOutput",
     "VisionTrimLlavaForConditionalGeneration",
     "VisionTrimLlavaModel",
+    "VisionTrimLlavaNextForConditionalGeneration",
+    "VisionTrimLlavaNextModel",
     "VisionTrimModelMixin",
 ]
