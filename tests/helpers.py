@@ -35,9 +35,8 @@ def save_checkpoint(folder: Path, seed: int = 0, **compression) -> Path:
 
 def load_remote(folder: Path, **overrides):
     """Loads model and processor from `folder` with `trust_remote_code=True`, from another working directory."""
-    processor_overrides = {
-        key: value for key, value in overrides.items() if key in ("visual_tokens", "reduction_ratio")
-    }
+    processor_settings = ("visual_tokens", "reduction_ratio", "crop_newline")
+    processor_overrides = {key: value for key, value in overrides.items() if key in processor_settings}
     with working_directory(Path(tempfile.mkdtemp(prefix="visiontrim-user-"))):
         model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, **overrides)
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True, **processor_overrides)

@@ -5,6 +5,7 @@ demo, the benchmark and the tests. Shapes are real where it matters (a 336 px / 
 grid) and small elsewhere.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -17,13 +18,20 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
-from ..configuration_visiontrim import CLIP_L14_TEXT_CONFIG, VisionTrimLlavaConfig
-from ..modeling_visiontrim_llava import VisionTrimLlavaForConditionalGeneration
-from ..processing_visiontrim import VisionTrimProcessor
+from ..configuration_visiontrim import CLIP_L14_TEXT_CONFIG, VisionTrimLlavaConfig, VisionTrimLlavaNextConfig
+from ..modeling_visiontrim_llava import (
+    VisionTrimLlavaForConditionalGeneration,
+    VisionTrimLlavaNextForConditionalGeneration,
+)
+from ..processing_visiontrim import VisionTrimLlavaNextProcessor, VisionTrimProcessor
 
 
 IMAGE_TOKEN = "<image>"
@@ -118,11 +126,26 @@ def build_guidance_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def build_config(shapes: Shapes | None = None, vocab_size: int | None = None, **compression) -> VisionTrimLlavaConfig:
-    """A `VisionTrimLlavaConfig` of the given shapes (default: tiny); `compression` sets the VisionTrim fields."""
+ARCHITECTURES = ("llava", "llava-next")
+# llava-hf's LLaVA-1.6 pinpoints: 1x2, 2x1, 2x2, 3x1 and 1x3 grids of 336 px crops.
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def build_config(
+    shapes: Shapes | None = None, vocab_size: int | None = None, arch: str = "llava", **compression
+) -> VisionTrimLlavaConfig | VisionTrimLlavaNextConfig:
+    """
+    A VisionTrim config of `arch` ("llava" or "llava-next", with llava-hf's pinpoints) and the given shapes (default:
+    tiny); `compression` sets the VisionTrim fields.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}.")
     shapes = shapes or Shapes()
     tokenizer_vocab = vocab_size or len(build_tokenizer())
-    return VisionTrimLlavaConfig(
+    config_class, extra = VisionTrimLlavaConfig, {}
+    if arch == "llava-next":
+        config_class, extra = VisionTrimLlavaNextConfig, {"image_grid_pinpoints": LLAVA_NEXT_PINPOINTS}
+    return config_class(
         vision_config=CLIPVisionConfig(
             image_size=shapes.image_size,
             patch_size=shapes.patch_size,
@@ -139,7 +162,7 @@ def build_config(shapes: Shapes | None = None, vocab_size: int | None = None, **
             num_attention_heads=shapes.llm_heads,
             num_key_value_heads=shapes.llm_kv_heads,
             intermediate_size=shapes.llm_intermediate,
-            max_position_embeddings=2048,
+            max_position_embeddings=8192,
             bos_token_id=1,
             eos_token_id=2,
             pad_token_id=3,
@@ -158,57 +181,79 @@ def build_config(shapes: Shapes | None = None, vocab_size: int | None = None, **
         projection_dim=shapes.projection_dim,
         image_token_index=4,
         pad_token_id=3,
+        **extra,
         **compression,
     )
 
 
-def build_model(config: VisionTrimLlavaConfig, seed: int = 0) -> VisionTrimLlavaForConditionalGeneration:
-    """A randomly initialised model (seeded), in eval mode."""
+def is_llava_next(config: VisionTrimLlavaConfig | VisionTrimLlavaNextConfig) -> bool:
+    return hasattr(config, "image_grid_pinpoints")
+
+
+def build_model(
+    config: VisionTrimLlavaConfig | VisionTrimLlavaNextConfig, seed: int = 0
+) -> VisionTrimLlavaForConditionalGeneration | VisionTrimLlavaNextForConditionalGeneration:
+    """A randomly initialised model of the config's architecture (seeded), in eval mode."""
     torch.manual_seed(seed)
+    if is_llava_next(config):
+        return VisionTrimLlavaNextForConditionalGeneration(config).eval()
     return VisionTrimLlavaForConditionalGeneration(config).eval()
 
 
-def build_processor(config: VisionTrimLlavaConfig) -> VisionTrimProcessor:
+def build_processor(config: VisionTrimLlavaConfig | VisionTrimLlavaNextConfig) -> VisionTrimProcessor:
     """The processor matching `config` (same budget, 336 px CLIP preprocessing, LLaVA-1.5 chat template)."""
     size = config.vision_config.image_size
-    return VisionTrimProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
-        tokenizer=build_tokenizer(),
-        guidance_tokenizer=build_guidance_tokenizer(),
-        patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-        reduction_ratio=config.reduction_ratio,
-    )
+    image_processor_settings = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+    common = {
+        "tokenizer": build_tokenizer(),
+        "guidance_tokenizer": build_guidance_tokenizer(),
+        "patch_size": config.vision_config.patch_size,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "num_additional_image_tokens": 1,
+        "chat_template": LLAVA_CHAT_TEMPLATE,
+        "reduction_ratio": config.reduction_ratio,
+    }
+    if is_llava_next(config):
+        image_processor = LlavaNextImageProcessorPil(
+            image_grid_pinpoints=config.image_grid_pinpoints, **image_processor_settings
+        )
+        return VisionTrimLlavaNextProcessor(
+            image_processor=image_processor, crop_newline=config.crop_newline, **common
+        )
+    return VisionTrimProcessor(image_processor=CLIPImageProcessorPil(**image_processor_settings), **common)
 
 
-def stock_llava_with_same_weights(model: VisionTrimLlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
-    """Stock `LlavaForConditionalGeneration` sharing `model`'s vision tower, projector, LLM and head (no copy)."""
+def stock_llava_with_same_weights(
+    model: VisionTrimLlavaForConditionalGeneration | VisionTrimLlavaNextForConditionalGeneration,
+) -> LlavaForConditionalGeneration | LlavaNextForConditionalGeneration:
+    """
+    The stock LLaVA / LLaVA-NeXT model sharing `model`'s vision tower, projector, LLM, head and (NeXT) image newline,
+    without copying them.
+    """
     config = model.config
-    stock_config = LlavaConfig(
-        vision_config=config.vision_config,
-        text_config=config.text_config,
-        image_token_index=config.image_token_index,
-        projector_hidden_act=config.projector_hidden_act,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        vision_feature_layer=config.vision_feature_layer,
-        multimodal_projector_bias=config.multimodal_projector_bias,
-        pad_token_id=config.pad_token_id,
-    )
+    stock_config_class, stock_class = LlavaConfig, LlavaForConditionalGeneration
+    if is_llava_next(config):
+        stock_config_class, stock_class = LlavaNextConfig, LlavaNextForConditionalGeneration
+    stock_fields = {field.name for field in dataclasses.fields(stock_config_class)} & set(config.to_dict())
+    stock_config = stock_config_class(**{name: getattr(config, name) for name in stock_fields})
     with torch.device("meta"):
-        stock = LlavaForConditionalGeneration(stock_config).eval()
+        stock = stock_class(stock_config).eval()
     stock.model.vision_tower = model.model.vision_tower
     stock.model.multi_modal_projector = model.model.multi_modal_projector
     stock.model.language_model = model.model.language_model
+    if is_llava_next(config):
+        stock.model.image_newline = model.model.image_newline
     stock.lm_head = model.lm_head
     stock.generation_config = model.generation_config
     return stock
 
 
-def stock_processor(processor: VisionTrimProcessor) -> LlavaProcessor:
-    """Stock `LlavaProcessor` with the same image processor and tokenizer: one placeholder per patch token."""
-    return LlavaProcessor(
+def stock_processor(
+    processor: VisionTrimProcessor | VisionTrimLlavaNextProcessor,
+) -> LlavaProcessor | LlavaNextProcessor:
+    """The stock LLaVA / LLaVA-NeXT processor with the same image processor and tokenizer: every patch token."""
+    stock_class = LlavaNextProcessor if isinstance(processor, LlavaNextProcessor) else LlavaProcessor
+    return stock_class(
         image_processor=processor.image_processor,
         tokenizer=processor.tokenizer,
         patch_size=processor.patch_size,

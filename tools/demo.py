@@ -19,11 +19,12 @@ from transformers import (
     AutoProcessor,
     BatchFeature,
     LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    ProcessorMixin,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..modeling_visiontrim_llava import VisionTrimImageOutput, VisionTrimLlavaForConditionalGeneration
-from ..processing_visiontrim import VisionTrimProcessor
+from ..modeling_visiontrim_llava import VisionTrimImageOutput
 from .build import (
     LLAVA_15_SHAPES,
     Shapes,
@@ -39,7 +40,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_QUESTION = "What animal is in the picture, and what is it lying on?"
 DOMINANT_MARK, SEED_MARK, MERGED_MARK = "D", "S", "."
+DOMINANT_COLOUR, SEED_COLOUR = (230, 30, 30, 255), (40, 90, 255, 255)
 STOCK, VISIONTRIM = "stock", "VisionTrim"
+ARCH_NAMES = {"llava": "LLaVA-1.5", "llava-next": "LLaVA-NeXT"}
 
 
 def sample_photo(name: str = "chelsea.jpg") -> Path:
@@ -57,25 +60,28 @@ def grid_map(output: VisionTrimImageOutput, grid_size: int) -> list[str]:
     return [" ".join(cells[row * grid_size : (row + 1) * grid_size]) for row in range(grid_size)]
 
 
-def save_overlay(image: Image.Image, output: VisionTrimImageOutput, grid_size: int, crop: int, path: Path) -> None:
-    """Writes the centre crop the tower sees, with DVTS cells boxed in red and TGVC seeds filled in blue, as PNG."""
-    width, height = image.size
-    scale = crop / min(width, height)
-    resized = image.convert("RGB").resize((round(width * scale), round(height * scale)), Image.Resampling.BICUBIC)
-    left, top = (resized.width - crop) // 2, (resized.height - crop) // 2
-    canvas = resized.crop((left, top, left + crop, top + crop)).convert("RGBA")
+def first_crop_image(pixel_values: torch.Tensor, image_mean: list[float], image_std: list[float]) -> Image.Image:
+    """The first crop the tower sees (LLaVA's image, LLaVA-NeXT's base view), un-normalised, as an RGB image."""
+    crop = pixel_values.reshape(-1, *pixel_values.shape[-3:])[0].float().cpu()
+    crop = crop * torch.tensor(image_std).view(3, 1, 1) + torch.tensor(image_mean).view(3, 1, 1)
+    return Image.fromarray((crop.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+def save_overlay(crop: Image.Image, output: VisionTrimImageOutput, grid_size: int, path: Path) -> None:
+    """Writes `crop` with its DVTS cells boxed in red and its TGVC seeds filled in blue, as PNG."""
+    canvas = crop.convert("RGBA")
     layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    cell = crop / grid_size
+    cell_height, cell_width = canvas.height / grid_size, canvas.width / grid_size
 
     def box(index: int) -> tuple[float, float, float, float]:
         row, col = divmod(index, grid_size)
-        return col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1
+        return col * cell_width, row * cell_height, (col + 1) * cell_width - 1, (row + 1) * cell_height - 1
 
     for index in output.dominant_indices[0].tolist():
-        draw.rectangle(box(index), outline=(230, 30, 30, 255), width=2)
+        draw.rectangle(box(index), outline=DOMINANT_COLOUR, width=2)
     for index in output.complement_seed_indices[0].tolist():
-        draw.rectangle(box(index), fill=(40, 90, 255, 140), outline=(40, 90, 255, 255), width=2)
+        draw.rectangle(box(index), fill=SEED_COLOUR[:3] + (140,), outline=SEED_COLOUR, width=2)
     Image.alpha_composite(canvas, layer).convert("RGB").save(path, format="PNG")
 
 
@@ -95,11 +101,13 @@ def describe(seconds: list[float]) -> str:
 
 
 def load_or_build(
-    model_path: str | None, tokens: int | None, shapes: Shapes, dtype: torch.dtype, device: str
-) -> tuple[VisionTrimLlavaForConditionalGeneration, VisionTrimProcessor]:
+    model_path: str | None, arch: str, tokens: int | None, shapes: Shapes, dtype: torch.dtype, device: str
+) -> tuple[LlavaForConditionalGeneration | LlavaNextForConditionalGeneration, ProcessorMixin]:
     if model_path is None:
-        logger.info("Building a random LLaVA-1.5-shaped VisionTrim model (CLIP ViT-L/14-336 tower, small LLM)")
-        config = build_config(shapes, visual_tokens=tokens or 64)
+        logger.info(
+            "Building a random %s-shaped VisionTrim model (CLIP ViT-L/14-336 towers, small LLM)", ARCH_NAMES[arch]
+        )
+        config = build_config(shapes, arch=arch, visual_tokens=tokens or 64)
         return build_model(config).to(device=device, dtype=dtype), build_processor(config)
     overrides = {} if tokens is None else {"visual_tokens": tokens}
     model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=dtype, **overrides)
@@ -108,9 +116,9 @@ def load_or_build(
 
 
 def encoder(model: LlavaForConditionalGeneration, inputs: BatchFeature) -> Callable[[], BaseModelOutputWithPooling]:
-    """Image encoding of `inputs` by `model` (with the guidance tensors, if the inputs hold them)."""
-    guidance = {key: value for key, value in inputs.items() if key.startswith("guidance_")}
-    return lambda: model.model.get_image_features(inputs["pixel_values"], **guidance)
+    """Image encoding of `inputs` by `model` (with image sizes and guidance tensors, where the inputs hold them)."""
+    image_inputs = {key: value for key, value in inputs.items() if key.startswith("guidance_") or key == "image_sizes"}
+    return lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"], **image_inputs)
 
 
 def prefiller(
@@ -124,7 +132,7 @@ def prefiller(
 def run(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     shapes = Shapes(**{**vars(LLAVA_15_SHAPES), "llm_layers": args.llm_layers, "llm_hidden": args.llm_hidden})
-    model, processor = load_or_build(args.model, args.tokens, shapes, dtype, args.device)
+    model, processor = load_or_build(args.model, args.arch, args.tokens, shapes, dtype, args.device)
     models = {STOCK: stock_llava_with_same_weights(model), VISIONTRIM: model}
     image = Image.open(args.image or sample_photo()).convert("RGB")
     prompt = f"USER: {processor.image_token}\n{args.question} ASSISTANT:"
@@ -155,21 +163,26 @@ def run(args: argparse.Namespace) -> None:
         inputs[VISIONTRIM]["guidance_input_ids"][0], skip_special_tokens=True
     )
     if args.model is None:
-        description = f"random LLaVA-1.5-shaped (CLIP ViT-L/14-336, LLM {shapes.llm_layers} x {shapes.llm_hidden})"
+        description = (
+            f"random {ARCH_NAMES[args.arch]}-shaped (CLIP ViT-L/14-336, LLM {shapes.llm_layers} x {shapes.llm_hidden})"
+        )
     else:
         description = args.model
+    crops = encoded[VISIONTRIM].dominant_indices.shape[0]
+    newline = " + 1 image_newline" if getattr(config, "crop_newline", False) else ""
     end_to_end = {name: min(vision_seconds[name]) + min(prefill_seconds[name]) for name in models}
     lines = [
         f"model: {description}",
         f"image: {args.image or sample_photo()}  question: {args.question!r}",
         f"guidance text (CLIP tokens): {guidance!r}",
         f"visual tokens fed to the LLM: stock {visual[STOCK]}, VisionTrim {visual[VISIONTRIM]} "
-        f"({config.dominant_tokens} DVTS + {config.complement_tokens} TGVC, "
+        f"({crops} crop{'s' * (crops > 1)} x ({config.dominant_tokens} DVTS + {config.complement_tokens} TGVC"
+        f"{newline}), "
         f"{1 - visual[VISIONTRIM] / visual[STOCK]:.1%} fewer)",
         f"prompt length: stock {inputs[STOCK]['input_ids'].shape[1]}, "
         f"VisionTrim {inputs[VISIONTRIM]['input_ids'].shape[1]} tokens",
-        f"{grid_size}x{grid_size} patch grid ({DOMINANT_MARK} = kept by DVTS, {SEED_MARK} = TGVC seed, "
-        f"{MERGED_MARK} = merged into a seed):",
+        f"{grid_size}x{grid_size} patch grid of the {'base crop' if crops > 1 else 'image'} ({DOMINANT_MARK} = kept "
+        f"by DVTS, {SEED_MARK} = TGVC seed, {MERGED_MARK} = merged into a seed):",
         *("  " + row for row in grid_map(encoded[VISIONTRIM], grid_size)),
         f"timings on {args.device}, {args.dtype}, {torch.get_num_threads()} threads, 1 warm-up + {args.repeats} runs:",
         f"  vision encoding, stock: {describe(vision_seconds[STOCK])}",
@@ -181,16 +194,23 @@ def run(args: argparse.Namespace) -> None:
         *(f"answer, {name}: {answer!r}" for name, answer in answers.items()),
     ]
     if args.save:
-        save_overlay(image, encoded[VISIONTRIM], grid_size, config.vision_config.image_size, Path(args.save))
+        image_processor = processor.image_processor
+        crop = first_crop_image(
+            inputs[VISIONTRIM]["pixel_values"], image_processor.image_mean, image_processor.image_std
+        )
+        save_overlay(crop, encoded[VISIONTRIM], grid_size, Path(args.save))
         lines.append(f"overlay written to {args.save}")
     print("\n".join(lines))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a converted VisionTrim checkpoint folder (default: build a random one)")
+    parser.add_argument(
+        "--arch", choices=list(ARCH_NAMES), default="llava", help="shape of the random model (without --model)"
+    )
     parser.add_argument("--image", help="photo to run (default: the bundled chelsea.jpg)")
     parser.add_argument("--question", default=DEFAULT_QUESTION)
-    parser.add_argument("--tokens", type=int, help="visual tokens kept per image (default: 64, or the checkpoint's)")
+    parser.add_argument("--tokens", type=int, help="visual tokens kept per crop (default: 64, or the checkpoint's)")
     parser.add_argument("--save", help="write a PNG overlay of the kept cells to this path")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up (default: 2)")
     parser.add_argument("--llm-layers", type=int, default=LLAVA_15_SHAPES.llm_layers)
