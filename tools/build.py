@@ -91,14 +91,18 @@ LLAVA_15_SHAPES = Shapes(
 )
 
 
-def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """A byte-level BPE LLM tokenizer trained in memory, with `<image>` as its image token and left padding."""
+def build_tokenizer(vocab_size: int = 400, image_token: bool = True) -> PreTrainedTokenizerFast:
+    """
+    A byte-level BPE LLM tokenizer trained in memory, left padding, with `<image>` as its image token (the llava-hf
+    layout) or without it (`image_token=False`: the original LLaVA layout, whose tokenizer is the plain LLM's).
+    """
+    special_tokens = ["<unk>", "<s>", "</s>", "<pad>"] + ([IMAGE_TOKEN] if image_token else [])
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN],
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -109,7 +113,7 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": IMAGE_TOKEN} if image_token else {},
         padding_side="left",
     )
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE

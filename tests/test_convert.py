@@ -1,0 +1,458 @@
+"""
+convert_checkpoint.py on tiny checkpoints written here in each source layout: llava-hf (stock `save_pretrained`) and
+original LLaVA (its key names, config fields and tokenizer, written from a stock model by the mapping below, which is
+independent of the converter's), for LLaVA-1.5 and LLaVA-NeXT, with a tiny CLIP model as the CLIP source.
+"""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
+
+from visiontrim import convert_checkpoint
+from visiontrim.convert_checkpoint import ConversionError, convert, parse_arguments
+from visiontrim.tools.build import (
+    LLAVA_NEXT_PINPOINTS,
+    Shapes,
+    build_config,
+    build_guidance_tokenizer,
+    build_processor,
+    build_tokenizer,
+    stock_processor,
+)
+
+from helpers import QUESTION_PROMPT, load_remote
+
+
+SHAPES = Shapes()
+STOCK_CLASSES = {
+    "llava": (LlavaConfig, LlavaForConditionalGeneration),
+    "llava-next": (LlavaNextConfig, LlavaNextForConditionalGeneration),
+}
+
+
+def tiny_clip(folder: Path, seed: int) -> CLIPModel:
+    """A tiny CLIP model (the LLaVA tower's shapes, the guidance tower's) saved with its tokenizer, as on the Hub."""
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=len(build_guidance_tokenizer()),
+        hidden_size=SHAPES.guidance_hidden,
+        num_hidden_layers=SHAPES.guidance_layers,
+        num_attention_heads=SHAPES.guidance_heads,
+        intermediate_size=SHAPES.guidance_intermediate,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vision = dict(
+        hidden_size=SHAPES.vision_hidden,
+        num_hidden_layers=SHAPES.vision_layers,
+        num_attention_heads=SHAPES.vision_heads,
+        intermediate_size=SHAPES.vision_intermediate,
+        image_size=336,
+        patch_size=14,
+    )
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=SHAPES.projection_dim)).eval()
+    clip.save_pretrained(folder)
+    build_guidance_tokenizer().save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(folder)
+    return clip
+
+
+def stock_model(arch: str, vocab_size: int, image_token_id: int, seed: int):
+    """A tiny stock LLaVA / LLaVA-NeXT model with the test's shapes."""
+    tiny = build_config(arch=arch)
+    config_class, model_class = STOCK_CLASSES[arch]
+    text_config = tiny.text_config
+    text_config.vocab_size = vocab_size
+    extra = {"image_grid_pinpoints": LLAVA_NEXT_PINPOINTS} if arch == "llava-next" else {}
+    config = config_class(
+        vision_config=tiny.vision_config, text_config=text_config, image_token_index=image_token_id, **extra
+    )
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
+def llava_hf_source(folder: Path, arch: str, seed: int = 0):
+    """A llava-hf checkpoint: the stock class's save_pretrained, with its processor (tokenizer holds <image>)."""
+    tokenizer = build_tokenizer()
+    model = stock_model(arch, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), seed)
+    model.save_pretrained(folder)
+    stock_processor(build_processor(build_config(arch=arch, reduction_ratio=0))).save_pretrained(folder)
+    return model
+
+
+# Stock (Transformers v5) names -> original LLaVA names: the layout liuhaotian/llava-v1.5-7b and -v1.6-vicuna-7b use.
+ORIGINAL_NAMES = (
+    (r"^model\.language_model\.embed_tokens\.", "model.embed_tokens."),
+    (r"^model\.language_model\.layers\.", "model.layers."),
+    (r"^model\.language_model\.norm\.", "model.norm."),
+    (r"^lm_head\.", "lm_head."),
+    (r"^model\.multi_modal_projector\.linear_1\.", "model.mm_projector.0."),
+    (r"^model\.multi_modal_projector\.linear_2\.", "model.mm_projector.2."),
+    (r"^model\.image_newline$", "model.image_newline"),
+    (r"^model\.vision_tower\.", "model.vision_tower.vision_tower.vision_model."),
+)
+
+
+def original_source(folder: Path, arch: str, seed: int = 0, shards: bool = False, edit=None):
+    """
+    An original-format LLaVA checkpoint written from a stock model: the tokenizer has no <image>, the embedding and
+    head only the tokenizer's rows, LLaVA-1.5 stores no vision tower (the CLIP source's is used) while LLaVA-1.6 stores
+    its own, and old Transformers' recomputed buffers are in the file. Returns the stock model whose weights it holds.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(image_token=False)
+    original_vocab = len(tokenizer)
+    padded_vocab = 64 * math.ceil((original_vocab + 1) / 64)
+    model = stock_model(arch, padded_vocab, original_vocab, seed)
+    tensors = {}
+    for key, tensor in model.state_dict().items():
+        if arch == "llava" and key.startswith("model.vision_tower."):
+            continue
+        for pattern, replacement in ORIGINAL_NAMES:
+            if re.search(pattern, key):
+                name = re.sub(pattern, replacement, key)
+                tensors[name] = (
+                    tensor[:original_vocab] if name in ("model.embed_tokens.weight", "lm_head.weight") else tensor
+                )
+                break
+        else:
+            raise AssertionError(f"test mapping misses {key}")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    if arch == "llava-next":
+        tensors["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"] = torch.arange(577)[None]
+    if edit is not None:
+        edit(tensors)
+    text = model.config.text_config
+    config = {
+        "_name_or_path": "./checkpoints/llava-tiny",
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava",
+        "hidden_act": "silu",
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.intermediate_size,
+        "num_attention_heads": text.num_attention_heads,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_key_value_heads": text.num_key_value_heads,
+        "max_position_embeddings": text.max_position_embeddings,
+        "rms_norm_eps": text.rms_norm_eps,
+        "rope_scaling": None,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "vocab_size": original_vocab,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "transformers_version": "4.31.0",
+        "use_cache": True,
+        "freeze_mm_mlp_adapter": False,
+        "tune_mm_mlp_adapter": False,
+        "use_mm_proj": True,
+        "mm_hidden_size": SHAPES.vision_hidden,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "image_aspect_ratio": "pad",
+    }
+    if arch == "llava-next":
+        config.update(
+            image_aspect_ratio="anyres", image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, mm_patch_merge_type="spatial_unpad"
+        )
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(folder)
+    if shards:  # old checkpoints: pickled PyTorch shards with an index
+        names = sorted(tensors)
+        halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+        for file, keys in halves.items():
+            torch.save({key: tensors[key] for key in keys}, folder / file)
+        weight_map = {key: file for file, keys in halves.items() for key in keys}
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    else:
+        save_file(tensors, folder / "model.safetensors")
+    return model, original_vocab
+
+
+def run_convert(llava: Path, clip: Path, output: Path, *extra: str) -> Path:
+    return convert(
+        parse_arguments(
+            ["--llava", str(llava), "--clip", str(clip), "--output", str(output), "--dtype", "float32", *extra]
+        )
+    )
+
+
+def converted_inputs(processor, photos):
+    return processor(
+        images=photos,
+        text=[QUESTION_PROMPT, QUESTION_PROMPT.replace("animal", "colour")],
+        padding=True,
+        return_tensors="pt",
+    )
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip")
+    tiny_clip(folder, seed=7)
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava-next"])
+def test_llava_hf_checkpoint_converts_to_a_loadable_repository_equal_to_stock(tmp_path, clip_folder, photos, arch):
+    stock = llava_hf_source(tmp_path / "source", arch)
+    output = run_convert(
+        tmp_path / "source", clip_folder, tmp_path / "out", "--tokens", "64", "--max-shard-size", "300KB"
+    )
+
+    index = json.loads((output / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((output / shard).is_file() for shard in shards)
+    assert not list(output.glob("*.bin")) and not list(output.glob("*.pt"))
+    for name in ("configuration_visiontrim.py", "modeling_visiontrim_llava.py", "processing_visiontrim.py",
+                 "compression_visiontrim.py", "processor_config.json", "chat_template.jinja", "generation_config.json",
+                 "tokenizer.json", "guidance_tokenizer/tokenizer.json", "README.md"):  # fmt: skip
+        assert (output / name).is_file(), name
+    config = json.loads((output / "config.json").read_text())
+    assert config["model_type"] == ("visiontrim_llava_next" if arch == "llava-next" else "visiontrim_llava")
+    assert (
+        config["reduction_ratio"] == pytest.approx(1 - 64 / 576)
+        and "AutoModelForImageTextToText" in config["auto_map"]
+    )
+
+    model, processor = load_remote(output)  # HF_HUB_OFFLINE=1 (conftest)
+    clip = CLIPModel.from_pretrained(clip_folder)
+    weights = model.state_dict()
+    for key, tensor in stock.state_dict().items():
+        assert torch.equal(weights[key], tensor), key  # the LLaVA checkpoint's tower wins over CLIP's
+    assert torch.equal(weights["model.visual_projection.weight"], clip.visual_projection.weight)
+    assert torch.equal(weights["model.logit_scale"], clip.logit_scale)
+    assert torch.equal(weights["model.guidance_encoder.text_projection.weight"], clip.text_projection.weight)
+    for key, tensor in clip.text_model.state_dict().items():
+        assert torch.equal(weights[f"model.guidance_encoder.text_model.{key}"], tensor), key
+
+    inputs = converted_inputs(processor, photos)
+    assert model(**inputs).logits.shape[0] == 2  # the 64-token budget runs
+    off, off_processor = load_remote(output, reduction_ratio=0)
+    off_inputs = converted_inputs(off_processor, photos)
+    stock_inputs = {key: value for key, value in off_inputs.items() if not key.startswith("guidance_")}
+    torch.testing.assert_close(off(**off_inputs).logits, stock(**stock_inputs).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava-next"])
+def test_original_checkpoint_converts_key_by_key(tmp_path, clip_folder, photos, arch):
+    stock, original_vocab = original_source(tmp_path / "source", arch, shards=arch == "llava-next")
+    clip = CLIPModel.from_pretrained(clip_folder)
+    output = run_convert(tmp_path / "source", clip_folder, tmp_path / "out")
+    model, processor = load_remote(output, reduction_ratio=0)
+
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == original_vocab == model.config.image_token_id
+    assert model.config.text_config.vocab_size == stock.config.text_config.vocab_size  # rounded up to 64
+    weights = model.state_dict()
+    for key, tensor in stock.state_dict().items():
+        if key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(weights[key][:original_vocab], tensor[:original_vocab]), key
+            mean = tensor[:original_vocab].mean(dim=0)
+            torch.testing.assert_close(weights[key][original_vocab:], mean.expand(len(tensor) - original_vocab, -1))
+        elif key.startswith("model.vision_tower.") and arch == "llava":
+            # LLaVA-1.5 stores no tower: the CLIP source's is used.
+            assert torch.equal(weights[key], clip.vision_model.state_dict()[key.removeprefix("model.vision_tower.")])
+        else:
+            assert torch.equal(weights[key], tensor), key
+    if arch == "llava":
+        stock.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+
+    inputs = converted_inputs(processor, photos)
+    stock_inputs = {key: value for key, value in inputs.items() if not key.startswith("guidance_")}
+    torch.testing.assert_close(
+        model(**inputs).logits[..., :original_vocab],
+        stock(**stock_inputs).logits[..., :original_vocab],
+        rtol=0,
+        atol=1e-5,
+    )
+    if arch == "llava":
+        assert type(processor.image_processor).__name__.startswith("LlavaImageProcessor")
+        assert processor.image_processor.do_pad  # "image_aspect_ratio": "pad"
+    card = (output / "README.md").read_text()
+    provenance = "stores no vision tower" if arch == "llava" else "relative L2 distance"
+    assert provenance in card
+
+
+def test_model_card(tmp_path, clip_folder):
+    original_source(tmp_path / "source", "llava-next")
+    output = run_convert(
+        tmp_path / "source", clip_folder, tmp_path / "out", "--tokens", "32", "--license", "apache-2.0"
+    )
+    card = (output / "README.md").read_text()
+    metadata = card.split("---")[1]
+    assert "library_name: transformers" in metadata and "pipeline_tag: image-text-to-text" in metadata
+    assert "license: apache-2.0" in metadata and "  - visiontrim" in metadata
+    assert "base_model:" not in metadata  # a local folder is not a Hub id
+    revision = re.search(r'revision = "(visiontrim-[\d.]+-\d{8}T\d{6}Z)"', card).group(1)
+    assert "trust_remote_code=True" in card and f"creates the tag `{revision}`" in card
+    assert "32 tokens per crop plus one `image_newline`" in card and "24 tokens chosen by DVTS and\n8 merged" in card
+    assert "| LLaVA-1.6-Vicuna-7B, no compression | up to 2880 |" in card and "arXiv 2601.22674" in card
+    assert "`modeling_visiontrim_llava.py`" in card and "import only `torch` and `transformers`" in card
+    distance = re.search(r"differs from .* in (\d+) of (\d+) tensors, relative L2 distance ([\d.e+-]+)\.", card)
+    # Random towers share only their freshly initialised LayerNorms (ones and zeros), so most tensors differ.
+    assert distance and 0 < int(distance.group(1)) <= int(distance.group(2)) and float(distance.group(3)) > 0
+
+
+def test_hub_id_sources_name_the_base_model(tmp_path, clip_folder, monkeypatch):
+    llava_hf_source(tmp_path / "snapshot", "llava")
+    downloads = []
+
+    def fake_snapshot_download(repo_id):
+        downloads.append(repo_id)
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(convert_checkpoint, "snapshot_download", fake_snapshot_download)
+    output = run_convert("llava-hf/llava-1.5-7b-hf", clip_folder, tmp_path / "out")
+    assert downloads == ["llava-hf/llava-1.5-7b-hf"]
+    card = (output / "README.md").read_text()
+    assert "base_model: llava-hf/llava-1.5-7b-hf" in card.split("---")[1]
+    assert "[llava-hf/llava-1.5-7b-hf](https://huggingface.co/llava-hf/llava-1.5-7b-hf)" in card
+
+
+def assert_refused(tmp_path: Path, message: str, *arguments: str) -> None:
+    before = set(tmp_path.iterdir())
+    with pytest.raises(ConversionError, match=message):
+        convert(parse_arguments([*arguments, "--dtype", "float32"]))
+    assert set(tmp_path.iterdir()) == before  # nothing written, no staging folder left
+
+
+def test_unused_source_key_is_refused(tmp_path, clip_folder):
+    original_source(
+        tmp_path / "source",
+        "llava",
+        edit=lambda tensors: tensors.update({"model.mm_projector.4.weight": torch.ones(2)}),
+    )
+    assert_refused(
+        tmp_path, r"keys this converter does not know where to put: \['model.mm_projector.4.weight'\]",
+        "--llava", str(tmp_path / "source"), "--clip", str(clip_folder), "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+
+
+def test_unfilled_target_weight_is_refused(tmp_path, clip_folder):
+    original_source(tmp_path / "source", "llava", edit=lambda tensors: tensors.pop("model.norm.weight"))
+    assert_refused(
+        tmp_path, r"do not fill the VisionTrim model exactly: unfilled \['model.language_model.norm.weight'\]",
+        "--llava", str(tmp_path / "source"), "--clip", str(clip_folder), "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+
+
+def test_unfilled_llava_hf_weight_is_refused(tmp_path, clip_folder):
+    llava_hf_source(tmp_path / "source", "llava")
+    weights = tmp_path / "source" / "model.safetensors"
+    with safe_open(weights, "pt") as file:
+        tensors = {key: file.get_tensor(key) for key in file.keys() if "post_layernorm" not in key}  # noqa: SIM118
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert_refused(
+        tmp_path, r"does not load cleanly into LlavaForConditionalGeneration: .*unfilled keys \[.*post_layernorm",
+        "--llava", str(tmp_path / "source"), "--clip", str(clip_folder), "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+
+
+def test_mismatched_vision_widths_are_refused(tmp_path):
+    original_source(tmp_path / "source", "llava")
+    wide_clip = tmp_path / "wide_clip"
+    clip = tiny_clip(wide_clip, seed=1)
+    config = clip.config.to_dict()
+    config["vision_config"]["hidden_size"] = 48
+    CLIPModel(
+        CLIPConfig(**{key: config[key] for key in ("text_config", "vision_config", "projection_dim")})
+    ).save_pretrained(wide_clip)
+    assert_refused(
+        tmp_path, r"Vision widths differ: .* tower has 32 and its projector takes 32, but .* vision tower has 48",
+        "--llava", str(tmp_path / "source"), "--clip", str(wide_clip), "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path, clip_folder):
+    llava_hf_source(tmp_path / "source", "llava")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("keep me")
+    arguments = ["--llava", str(tmp_path / "source"), "--clip", str(clip_folder), "--output", str(output)]
+    assert_refused(tmp_path, r"exists and is not empty: choose another --output or pass --overwrite", *arguments)
+    assert (output / "notes.txt").read_text() == "keep me"
+    run_convert(tmp_path / "source", clip_folder, output, "--overwrite")
+    assert not (output / "notes.txt").exists() and (output / "config.json").is_file()
+
+
+def test_contradicting_arch_and_bad_budget_are_refused(tmp_path, clip_folder):
+    llava_hf_source(tmp_path / "source", "llava")
+    arguments = ["--llava", str(tmp_path / "source"), "--clip", str(clip_folder), "--output", str(tmp_path / "out")]
+    assert_refused(
+        tmp_path, r"is a llava checkpoint, but --arch llava-next was given", *arguments, "--arch", "llava-next"
+    )
+    assert_refused(tmp_path, r"visual_tokens must be an integer in \[1, 576\]", *arguments, "--tokens", "900")
+    with pytest.raises(SystemExit):  # --tokens and --reduction-ratio are exclusive
+        parse_arguments([*arguments, "--tokens", "64", "--reduction-ratio", "0.5"])
+
+
+class RecordingHfApi:
+    """Stands in for huggingface_hub.HfApi: records every call and the files present at upload time."""
+
+    calls: list = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, folder_path, repo_id, **kwargs):
+        files = sorted(str(path.relative_to(folder_path)) for path in Path(folder_path).rglob("*") if path.is_file())
+        self.calls.append(("upload_folder", repo_id, kwargs, files))
+        return type("CommitInfo", (), {"oid": "0123abcd"})()
+
+    def create_tag(self, repo_id, **kwargs):
+        self.calls.append(("create_tag", repo_id, kwargs))
+
+
+def test_push_to_hub_uploads_the_folder_in_one_commit_and_tags_it(tmp_path, clip_folder, monkeypatch):
+    llava_hf_source(tmp_path / "source", "llava")
+    RecordingHfApi.calls = []
+    monkeypatch.setattr(convert_checkpoint, "HfApi", RecordingHfApi)
+    output = run_convert(
+        tmp_path / "source", clip_folder, tmp_path / "out", "--push-to-hub", "me/visiontrim-tiny", "--private"
+    )
+    expected_files = sorted(str(path.relative_to(output)) for path in output.rglob("*") if path.is_file())
+    assert "README.md" in expected_files and "guidance_tokenizer/tokenizer.json" in expected_files
+    revision = re.search(r'revision = "([^"]+)"', (output / "README.md").read_text()).group(1)
+    assert 'repo = "me/visiontrim-tiny"' in (output / "README.md").read_text()
+    upload = {"repo_type": "model", "commit_message": f"VisionTrim conversion ({revision})"}
+    assert RecordingHfApi.calls == [
+        ("create_repo", "me/visiontrim-tiny", {"repo_type": "model", "private": True, "exist_ok": True}),
+        ("upload_folder", "me/visiontrim-tiny", upload, expected_files),
+        ("create_tag", "me/visiontrim-tiny", {"tag": revision, "revision": "0123abcd", "repo_type": "model"}),
+    ]
+
+
+def test_command_line_script_and_refusal_exit_code(tmp_path, clip_folder):
+    llava_hf_source(tmp_path / "source", "llava")
+    script = Path(convert_checkpoint.__file__)
+    arguments = [sys.executable, str(script), "--llava", str(tmp_path / "source"), "--clip", str(clip_folder)]
+    done = subprocess.run([*arguments, "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    refused = subprocess.run(
+        [*arguments, "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300
+    )
+    assert refused.returncode == 2 and "conversion refused:" in refused.stderr and "--overwrite" in refused.stderr
