@@ -34,6 +34,8 @@ from visiontrim.tools.build import (
     build_guidance_tokenizer,
     build_processor,
     build_tokenizer,
+    clip_text_config,
+    clip_vision_config,
     stock_processor,
 )
 
@@ -50,24 +52,7 @@ STOCK_CLASSES = {
 def tiny_clip(folder: Path, seed: int) -> CLIPModel:
     """A tiny CLIP model (the LLaVA tower's shapes, the guidance tower's) saved with its tokenizer, as on the Hub."""
     torch.manual_seed(seed)
-    text = dict(
-        vocab_size=len(build_guidance_tokenizer()),
-        hidden_size=SHAPES.guidance_hidden,
-        num_hidden_layers=SHAPES.guidance_layers,
-        num_attention_heads=SHAPES.guidance_heads,
-        intermediate_size=SHAPES.guidance_intermediate,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    vision = dict(
-        hidden_size=SHAPES.vision_hidden,
-        num_hidden_layers=SHAPES.vision_layers,
-        num_attention_heads=SHAPES.vision_heads,
-        intermediate_size=SHAPES.vision_intermediate,
-        image_size=336,
-        patch_size=14,
-    )
+    text, vision = clip_text_config(SHAPES).to_dict(), clip_vision_config(SHAPES).to_dict()
     clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=SHAPES.projection_dim)).eval()
     clip.save_pretrained(folder)
     build_guidance_tokenizer().save_pretrained(folder)

@@ -130,6 +130,34 @@ def build_guidance_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
+def clip_vision_config(shapes: Shapes) -> CLIPVisionConfig:
+    """The CLIP vision tower of `shapes` (LLaVA's vision tower)."""
+    return CLIPVisionConfig(
+        image_size=shapes.image_size,
+        patch_size=shapes.patch_size,
+        hidden_size=shapes.vision_hidden,
+        num_hidden_layers=shapes.vision_layers,
+        num_attention_heads=shapes.vision_heads,
+        intermediate_size=shapes.vision_intermediate,
+        projection_dim=shapes.projection_dim,
+    )
+
+
+def clip_text_config(shapes: Shapes) -> CLIPTextConfig:
+    """The CLIP text tower of `shapes`, for `build_guidance_tokenizer()`'s vocabulary."""
+    return CLIPTextConfig(
+        vocab_size=len(build_guidance_tokenizer()),
+        hidden_size=shapes.guidance_hidden,
+        num_hidden_layers=shapes.guidance_layers,
+        num_attention_heads=shapes.guidance_heads,
+        intermediate_size=shapes.guidance_intermediate,
+        projection_dim=shapes.projection_dim,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+
+
 ARCHITECTURES = ("llava", "llava-next")
 # llava-hf's LLaVA-1.6 pinpoints: 1x2, 2x1, 2x2, 3x1 and 1x3 grids of 336 px crops.
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -150,15 +178,7 @@ def build_config(
     if arch == "llava-next":
         config_class, extra = VisionTrimLlavaNextConfig, {"image_grid_pinpoints": LLAVA_NEXT_PINPOINTS}
     return config_class(
-        vision_config=CLIPVisionConfig(
-            image_size=shapes.image_size,
-            patch_size=shapes.patch_size,
-            hidden_size=shapes.vision_hidden,
-            num_hidden_layers=shapes.vision_layers,
-            num_attention_heads=shapes.vision_heads,
-            intermediate_size=shapes.vision_intermediate,
-            projection_dim=shapes.projection_dim,
-        ),
+        vision_config=clip_vision_config(shapes),
         text_config=LlamaConfig(
             vocab_size=tokenizer_vocab,
             hidden_size=shapes.llm_hidden,
@@ -171,17 +191,7 @@ def build_config(
             eos_token_id=2,
             pad_token_id=3,
         ),
-        guidance_config=CLIPTextConfig(
-            vocab_size=len(build_guidance_tokenizer()),
-            hidden_size=shapes.guidance_hidden,
-            num_hidden_layers=shapes.guidance_layers,
-            num_attention_heads=shapes.guidance_heads,
-            intermediate_size=shapes.guidance_intermediate,
-            projection_dim=shapes.projection_dim,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        ),
+        guidance_config=clip_text_config(shapes),
         projection_dim=shapes.projection_dim,
         image_token_index=4,
         pad_token_id=3,
