@@ -100,6 +100,17 @@ class VisionTrimImageOutput(BaseModelOutputWithPooling):
 
 
 @dataclass
+class VisionTowerRun:
+    """The vision tower's outputs for a batch of crops, with what DVTS needs of the selected layer's attention."""
+
+    outputs: BaseModelOutputWithPooling
+    features: torch.Tensor  # (crops, patches + 1, vision_hidden): selected-layer features, CLS first
+    attention: nn.Module  # that layer's attention block (num_heads, scale)
+    query: torch.Tensor  # (crops, patches + 1, vision_hidden): its projected queries
+    key: torch.Tensor  # (crops, patches + 1, vision_hidden): its projected keys
+
+
+@dataclass
 class CompressedCrops:
     """DVTS + TGVC output for a batch of crops."""
 
@@ -278,30 +289,43 @@ class VisionTrimModelMixin:
             torch.cat([dominant, merged], dim=1), dominant_indices, remaining_indices.gather(1, seed_positions)
         )
 
-    def encode_and_compress(
+    def run_vision_tower(
         self,
         pixel_values: torch.Tensor,
         vision_feature_layer: int,
         vision_feature_select_strategy: str,
-        guidance_input_ids: torch.LongTensor | None,
-        guidance_attention_mask: torch.Tensor | None,
-        crops_per_image: list[int] | None = None,
         **kwargs,
-    ) -> tuple[BaseModelOutputWithPooling, CompressedCrops]:
-        """Runs the vision tower on `(crops, 3, height, width)` pixels, recording one layer's q/k, and compresses."""
+    ) -> VisionTowerRun:
+        """Runs the vision tower on `(crops, 3, height, width)` pixels, recording the selected layer's q and k."""
         attention = self.vision_attention_module(vision_feature_layer, vision_feature_select_strategy)
+        kwargs.setdefault("output_hidden_states", vision_feature_layer)  # only the selected layer is kept
         with record_outputs(attention.q_proj, attention.k_proj) as recorded:
-            image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
-        compressed = self.compress_crops(
-            image_outputs.hidden_states[vision_feature_layer],
+            outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+        return VisionTowerRun(
+            outputs,
+            outputs.hidden_states[vision_feature_layer],
             attention,
             recorded[attention.q_proj],
             recorded[attention.k_proj],
+        )
+
+    def compress_tower_run(
+        self,
+        run: VisionTowerRun,
+        guidance_input_ids: torch.LongTensor | None,
+        guidance_attention_mask: torch.Tensor | None,
+        crops_per_image: list[int] | None = None,
+    ) -> CompressedCrops:
+        """DVTS + TGVC on a `run_vision_tower` result (see `compress_crops`)."""
+        return self.compress_crops(
+            run.features,
+            run.attention,
+            run.query,
+            run.key,
             guidance_input_ids,
             guidance_attention_mask,
             crops_per_image,
         )
-        return image_outputs, compressed
 
     def encode_before_language_model(
         self,
@@ -377,20 +401,14 @@ class VisionTrimLlavaModel(VisionTrimModelMixin, LlavaModel):
                 "`image_sizes` is for variable-resolution vision towers; VisionTrim's LLaVA class compresses "
                 "fixed-size crops of the tower's resolution only: leave `image_sizes` unset."
             )
-        image_outputs, compressed = self.encode_and_compress(
-            pixel_values,
-            vision_feature_layer,
-            vision_feature_select_strategy,
-            guidance_input_ids,
-            guidance_attention_mask,
-            **kwargs,
-        )
+        run = self.run_vision_tower(pixel_values, vision_feature_layer, vision_feature_select_strategy, **kwargs)
+        compressed = self.compress_tower_run(run, guidance_input_ids, guidance_attention_mask)
         image_features = self.multi_modal_projector(compressed.features)
         return VisionTrimImageOutput(
-            last_hidden_state=image_outputs.last_hidden_state,
+            last_hidden_state=run.outputs.last_hidden_state,
             pooler_output=list(image_features),
-            hidden_states=image_outputs.hidden_states,
-            attentions=image_outputs.attentions,
+            hidden_states=run.outputs.hidden_states,
+            attentions=run.outputs.attentions,
             dominant_indices=compressed.dominant_indices,
             complement_seed_indices=compressed.complement_seed_indices,
         )
@@ -571,15 +589,8 @@ class VisionTrimLlavaNextModel(VisionTrimModelMixin, LlavaNextModel):
                 f"pixel_values of shape {tuple(pixel_values.shape)}: expected (images, crops, channels, height, "
                 "width) or (crops, channels, height, width)."
             )
-        image_outputs, compressed = self.encode_and_compress(
-            pixel_values,
-            vision_feature_layer,
-            vision_feature_select_strategy,
-            guidance_input_ids,
-            guidance_attention_mask,
-            crops_per_image,
-            **kwargs,
-        )
+        run = self.run_vision_tower(pixel_values, vision_feature_layer, vision_feature_select_strategy, **kwargs)
+        compressed = self.compress_tower_run(run, guidance_input_ids, guidance_attention_mask, crops_per_image)
         features = self.multi_modal_projector(compressed.features)
         if self.config.crop_newline:
             newline = self.image_newline.to(features)[None, None].expand(features.shape[0], 1, -1)
@@ -587,10 +598,10 @@ class VisionTrimLlavaNextModel(VisionTrimModelMixin, LlavaNextModel):
         tokens_per_crop = features.shape[1]
         per_image = torch.split(features.flatten(0, 1), [crops * tokens_per_crop for crops in crops_per_image])
         return VisionTrimImageOutput(
-            last_hidden_state=image_outputs.last_hidden_state,
+            last_hidden_state=run.outputs.last_hidden_state,
             pooler_output=list(per_image),
-            hidden_states=image_outputs.hidden_states,
-            attentions=image_outputs.attentions,
+            hidden_states=run.outputs.hidden_states,
+            attentions=run.outputs.attentions,
             dominant_indices=compressed.dominant_indices,
             complement_seed_indices=compressed.complement_seed_indices,
         )
