@@ -1,21 +1,48 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
-"""`python -m visiontrim`: the main job (stock LLaVA vs VisionTrim on one photo); see `--help`."""
+"""
+`python -m visiontrim [options]`: the main job (stock LLaVA vs VisionTrim on one photo);
+`python -m visiontrim bench [options]`: the benchmark;
+`python -m visiontrim eval run|score [options]`: the evaluation runner. `--help` after any lists its options.
+"""
 
 import argparse
 import logging
+import sys
 
-from .tools.demo import add_arguments, run
+from .tools import bench, demo
+from .tools.evaluation import cli as evaluation
+
+
+COMMANDS = {
+    "bench": (
+        bench,
+        "Stock LLaVA vs VisionTrim with the same weights at the published budgets: speed, FLOPs, memory.",
+    ),
+    "eval": (
+        evaluation,
+        "Answer a benchmark with a model folder and score it like the papers do, or score an answers file.",
+    ),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="visiontrim",
-        description="Run one photo and a question through stock LLaVA and VisionTrim with the same weights: tokens "
-        "fed to the LLM, the grid cells DVTS kept and the TGVC seeds, and prefill times.",
-    )
-    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        module, description = COMMANDS[argv[0]]
+        parser = argparse.ArgumentParser(prog=f"visiontrim {argv[0]}", description=description)
+        argv = argv[1:]
+    else:
+        module = demo
+        parser = argparse.ArgumentParser(
+            prog="visiontrim",
+            description="Run one photo and a question through stock LLaVA and VisionTrim with the same weights: "
+            "tokens fed to the LLM, the grid cells DVTS kept and the TGVC seeds, and prefill times. Subcommands: "
+            + ", ".join(COMMANDS)
+            + ".",
+        )
+    module.add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(parser.parse_args(argv))
+    module.run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,383 @@
+# Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
+"""
+`python -m visiontrim bench`: stock LLaVA vs VisionTrim with the same weights, in the same process and run, at the
+published budgets plus the DVTS-only and TGVC-only ablations. Every row reports its visual tokens, vision-encoding time
+(with the compression's own share), LLM prefill time, time per decoded token, end-to-end time for a fixed answer
+length, analytic prefill FLOPs, KV-cache bytes and peak prefill memory, each also as a ratio to stock. Output: a table
+on stdout, a JSON file and a PNG plot.
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from PIL import Image
+
+from .build import LLAVA_15_SHAPES, Shapes, stock_llava_with_same_weights, stock_processor
+from .demo import ARCH_NAMES, DEFAULT_QUESTION, encoder, load_or_build, prefiller, sample_photo
+
+
+logger = logging.getLogger(__name__)
+
+# Budgets per crop and the DVTS share of each row; None is the stock model. LLaVA-NeXT rows drop the per-crop newline
+# so that a 5-crop image keeps exactly the published 640 / 320 / 160 tokens.
+ROWS = {
+    "llava": [("stock", None, None), ("VisionTrim 192", 192, 0.75), ("VisionTrim 128", 128, 0.75),
+              ("VisionTrim 64", 64, 0.75), ("DVTS only 64", 64, 1.0), ("TGVC only 64", 64, 0.0)],
+    "llava-next": [("stock", None, None), ("VisionTrim 640", 128, 0.75), ("VisionTrim 320", 64, 0.75),
+                   ("VisionTrim 160", 32, 0.75), ("DVTS only 320", 64, 1.0), ("TGVC only 320", 64, 0.0)],
+}  # fmt: skip
+
+
+@dataclass
+class Timing:
+    """Seconds of the timed runs after warm-up."""
+
+    runs: list[float]
+
+    @property
+    def min(self) -> float:
+        return min(self.runs)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+
+@dataclass
+class Row:
+    name: str
+    tokens_per_crop: int | None
+    dominant_ratio: float | None
+    visual_tokens: int = 0
+    prompt_tokens: int = 0
+    vision_encoding: Timing | None = None
+    compression: Timing | None = None
+    guidance_encoding: Timing | None = None  # the CLIP text tower, part of `compression` when TGVC runs
+    vision_tower: Timing | None = None
+    prefill: Timing | None = None
+    decode_per_token: float | None = None
+    end_to_end: Timing | None = None
+    prefill_flops: int = 0
+    kv_cache_bytes: int = 0
+    peak_prefill_memory_bytes: int | None = None
+    ratios: dict[str, float | None] = field(default_factory=dict)
+
+
+def timings(function: Callable[[], object], warmup: int, repeats: int) -> Timing:
+    """Seconds of `repeats` calls after `warmup` calls; CUDA work is waited for (kernels run asynchronously)."""
+
+    def synchronize() -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        function()
+    runs = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        function()
+        synchronize()
+        runs.append(time.perf_counter() - start)
+    return Timing(runs)
+
+
+def prefill_flops(text_config, sequence_length: int) -> int:
+    """
+    Analytic FLOPs of a decoder prefill over `sequence_length` tokens (a multiply-add is 2 FLOPs; the full, non-causal
+    score matrix is counted; norms, activations, softmax and RoPE are left out; the LM head runs on the last token):
+    per layer `2n*d*(h + 2h_kv)*d_h + 2n*h*d_h*d + 4n^2*h*d_h + 6n*d*m`, plus `2d*V`.
+    """
+    n, d, m = sequence_length, text_config.hidden_size, text_config.intermediate_size
+    heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or d // heads
+    per_layer = (
+        2 * n * d * (heads + 2 * kv_heads) * head_dim
+        + 2 * n * heads * head_dim * d
+        + 4 * n * n * heads * head_dim
+        + 6 * n * d * m
+    )
+    return text_config.num_hidden_layers * per_layer + 2 * d * text_config.vocab_size
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes held by a filled cache's keys and values, all layers."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+
+
+def _proc_status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise KeyError(field_name)
+
+
+def peak_memory_bytes(function: Callable[[], object], device: torch.device) -> int | None:
+    """
+    Peak memory `function` adds above what is allocated before it runs: the CUDA allocator's peak on GPU; on Linux,
+    the process's resident-set high-water mark (reset through /proc/self/clear_refs, freed heap returned to the system
+    first with malloc_trim). None elsewhere.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        function()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if not sys.platform.startswith("linux"):
+        return None
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = _proc_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current RSS
+    function()
+    return (_proc_status_kib("VmHWM") - before) * 1024
+
+
+def machine_description(device: torch.device) -> dict:
+    cpu = platform.processor()
+    if sys.platform.startswith("linux"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    return {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def bench_image(arch: str, image_path: str | None) -> Image.Image:
+    """The photo to run: a 2x2-grid (5-crop) square for LLaVA-NeXT, so its budgets are the published ones."""
+    image = Image.open(image_path or sample_photo("coffee.jpg" if arch == "llava-next" else "chelsea.jpg")).convert(
+        "RGB"
+    )
+    if arch == "llava-next" and image_path is None:
+        side = min(image.size)
+        image = image.crop(((image.width - side) // 2, 0, (image.width - side) // 2 + side, side))
+    return image
+
+
+def configure(model, processor, tokens_per_crop: int, dominant_ratio: float) -> None:
+    """Sets the budget of the VisionTrim model and its processor (same weights, another row)."""
+    num_patches = model.config.num_patches
+    reduction_ratio = 1 - tokens_per_crop / num_patches
+    model.config.reduction_ratio = reduction_ratio
+    model.config.dominant_ratio = dominant_ratio
+    processor.reduction_ratio = reduction_ratio
+    if hasattr(model.config, "crop_newline"):
+        model.config.crop_newline = False
+        processor.crop_newline = False
+
+
+def measure_row(row: Row, model, inputs, args, device: torch.device) -> None:
+    image_token = model.config.image_token_id
+    row.visual_tokens = int((inputs["input_ids"] == image_token).sum())
+    row.prompt_tokens = inputs["input_ids"].shape[1]
+    encode = encoder(model, inputs)
+    row.vision_encoding = timings(encode, args.warmup, args.repeats)
+    encoded = encode()
+    if row.tokens_per_crop is not None:
+        inner = model.model
+        pixels = inputs["pixel_values"]
+        image_sizes = inputs.get("image_sizes")
+        crops_per_image = inner.crops_per_image(image_sizes) if image_sizes is not None else None
+        if pixels.dim() == 5:
+            pixels = torch.cat([p[:count] for p, count in zip(pixels, crops_per_image, strict=True)])
+        layer, strategy = model.config.vision_feature_layer, model.config.vision_feature_select_strategy
+        row.vision_tower = timings(lambda: inner.run_vision_tower(pixels, layer, strategy), args.warmup, args.repeats)
+        run = inner.run_vision_tower(pixels, layer, strategy)
+        guidance = (inputs.get("guidance_input_ids"), inputs.get("guidance_attention_mask"))
+        row.compression = timings(
+            lambda: inner.compress_tower_run(run, *guidance, crops_per_image), args.warmup, args.repeats
+        )
+        if model.config.tgvc_enabled:
+            images = len(crops_per_image) if crops_per_image else pixels.shape[0]
+            row.guidance_encoding = timings(
+                lambda: inner.encode_guidance(*guidance, images), args.warmup, args.repeats
+            )
+    row.prefill = timings(prefiller(model, inputs, encoded), args.warmup, args.repeats)
+    text = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    prefilled = model(**text, mm_encoder_outputs={"image": encoded}, logits_to_keep=1, use_cache=True)
+    row.kv_cache_bytes = kv_cache_bytes(prefilled.cache)
+    row.peak_prefill_memory_bytes = peak_memory_bytes(prefiller(model, inputs, encoded), device)
+    row.prefill_flops = prefill_flops(model.config.text_config, row.prompt_tokens)
+
+    def generate(new_tokens: int, from_features: bool) -> Callable[[], object]:
+        settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+        if from_features:  # the images already encoded: what differs between two lengths is decoding alone
+            return lambda: model.generate(**text, mm_encoder_outputs={"image": encoded}, **settings)
+        return lambda: model.generate(**inputs, **settings)
+
+    row.end_to_end = timings(generate(args.new_tokens, from_features=False), args.warmup, args.repeats)
+    answer = timings(generate(args.new_tokens, from_features=True), args.warmup, args.repeats)
+    first_token = timings(generate(1, from_features=True), args.warmup, args.repeats)
+    row.decode_per_token = (answer.min - first_token.min) / (args.new_tokens - 1)
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Each row's measurements over stock's (same run); speed-ups are stock / row."""
+    stock = rows[0]
+    for row in rows:
+        row.ratios = {
+            "visual_tokens": row.visual_tokens / stock.visual_tokens,
+            "vision_encoding_time": row.vision_encoding.min / stock.vision_encoding.min,
+            "prefill_time": row.prefill.min / stock.prefill.min,
+            "prefill_flops": row.prefill_flops / stock.prefill_flops,
+            "decode_time_per_token": row.decode_per_token / stock.decode_per_token,
+            "end_to_end_time": row.end_to_end.min / stock.end_to_end.min,
+            "kv_cache_bytes": row.kv_cache_bytes / stock.kv_cache_bytes,
+            "peak_prefill_memory": (
+                row.peak_prefill_memory_bytes / stock.peak_prefill_memory_bytes
+                if row.peak_prefill_memory_bytes and stock.peak_prefill_memory_bytes
+                else None
+            ),
+            "compression_share_of_tower": row.compression.min / row.vision_tower.min if row.compression else None,
+            "guidance_encoding_share_of_tower": (
+                row.guidance_encoding.min / row.vision_tower.min if row.guidance_encoding else None
+            ),
+            "prefill_speedup_over_ideal": (
+                (stock.prefill.min / row.prefill.min) / (stock.prefill_flops / row.prefill_flops)
+            ),
+        }
+
+
+def table(rows: list[Row]) -> str:
+    header = (
+        f"{'row':<16}{'tokens':>7}{'vision s':>10}{'compr %':>9}{'text %':>8}{'prefill s':>11}{'speed-up':>9}"
+        f"{'FLOPs x':>9}"
+        f"{'decode ms':>11}{'e2e s':>8}{'KV MB':>8}{'peak MB':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        compression = f"{100 * row.ratios['compression_share_of_tower']:.1f}" if row.compression else "-"
+        text = f"{100 * row.ratios['guidance_encoding_share_of_tower']:.1f}" if row.guidance_encoding else "-"
+        peak = f"{row.peak_prefill_memory_bytes / 2**20:.0f}" if row.peak_prefill_memory_bytes is not None else "n/a"
+        lines.append(
+            f"{row.name:<16}{row.visual_tokens:>7}{row.vision_encoding.min:>10.3f}{compression:>9}{text:>8}"
+            f"{row.prefill.min:>11.3f}{1 / row.ratios['prefill_time']:>9.2f}{1 / row.ratios['prefill_flops']:>9.2f}"
+            f"{1000 * row.decode_per_token:>11.1f}{row.end_to_end.min:>8.2f}{row.kv_cache_bytes / 2**20:>8.1f}"
+            f"{peak:>9}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path, title: str) -> None:
+    """Prefill speed-up and ideal (FLOPs) speed-up against the visual tokens kept, for the VisionTrim rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    budget_rows = sorted((row for row in rows[1:] if row.name.startswith("VisionTrim")), key=lambda r: r.visual_tokens)
+    tokens = [row.visual_tokens for row in budget_rows]
+    figure, axes = pyplot.subplots(figsize=(6, 4), dpi=120)
+    axes.plot(tokens, [1 / row.ratios["prefill_time"] for row in budget_rows], "o-", label="measured prefill speed-up")
+    axes.plot(tokens, [1 / row.ratios["prefill_flops"] for row in budget_rows], "s--", label="FLOPs ratio (ideal)")
+    axes.plot(tokens, [1 / row.ratios["end_to_end_time"] for row in budget_rows], "^:", label="end-to-end speed-up")
+    axes.set_xlabel("visual tokens into the LLM")
+    axes.set_ylabel("x faster than stock (same weights, same run)")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot.close(figure)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    shapes = (
+        Shapes()
+        if args.toy
+        else Shapes(**{**vars(LLAVA_15_SHAPES), "llm_layers": args.llm_layers, "llm_hidden": args.llm_hidden})
+    )
+    model, processor = load_or_build(args.model, args.arch, None, shapes, dtype, args.device)
+    arch = "llava-next" if hasattr(model.config, "image_grid_pinpoints") else "llava"
+    stock = stock_llava_with_same_weights(model)
+    image = bench_image(arch, args.image)
+    prompt = f"USER: {processor.image_token}\n{args.question} ASSISTANT:"
+
+    rows = []
+    with torch.inference_mode():
+        for name, tokens_per_crop, dominant_ratio in ROWS[arch]:
+            row = Row(name, tokens_per_crop, dominant_ratio)
+            if tokens_per_crop is None:
+                net, row_processor = stock, stock_processor(processor)
+            else:
+                configure(model, processor, tokens_per_crop, dominant_ratio)
+                net, row_processor = model, processor
+            inputs = row_processor(images=image, text=prompt, return_tensors="pt").to(device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            logger.info("measuring %s", name)
+            measure_row(row, net, inputs, args, device)
+            rows.append(row)
+    add_ratios(rows)
+
+    description = args.model or (
+        f"random {ARCH_NAMES[arch]}-shaped: CLIP tower {shapes.vision_layers} x {shapes.vision_hidden}, LLM "
+        f"{shapes.llm_layers} x {shapes.llm_hidden}"
+    )
+    report = {
+        "model": description,
+        "arch": arch,
+        "image_size": list(image.size),
+        "question": args.question,
+        "dtype": args.dtype,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "new_tokens": args.new_tokens,
+        "machine": machine_description(device),
+        "rows": [asdict(row) | {"name": row.name} for row in rows],
+    }
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{arch}"
+    (output / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    plot(rows, output / f"{stem}.png", f"{description}\n{report['machine']['cpu']}, {args.dtype}")
+    machine = report["machine"]
+    print(
+        f"{description}; {machine['cpu']}; {args.device}, {args.dtype}, {machine['torch_threads']} threads; "
+        f"min of {args.repeats} runs after {args.warmup} warm-up"
+    )
+    print(table(rows))
+    print(f"written: {output / (stem + '.json')}, {output / (stem + '.png')}")
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", choices=list(ARCH_NAMES), default="llava", help="shape of the random model")
+    parser.add_argument("--model", help="a converted VisionTrim checkpoint folder instead of a random model")
+    parser.add_argument("--llm-layers", type=int, default=LLAVA_15_SHAPES.llm_layers)
+    parser.add_argument("--llm-hidden", type=int, default=LLAVA_15_SHAPES.llm_hidden)
+    parser.add_argument("--toy", action="store_true", help="tiny widths everywhere (for tests); the grid stays 24x24")
+    parser.add_argument("--image", help="photo to run (default: a bundled photo)")
+    parser.add_argument("--question", default=DEFAULT_QUESTION)
+    parser.add_argument("--new-tokens", type=int, default=16, help="fixed answer length for the end-to-end time")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--output-dir", default="benchmark-results")
