@@ -1,0 +1,140 @@
+# Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
+"""
+`python -m visiontrim eval run`: answer a benchmark with a model folder (stock LLaVA or VisionTrim, any budget),
+then score the answers; `python -m visiontrim eval score`: score an existing LLaVA answers file (any model's).
+"""
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from .data import (
+    TASKS,
+    DataError,
+    attach_references,
+    pair_answers,
+    read_answers,
+    read_dataset,
+    read_llava_questions,
+    read_mmbench,
+)
+from .runner import generate_answers
+from .scoring import SCORERS, mmvet_answers
+
+
+logger = logging.getLogger(__name__)
+
+
+def load_questions(args: argparse.Namespace):
+    if args.dataset:
+        columns = dict(mapping.split("=", 1) for mapping in args.column or [])
+        return read_dataset(args.dataset, args.task, columns, args.split)
+    questions_path = Path(args.questions)
+    if args.task in ("mmbench", "mmbench_cn"):
+        return read_mmbench(questions_path, args.task)
+    images = Path(args.images) if getattr(args, "images", None) else None
+    return read_llava_questions(questions_path, images, args.task)
+
+
+def score(task: str, questions, answers_path: Path, annotations: Path | None) -> dict:
+    """Scores `answers_path` against `questions`, with references from `annotations` where the questions lack them."""
+    without_reference = []
+    if task != "mmvet" and not all(question.references for question in questions):
+        if annotations is None:
+            raise DataError(f"--annotations is needed to score {task}: the questions carry no answers.")
+        without_reference = attach_references(task, questions, annotations)
+    pairs = pair_answers(questions, read_answers(answers_path), answers_path)
+    if task == "mmvet":
+        return {"task": task, "answers": mmvet_answers(pairs)}
+    scored = [(question, answer) for question, answer in pairs if question.references]
+    unscored = sorted({str(question.question_id) for question, _ in pairs if not question.references})
+    if unscored:
+        logger.warning(
+            "%d answers have no reference in %s and are not scored: %s", len(unscored), annotations, unscored[:10]
+        )
+    if not scored:
+        raise DataError(f"No answer in {answers_path} has a reference in {annotations}: nothing to score.")
+    return {
+        "task": task,
+        "metrics": SCORERS[task](scored),
+        "answers_scored": len(scored),
+        "answers_without_reference": unscored,
+        "questions_without_answer": len(questions) - len({question.key for question, _ in pairs}),
+        "questions_without_reference": len(without_reference),
+    }
+
+
+def write_scores(scores: dict, output: Path | None) -> None:
+    text = json.dumps(scores, indent=2, ensure_ascii=False)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n")
+        logger.info("scores written to %s", output)
+    print(json.dumps(scores.get("metrics", {}).get("mean", scores.get("answers", {})), indent=2, ensure_ascii=False))
+
+
+def run(args: argparse.Namespace) -> None:
+    try:
+        if args.action == "score":
+            scores = score(
+                args.task,
+                load_questions(args),
+                Path(args.answers),
+                Path(args.annotations) if args.annotations else None,
+            )
+            write_scores(scores, Path(args.output) if args.output else None)
+            return
+        questions = load_questions(args)[: args.limit]
+        overrides = {"visual_tokens": args.visual_tokens} if args.visual_tokens else {}
+        dtype = getattr(torch, args.dtype)
+        model = AutoModelForImageTextToText.from_pretrained(
+            args.model, trust_remote_code=True, dtype=dtype, **overrides
+        )
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True, **overrides)
+        model.to(args.device).eval()
+        answers = Path(args.answers)
+        generate_answers(
+            model,
+            processor,
+            questions,
+            args.task,
+            answers,
+            args.batch_size,
+            args.max_new_tokens,
+            Path(args.model).name,
+        )
+        scores = score(args.task, questions, answers, Path(args.annotations) if args.annotations else None)
+        write_scores(scores, Path(args.output) if args.output else answers.with_suffix(".scores.json"))
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from error
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    for action, help_text in (
+        ("run", "answer the questions with a model, then score"),
+        ("score", "score an answers file"),
+    ):
+        sub = actions.add_parser(action, help=help_text)
+        sub.add_argument("--task", required=True, choices=TASKS)
+        source = sub.add_mutually_exclusive_group(required=True)
+        source.add_argument("--questions", help="LLaVA question .jsonl / .json, or MMBench .tsv")
+        source.add_argument("--dataset", help="a local datasets dataset (folder, parquet, json, jsonl, csv)")
+        sub.add_argument("--split", help="dataset split (default: the first)")
+        sub.add_argument("--column", action="append", help="map a field to a dataset column: question=prompt_text")
+        sub.add_argument("--annotations", help="the benchmark's annotations (POPE: the coco_pope_*.json folder)")
+        sub.add_argument("--answers", required=True, help="LLaVA answers .jsonl (written by run, read by score)")
+        sub.add_argument("--output", help="scores JSON (run default: next to the answers)")
+        if action == "run":
+            sub.add_argument("--model", required=True, help="model folder: stock LLaVA or VisionTrim")
+            sub.add_argument("--images", help="image folder of a LLaVA question file")
+            sub.add_argument("--visual-tokens", type=int, help="override a VisionTrim model's budget per crop")
+            sub.add_argument("--batch-size", type=int, default=1)
+            sub.add_argument("--max-new-tokens", type=int, default=16)
+            sub.add_argument("--limit", type=int, help="only the first N questions")
+            sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+            sub.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
