@@ -1,0 +1,93 @@
+"""The benchmark at a toy size: every field of its JSON, the analytic numbers against hand computation; no timing."""
+
+import json
+
+import pytest
+from transformers import LlamaConfig
+
+from visiontrim.__main__ import main
+from visiontrim.tools.bench import prefill_flops
+from visiontrim.tools.build import Shapes
+
+
+ROW_FIELDS = {
+    "name", "tokens_per_crop", "dominant_ratio", "visual_tokens", "prompt_tokens", "vision_encoding", "compression",
+    "guidance_encoding", "vision_tower", "prefill", "decode_per_token", "end_to_end", "prefill_flops",
+    "kv_cache_bytes", "peak_prefill_memory_bytes", "ratios",
+}  # fmt: skip
+RATIO_FIELDS = {
+    "visual_tokens", "vision_encoding_time", "prefill_time", "prefill_flops", "decode_time_per_token",
+    "end_to_end_time", "kv_cache_bytes", "peak_prefill_memory", "compression_share_of_tower",
+    "guidance_encoding_share_of_tower", "prefill_speedup_over_ideal",
+}  # fmt: skip
+
+
+def test_prefill_flops_by_hand():
+    config = LlamaConfig(
+        hidden_size=8,
+        intermediate_size=16,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_hidden_layers=3,
+        vocab_size=10,
+    )
+    # n = 5, d = 8, d_h = 4: QKV 2*5*8*(2+2)*4 = 1280, O 2*5*2*4*8 = 640, attention 4*25*2*4 = 800,
+    # MLP 6*5*8*16 = 3840.
+    assert prefill_flops(config, 5) == 3 * (1280 + 640 + 800 + 3840) + 2 * 8 * 10
+
+
+@pytest.mark.parametrize(
+    ("arch", "tokens"), [("llava", [576, 192, 128, 64, 64, 64]), ("llava-next", [2928, 640, 320, 160, 320, 320])]
+)
+def test_toy_benchmark_writes_every_field(tmp_path, capsys, arch, tokens):
+    main(
+        [
+            "bench",
+            "--toy",
+            "--arch",
+            arch,
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    report = json.loads((tmp_path / f"bench-{arch}.json").read_text())
+    assert (tmp_path / f"bench-{arch}.png").stat().st_size > 1000
+    assert set(report) == {
+        "model",
+        "arch",
+        "image_size",
+        "question",
+        "dtype",
+        "warmup",
+        "repeats",
+        "new_tokens",
+        "machine",
+        "rows",
+    }
+    assert {"device", "cpu", "cpu_count", "torch_threads", "torch", "transformers"} <= set(report["machine"])
+    rows = report["rows"]
+    assert [row["visual_tokens"] for row in rows] == tokens
+    shapes = Shapes()
+    for row in rows:
+        assert set(row) == ROW_FIELDS and set(row["ratios"]) == RATIO_FIELDS
+        for timing in ("vision_encoding", "prefill", "end_to_end"):
+            assert len(row[timing]["runs"]) == 1 and row[timing]["runs"][0] > 0
+        # Llama K and V, fp32: 2 x layers x prompt tokens x kv heads x head dim x 4 bytes.
+        head_dim = shapes.llm_hidden // shapes.llm_heads
+        assert (
+            row["kv_cache_bytes"] == 2 * shapes.llm_layers * row["prompt_tokens"] * shapes.llm_kv_heads * head_dim * 4
+        )
+        assert row["ratios"]["visual_tokens"] == pytest.approx(row["visual_tokens"] / tokens[0])
+        assert row["ratios"]["prefill_flops"] == pytest.approx(row["prefill_flops"] / rows[0]["prefill_flops"])
+        tgvc = row["tokens_per_crop"] is not None and row["dominant_ratio"] < 1
+        assert (row["guidance_encoding"] is not None) == tgvc
+    assert rows[0]["compression"] is None and rows[0]["ratios"]["compression_share_of_tower"] is None
+    assert all(row["compression"] is not None for row in rows[1:])
+    table = capsys.readouterr().out
+    assert all(row["name"] in table for row in rows)
