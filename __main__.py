@@ -2,14 +2,15 @@
 """
 `python -m visiontrim [options]`: the main job (stock LLaVA vs VisionTrim on one photo);
 `python -m visiontrim bench [options]`: the benchmark;
-`python -m visiontrim eval run|score [options]`: the evaluation runner. `--help` after any lists its options.
+`python -m visiontrim eval run|score [options]`: the evaluation runner;
+`python -m visiontrim analyze [options]`: attention analysis. `--help` after any lists its options.
 """
 
 import argparse
 import logging
 import sys
 
-from .tools import bench, demo
+from .tools import analysis, bench, demo
 from .tools.evaluation import cli as evaluation
 
 
@@ -21,6 +22,10 @@ COMMANDS = {
     "eval": (
         evaluation,
         "Answer a benchmark with a model folder and score it like the papers do, or score an answers file.",
+    ),
+    "analyze": (
+        analysis,
+        "Attention shift and dispersion of the LLM over the visual tokens, layer by layer (stock and VisionTrim).",
     ),
 }
 

@@ -212,11 +212,10 @@ def read_mmbench(path: Path, task: str) -> list[Question]:
     return questions
 
 
-def read_dataset(path: str, task: str, columns: dict[str, str], split: str | None) -> list[Question]:
+def load_local_dataset(path: str, split: str | None):
     """
-    A local `datasets` dataset (a folder saved with `save_to_disk`, or parquet / json / jsonl / csv files, or an
-    image folder). `columns` maps our fields (question_id, question, image, answer, answers, category, options, and
-    option letters A-H) to the dataset's column names; unmapped fields use their own names when present.
+    A local `datasets` dataset: a folder saved with `save_to_disk`, an image folder, or a parquet / json / jsonl /
+    csv file; `split` (default: the first) of a dataset dictionary.
     """
     import datasets
 
@@ -235,6 +234,16 @@ def read_dataset(path: str, task: str, columns: dict[str, str], split: str | Non
         if chosen not in dataset:
             raise DataError(f"{path}: no split {chosen!r}; it has {sorted(dataset)}.")
         dataset = dataset[chosen]
+    return dataset
+
+
+def read_dataset(path: str, task: str, columns: dict[str, str], split: str | None) -> list[Question]:
+    """
+    A local `datasets` dataset (a folder saved with `save_to_disk`, or parquet / json / jsonl / csv files, or an
+    image folder). `columns` maps our fields (question_id, question, image, answer, answers, category, options, and
+    option letters A-H) to the dataset's column names; unmapped fields use their own names when present.
+    """
+    dataset = load_local_dataset(path, split)
     names = {
         name: columns.get(name, name)
         for name in ("question_id", "question", "image", "answer", "answers", "category", "options")
