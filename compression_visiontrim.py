@@ -8,9 +8,12 @@ over crops, free of Python loops over tokens or crops, deterministic (stable sor
 instead of scatter-adds) and computes scores in float32 whatever the model dtype.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from .configuration_visiontrim import VisionTrimSettings
 
@@ -174,6 +177,130 @@ class TextGuidedVisionComplement(nn.Module):
         return seeds.to(tokens.dtype), seed_positions
 
 
+def causal_attention_probabilities(
+    attention: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    key_mask: torch.Tensor,
+) -> torch.Tensor:
+    """
+    What eager attention computes in a Llama-style block (RoPE, grouped key/value heads, causal, padding masked),
+    averaged over heads, in float32; one head at a time, so memory stays `(batch, tokens, tokens)`.
+
+    Args:
+        attention: the block (q_proj, k_proj, head_dim, num_key_value_groups, scaling).
+        hidden_states: `(batch, tokens, hidden)` its input (after the layer's input norm).
+        position_embeddings: its RoPE `(cos, sin)`, each `(batch, tokens, head_dim)`.
+        key_mask: `(batch, tokens)` bool, False for padding.
+    Returns:
+        `(batch, tokens, tokens)`; rows of padding queries attend to themselves only.
+    """
+    batch, tokens, _ = hidden_states.shape
+    head_dim = attention.head_dim
+    cos, sin = position_embeddings
+    query = attention.q_proj(hidden_states).view(batch, tokens, -1, head_dim).transpose(1, 2)
+    key = attention.k_proj(hidden_states).view(batch, tokens, -1, head_dim).transpose(1, 2)
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    key = repeat_kv(key, attention.num_key_value_groups)
+    positions = torch.arange(tokens, device=hidden_states.device)
+    allowed = (positions[None, :, None] >= positions[None, None, :]) & key_mask[:, None, :]
+    allowed = allowed | torch.eye(tokens, dtype=torch.bool, device=hidden_states.device)
+    probabilities = torch.zeros(batch, tokens, tokens, device=hidden_states.device, dtype=torch.float32)
+    for head in range(query.shape[1]):
+        scores = query[:, head].float() @ key[:, head].float().transpose(1, 2) * attention.scaling
+        probabilities += torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return probabilities / query.shape[1]
+
+
+def image_ids(visual_mask: torch.Tensor) -> torch.Tensor:
+    """`(batch, tokens)`: which image (0, 1, ...) of its sequence each visual token belongs to, -1 for text."""
+    starts = visual_mask & ~F.pad(visual_mask[:, :-1], (1, 0), value=False)
+    return torch.where(visual_mask, starts.long().cumsum(dim=1) - 1, -1)
+
+
+def llm_stage_scores(
+    probabilities: torch.Tensor, visual_mask: torch.Tensor, key_mask: torch.Tensor, rule: str
+) -> torch.Tensor:
+    """
+    How much each visual token matters to the prompt's text at one layer.
+
+    Args:
+        probabilities: `(batch, tokens, tokens)` head-mean attention of the layer.
+        visual_mask: `(batch, tokens)` True at visual tokens.
+        key_mask: `(batch, tokens)` False at padding.
+        rule: "text_to_image" (mean attention the text after the last image pays the token), "image_to_text" (mean
+            attention the token pays the text before the first image) or "both" (their mean).
+    Returns:
+        `(batch, tokens)` float32 scores, `-inf` outside visual tokens.
+    """
+    positions = torch.arange(visual_mask.shape[1], device=visual_mask.device)
+    visual_positions = torch.where(visual_mask, positions, -1)
+    last_visual = visual_positions.max(dim=1, keepdim=True).values
+    first_visual = torch.where(visual_mask, positions, visual_mask.shape[1]).min(dim=1, keepdim=True).values
+    text = key_mask & ~visual_mask
+    after = (text & (positions > last_visual)).float()
+    before = (text & (positions < first_visual)).float()
+    text_to_image = (probabilities * after[:, :, None]).sum(dim=1) / after.sum(dim=1, keepdim=True).clamp_min(1)
+    image_to_text = (probabilities * before[:, None, :]).sum(dim=2) / before.sum(dim=1, keepdim=True).clamp_min(1)
+    scores = {"text_to_image": text_to_image, "image_to_text": image_to_text}.get(rule)
+    if scores is None:
+        scores = (text_to_image + image_to_text) / 2
+    return scores.masked_fill(~visual_mask, float("-inf"))
+
+
+def keep_per_image(scores: torch.Tensor, visual_mask: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
+    """
+    `(batch, tokens)` True for text and for the `tokens_per_image` best-scored visual tokens of each image (ties to
+    the earlier token); an image with no more tokens keeps them all.
+    """
+    ids = image_ids(visual_mask)
+    positions = torch.arange(scores.shape[1], device=scores.device)
+    same_image = (ids[:, :, None] == ids[:, None, :]) & visual_mask[:, None, :]
+    better = (scores[:, None, :] > scores[:, :, None]) | (
+        (scores[:, None, :] == scores[:, :, None]) & (positions[None, None, :] < positions[None, :, None])
+    )
+    rank = (same_image & better).sum(dim=-1)
+    return ~visual_mask | (rank < tokens_per_image)
+
+
+def merge_into_kept(
+    hidden_states: torch.Tensor, keep: torch.Tensor, visual_mask: torch.Tensor, iterations: int, update: str
+) -> torch.Tensor:
+    """
+    Merges each dropped visual token into the kept visual token of its image it is most similar to
+    (`h_q . h_k / sqrt(d)`, argmax), `iterations` times, with TGVC's update ("add": a kept token adds the mean of its
+    dropped tokens each iteration; "mean": it becomes the mean of itself and them). Returns `(batch, tokens, hidden)`
+    with only the kept visual tokens changed.
+    """
+    ids = image_ids(visual_mask)
+    dropped, kept = visual_mask & ~keep, visual_mask & keep
+    allowed = dropped[:, :, None] & kept[:, None, :] & (ids[:, :, None] == ids[:, None, :])
+    assigned_rows = allowed.any(dim=-1, keepdim=True).float()
+    states = hidden_states.float()
+    merged, original = states, states
+    scale = 1 / math.sqrt(states.shape[-1])
+    for _ in range(iterations):
+        similarity = (states @ merged.transpose(1, 2) * scale).masked_fill(~allowed, float("-inf"))
+        assignment = F.one_hot(similarity.argmax(dim=-1), states.shape[1]).float() * assigned_rows
+        assigned_sum = assignment.transpose(1, 2) @ states
+        assigned_count = assignment.sum(dim=1).unsqueeze(-1)
+        if update == "add":
+            merged = merged + assigned_sum / assigned_count.clamp_min(1)
+        else:
+            merged = (original + assigned_sum) / (1 + assigned_count)
+    return torch.where(kept.unsqueeze(-1), merged.to(hidden_states.dtype), hidden_states)
+
+
+def pruned_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The kept positions of each row in order, left-padded to the longest row: `(batch, kept)` indices into the
+    sequence, and `(batch, kept)` True where a slot holds a kept position (False: padding, index 0).
+    """
+    positions = torch.arange(keep.shape[1], device=keep.device)
+    order = torch.sort(torch.where(keep, positions, -1), dim=1).values[:, -int(keep.sum(dim=1).max()) :]
+    return order.clamp_min(0), order >= 0
+
+
 def top_indices_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The `(batch, k)` indices of the `k` highest `scores` `(batch, n)`, ties to the lower index, sorted ascending."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
@@ -193,6 +320,11 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "DominantVisionTokenSelection",
     "TextGuidedVisionComplement",
+    "causal_attention_probabilities",
     "head_mean_attention",
+    "keep_per_image",
+    "llm_stage_scores",
     "local_token_affinity",
+    "merge_into_kept",
+    "pruned_order",
 ]

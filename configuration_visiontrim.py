@@ -10,6 +10,9 @@ from transformers.configuration_utils import SubConfigSpec
 
 
 DVTS_SCORES = ("global_local", "received_attention")
+LLM_STAGE_SCORES = ("both", "text_to_image", "image_to_text")
+# LLM families whose decoder the LLM stage replaces (LLaVA-1.5 / 1.6 use Vicuna (Llama) or Mistral).
+LLM_STAGE_TEXT_MODELS = ("llama", "mistral")
 MERGE_UPDATES = ("add", "mean")
 EMPTY_GUIDANCE_RULES = ("error", "cls_similarity")
 
@@ -103,6 +106,17 @@ class VisionTrimSettings:
         merge_update (`str`, defaults to `"add"`):
             TGVC seed update: `"add"` (reference: each iteration adds the mean of the tokens assigned to a seed) or
             `"mean"` (the seed becomes the mean of its original token and the tokens assigned to it).
+        llm_stage_layer (`int`, *optional*):
+            The LLM stage: during prefill, after decoder layer `llm_stage_layer - 1`, the visual tokens are ranked by
+            their attention to the prompt's text, `llm_stage_tokens` per image are kept, the others merged into them,
+            and layers >= `llm_stage_layer` run on the shorter sequence. None or 0 switches it off (the default).
+        llm_stage_tokens (`int`, *optional*):
+            Visual tokens per image kept from `llm_stage_layer` on; fewer than an image brings into the LLM. Unused
+            while `llm_stage_layer` is off.
+        llm_stage_score (`str`, defaults to `"both"`):
+            How the LLM stage ranks a visual token at layer `llm_stage_layer - 1`: `"text_to_image"` (the attention the
+            text after the image pays it), `"image_to_text"` (the attention it pays the text before it, all a causal
+            LLM lets it see) or `"both"` (their mean).
         empty_guidance (`str`, defaults to `"error"`):
             What TGVC does for an image whose guidance text is empty: `"error"` raises, `"cls_similarity"` guides it by
             the image's own CLS token instead of text.
@@ -120,6 +134,9 @@ class VisionTrimSettings:
         "merge_update",
         "empty_guidance",
         "projection_dim",
+        "llm_stage_layer",
+        "llm_stage_tokens",
+        "llm_stage_score",
     )
 
     guidance_config: dict | PreTrainedConfig | None = None
@@ -130,6 +147,9 @@ class VisionTrimSettings:
     merge_iterations: int = 3
     merge_update: str = "add"
     empty_guidance: str = "error"
+    llm_stage_layer: int | None = None
+    llm_stage_tokens: int | None = None
+    llm_stage_score: str = "both"
 
     def __post_init__(self, visual_tokens: int | None = None, **kwargs):
         super().__post_init__(**kwargs)
@@ -186,6 +206,15 @@ class VisionTrimSettings:
         """Whether TGVC runs (and so whether a guidance text is needed): compression on and `dominant_ratio` < 1."""
         return self.compression_enabled and self.complement_tokens > 0
 
+    @property
+    def llm_stage_enabled(self) -> bool:
+        return bool(self.llm_stage_layer)
+
+    @property
+    def min_visual_tokens_per_image(self) -> int:
+        """The fewest visual tokens an image brings into the LLM: one crop's worth for LLaVA-1.5."""
+        return self.visual_tokens
+
     def describe_budget(self) -> str:
         """The visual tokens per crop the LLM sees, with the settings that decide it (for error messages)."""
         return f"{self.visual_tokens} per crop (config.reduction_ratio={self.reduction_ratio})"
@@ -219,12 +248,39 @@ class VisionTrimSettings:
                 f"{owner}.projection_dim ({self.projection_dim}) must equal guidance_config.projection_dim "
                 f"({self.guidance_config.projection_dim}): text and image embeddings are compared in one space."
             )
+        self._check_llm_stage(owner)
         if self.compression_enabled:
             vision_attention_layer(
                 self.vision_feature_layer,
                 self.vision_feature_select_strategy,
                 self.vision_config.num_hidden_layers,
                 owner,
+            )
+
+    def _check_llm_stage(self, owner: str) -> None:
+        if self.llm_stage_score not in LLM_STAGE_SCORES:
+            raise ValueError(
+                f"{owner}.llm_stage_score must be one of {LLM_STAGE_SCORES}, got {self.llm_stage_score!r}."
+            )
+        if not self.llm_stage_enabled:  # llm_stage_layer is the switch; llm_stage_tokens waits for it
+            return
+        num_layers = self.text_config.num_hidden_layers
+        layer, tokens = self.llm_stage_layer, self.llm_stage_tokens
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < num_layers:
+            raise ValueError(
+                f"{owner}.llm_stage_layer must be an integer in [1, {num_layers - 1}] (a layer of the "
+                f"{num_layers}-layer LLM to prune at; None or 0 switches the stage off), got {layer!r}."
+            )
+        entering = self.min_visual_tokens_per_image
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens < entering:
+            raise ValueError(
+                f"{owner}.llm_stage_tokens must be an integer in [1, {entering - 1}]: fewer than the {entering} "
+                f"visual tokens an image can bring into the LLM; got {tokens!r}."
+            )
+        if self.text_config.model_type not in LLM_STAGE_TEXT_MODELS:
+            raise ValueError(
+                f"{owner}.llm_stage_layer needs a {' or '.join(LLM_STAGE_TEXT_MODELS)} LLM; this model's text_config "
+                f"is {self.text_config.model_type!r}: set llm_stage_layer=None."
             )
 
 
@@ -279,6 +335,15 @@ class VisionTrimLlavaNextConfig(VisionTrimSettings, LlavaNextConfig):
         super().check_compression_settings()
         if not isinstance(self.crop_newline, bool):
             raise ValueError(f"{type(self).__name__}.crop_newline must be True or False, got {self.crop_newline!r}.")
+
+    @property
+    def min_visual_tokens_per_image(self) -> int:
+        """The fewest visual tokens an image brings into the LLM: the smallest crop grid plus the base view."""
+        if not self.compression_enabled:
+            return self.num_patches  # at least the base view's
+        crop = self.vision_config.image_size
+        fewest_crops = 1 + min((height // crop) * (width // crop) for height, width in self.image_grid_pinpoints)
+        return fewest_crops * (self.visual_tokens + int(self.crop_newline))
 
     def describe_budget(self) -> str:
         newline = " plus one image_newline" if self.crop_newline else ", no image_newline"

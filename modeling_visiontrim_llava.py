@@ -13,15 +13,18 @@ from torch import nn
 from transformers import (
     AutoModel,
     CLIPTextModelWithProjection,
+    LlamaModel,
     LlavaForConditionalGeneration,
     LlavaModel,
     LlavaNextForConditionalGeneration,
     LlavaNextModel,
+    MistralModel,
 )
 from transformers import initialization as init
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
     LlavaModelOutputWithPast,
@@ -37,14 +40,19 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
-from transformers.utils.output_capturing import select_hidden_states
+from transformers.utils.output_capturing import capture_outputs, select_hidden_states
 
 from .compression_visiontrim import (
     DominantVisionTokenSelection,
     TextGuidedVisionComplement,
+    causal_attention_probabilities,
     gather_tokens,
     head_mean_attention,
+    keep_per_image,
+    llm_stage_scores,
+    merge_into_kept,
     positions_where_false,
+    pruned_order,
 )
 from .configuration_visiontrim import (
     VisionTrimLlavaConfig,
@@ -117,6 +125,164 @@ class CompressedCrops:
     features: torch.Tensor  # (crops, visual_tokens, vision_hidden): DVTS tokens, then the merged TGVC seeds
     dominant_indices: torch.LongTensor  # (crops, dominant_tokens)
     complement_seed_indices: torch.LongTensor  # (crops, complement_tokens)
+
+
+@dataclass
+class LlmStagePruning:
+    """Which prompt positions the layers from `llm_stage_layer` on keep; saved on the cache for the decode steps."""
+
+    index: torch.LongTensor  # (batch, kept): kept prompt positions, left-padded
+    valid: torch.BoolTensor  # (batch, kept): False at padding slots
+    prompt_length: int
+
+
+class LlmStageDecoderMixin:
+    """
+    A Llama-family decoder with VisionTrim's LLM stage (`config.llm_stage_layer` of the VisionTrim config set as
+    `visiontrim_config`): during prefill, the visual tokens are ranked by layer `L-1`'s attention to the prompt's text,
+    `llm_stage_tokens` per image are kept, the others merged into them, and layers >= `L` run on the shorter sequence
+    with the kept tokens' original positions. Their cache holds the short prefix; every later step masks each layer
+    for its own cache length. With the stage off (or no visual token) this is the stock decoder, step for step.
+    """
+
+    visiontrim_config: VisionTrimSettings | None = None
+
+    def build_mask(self, inputs_embeds, attention_mask, cache, position_ids, layer_idx=None):
+        mask_function = create_causal_mask
+        if getattr(self.config, "sliding_window", None) is not None:
+            mask_function = create_sliding_window_causal_mask
+        return mask_function(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+            layer_idx=layer_idx,
+        )
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        visual_token_mask: torch.Tensor | None = None,
+        visual_keep_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        visual_token_mask (`torch.Tensor` of shape `(batch, tokens)`, *optional*):
+            True at visual tokens (from `input_ids == image_token_id`); without it nothing is pruned.
+        visual_keep_mask (`torch.Tensor` of shape `(batch, tokens)`, *optional*):
+            Kept positions to use instead of ranking them (to recompute a pruned prefix exactly).
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        stage = (
+            self.visiontrim_config
+            if self.visiontrim_config is not None and self.visiontrim_config.llm_stage_enabled
+            else None
+        )
+        pruning = getattr(cache, "visiontrim_pruning", None) if stage is not None else None
+        prune_now = (
+            stage is not None
+            and pruning is None
+            and visual_token_mask is not None
+            and inputs_embeds.shape[1] > 1
+            and bool(visual_token_mask.any())
+        )
+        batch, tokens = inputs_embeds.shape[:2]
+        key_mask = (
+            attention_mask.bool()
+            if attention_mask is not None
+            else torch.ones(batch, tokens, dtype=torch.bool, device=inputs_embeds.device)
+        )
+        causal_mask = self.build_mask(inputs_embeds, attention_mask, cache, position_ids)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        probabilities = None
+
+        for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            if stage is not None and index == stage.llm_stage_layer and (prune_now or pruning is not None):
+                if prune_now:
+                    keep = visual_keep_mask
+                    if keep is None:
+                        scores = llm_stage_scores(probabilities, visual_token_mask, key_mask, stage.llm_stage_score)
+                        keep = keep_per_image(scores, visual_token_mask, stage.llm_stage_tokens)
+                    keep = keep.bool() & key_mask
+                    hidden_states = merge_into_kept(
+                        hidden_states, keep, visual_token_mask, stage.merge_iterations, stage.merge_update
+                    )
+                    kept, valid = pruned_order(keep)
+                    pruning = LlmStagePruning(kept, valid, tokens)
+                    if cache is not None:
+                        cache.visiontrim_pruning = pruning
+                    hidden_states = gather_tokens(hidden_states, kept)
+                    position_ids = position_ids.expand(batch, -1).gather(1, kept)
+                    layer_mask = valid.long()
+                else:  # a decode step: the kept prefix, then every token seen since
+                    seen = cache.get_seq_length(stage.llm_stage_layer) + tokens - pruning.index.shape[1]
+                    tail = (
+                        attention_mask[:, pruning.prompt_length :]
+                        if attention_mask is not None
+                        else torch.ones(batch, seen, dtype=torch.long, device=inputs_embeds.device)
+                    )
+                    layer_mask = torch.cat([pruning.valid.long(), tail.long()], dim=1)
+                causal_mask = self.build_mask(hidden_states, layer_mask, cache, position_ids, stage.llm_stage_layer)
+                position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+            if prune_now and visual_keep_mask is None and index == stage.llm_stage_layer - 1:
+                probabilities = causal_attention_probabilities(
+                    decoder_layer.self_attn,
+                    decoder_layer.input_layernorm(hidden_states),
+                    position_embeddings,
+                    key_mask,
+                )
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+
+
+class VisionTrimLlamaModel(LlmStageDecoderMixin, LlamaModel):
+    """`LlamaModel` (Vicuna: LLaVA-1.5 and 1.6) with VisionTrim's LLM stage; same weights and key names."""
+
+
+class VisionTrimMistralModel(LlmStageDecoderMixin, MistralModel):
+    """`MistralModel` (LLaVA-1.6-Mistral) with VisionTrim's LLM stage; same weights and key names."""
+
+
+LLM_STAGE_DECODERS = {"llama": VisionTrimLlamaModel, "mistral": VisionTrimMistralModel}
+
+
+def build_language_model(config: VisionTrimSettings) -> nn.Module:
+    """The LLM: the LLM-stage decoder for Llama / Mistral (it reads `config` live), the stock one otherwise."""
+    decoder_class = LLM_STAGE_DECODERS.get(config.text_config.model_type)
+    if decoder_class is None:
+        return AutoModel.from_config(config.text_config)
+    decoder = decoder_class._from_config(config.text_config)
+    decoder.visiontrim_config = config
+    return decoder
 
 
 class VisionTrimModelMixin:
@@ -342,6 +508,12 @@ class VisionTrimModelMixin:
             return pixel_values, mm_encoder_outputs
         return None, {"image": self.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs)}
 
+    def llm_stage_inputs(self, input_ids: torch.LongTensor | None) -> dict[str, torch.Tensor]:
+        """What the LLM stage needs from the prompt: where its visual tokens are (found from the ids, per row)."""
+        if not self.config.llm_stage_enabled or input_ids is None:
+            return {}
+        return {"visual_token_mask": input_ids == self.config.image_token_id}
+
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
     ) -> torch.Tensor:
@@ -366,7 +538,7 @@ class VisionTrimLlavaModel(VisionTrimModelMixin, LlavaModel):
         LlavaPreTrainedModel.__init__(self, config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = LlavaMultiModalProjector(config)
-        self.language_model = AutoModel.from_config(config.text_config)
+        self.language_model = build_language_model(config)
         self.init_visiontrim_modules(config)
         self.post_init()
 
@@ -458,7 +630,16 @@ class VisionTrimLlavaModel(VisionTrimModelMixin, LlavaModel):
             vision_feature_select_strategy=vision_feature_select_strategy,
             image_sizes=image_sizes,
             mm_encoder_outputs=mm_encoder_outputs,
+            **self.llm_stage_inputs(input_ids),
             **kwargs,
+        )
+
+
+def check_labels_without_llm_stage(config: VisionTrimSettings, labels: torch.Tensor | None) -> None:
+    if labels is not None and config.llm_stage_enabled:
+        raise ValueError(
+            "The LLM stage drops visual positions inside the LLM, so its logits do not line up with `labels`: compute "
+            "the loss with `config.llm_stage_layer=None`."
         )
 
 
@@ -502,6 +683,7 @@ class VisionTrimLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         guidance_attention_mask (`torch.Tensor` of shape `(images, text)`, *optional*):
             Mask of `guidance_input_ids`; a row of zeros marks an empty guidance text.
         """
+        check_labels_without_llm_stage(self.config, labels)
         return super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -536,7 +718,7 @@ class VisionTrimLlavaNextModel(VisionTrimModelMixin, LlavaNextModel):
         embed_std = 1 / math.sqrt(config.text_config.hidden_size)
         self.image_newline = nn.Parameter(torch.randn(config.text_config.hidden_size, dtype=self.dtype) * embed_std)
         self.vocab_size = config.text_config.vocab_size
-        self.language_model = AutoModel.from_config(config.text_config)
+        self.language_model = build_language_model(config)
         self.init_visiontrim_modules(config)
         self.post_init()
 
@@ -653,6 +835,7 @@ class VisionTrimLlavaNextModel(VisionTrimModelMixin, LlavaNextModel):
             vision_feature_select_strategy=vision_feature_select_strategy,
             use_cache=use_cache,
             mm_encoder_outputs=mm_encoder_outputs,
+            **self.llm_stage_inputs(input_ids),
             **kwargs,
         )
 
@@ -699,6 +882,7 @@ class VisionTrimLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         guidance_attention_mask (`torch.Tensor` of shape `(images, text)`, *optional*):
             Mask of `guidance_input_ids`; a row of zeros marks an empty guidance text.
         """
+        check_labels_without_llm_stage(self.config, labels)
         return super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
