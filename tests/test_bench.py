@@ -11,7 +11,8 @@ from visiontrim.tools.build import Shapes
 
 
 ROW_FIELDS = {
-    "name", "tokens_per_crop", "dominant_ratio", "visual_tokens", "prompt_tokens", "vision_encoding", "compression",
+    "name", "tokens_per_crop", "dominant_ratio", "llm_stage_tokens", "llm_stage_layer",
+    "prompt_tokens_after_llm_stage", "visual_tokens", "prompt_tokens", "vision_encoding", "compression",
     "guidance_encoding", "vision_tower", "prefill", "decode_per_token", "end_to_end", "prefill_flops",
     "kv_cache_bytes", "peak_prefill_memory_bytes", "ratios",
 }  # fmt: skip
@@ -34,10 +35,16 @@ def test_prefill_flops_by_hand():
     # n = 5, d = 8, d_h = 4: QKV 2*5*8*(2+2)*4 = 1280, O 2*5*2*4*8 = 640, attention 4*25*2*4 = 800,
     # MLP 6*5*8*16 = 3840.
     assert prefill_flops(config, 5) == 3 * (1280 + 640 + 800 + 3840) + 2 * 8 * 10
+    # With the LLM stage from layer 1 on 3 tokens: layer 1 and 2 over n = 3 (QKV 768, O 384, attention 288, MLP 2304),
+    # plus the rerank at n = 5: Q and K 2*5*8*(2+1)*4 = 960, scores 2*25*2*4 = 400, 2 merges of 2*25*8 = 400 each.
+    assert prefill_flops(config, 5, pruned_length=3, pruned_from=1, merges=2) == (
+        (1280 + 640 + 800 + 3840) + 2 * (768 + 384 + 288 + 2304) + 960 + 400 + 2 * 400 + 2 * 8 * 10
+    )
 
 
 @pytest.mark.parametrize(
-    ("arch", "tokens"), [("llava", [576, 192, 128, 64, 64, 64]), ("llava-next", [2928, 640, 320, 160, 320, 320])]
+    ("arch", "tokens"),
+    [("llava", [576, 192, 128, 64, 64, 64, 64]), ("llava-next", [2928, 640, 320, 160, 320, 320, 320])],
 )
 def test_toy_benchmark_writes_every_field(tmp_path, capsys, arch, tokens):
     main(
@@ -78,11 +85,17 @@ def test_toy_benchmark_writes_every_field(tmp_path, capsys, arch, tokens):
         assert set(row) == ROW_FIELDS and set(row["ratios"]) == RATIO_FIELDS
         for timing in ("vision_encoding", "prefill", "end_to_end"):
             assert len(row[timing]["runs"]) == 1 and row[timing]["runs"][0] > 0
-        # Llama K and V, fp32: 2 x layers x prompt tokens x kv heads x head dim x 4 bytes.
+        # Llama K and V, fp32: 2 x prompt tokens of each layer x kv heads x head dim x 4 bytes; with the LLM stage
+        # (from layer 1 of 2 in the toy), layer 1 holds only the kept prompt.
         head_dim = shapes.llm_hidden // shapes.llm_heads
-        assert (
-            row["kv_cache_bytes"] == 2 * shapes.llm_layers * row["prompt_tokens"] * shapes.llm_kv_heads * head_dim * 4
-        )
+        if row["llm_stage_tokens"] is None:
+            tokens_per_layer = shapes.llm_layers * row["prompt_tokens"]
+        else:
+            assert row["llm_stage_layer"] == 1 and row["name"].endswith("@1")
+            kept = row["prompt_tokens_after_llm_stage"]
+            assert kept == row["prompt_tokens"] - (row["visual_tokens"] - row["llm_stage_tokens"])
+            tokens_per_layer = row["prompt_tokens"] + kept
+        assert row["kv_cache_bytes"] == 2 * tokens_per_layer * shapes.llm_kv_heads * head_dim * 4
         assert row["ratios"]["visual_tokens"] == pytest.approx(row["visual_tokens"] / tokens[0])
         assert row["ratios"]["prefill_flops"] == pytest.approx(row["prefill_flops"] / rows[0]["prefill_flops"])
         tgvc = row["tokens_per_crop"] is not None and row["dominant_ratio"] < 1

@@ -9,8 +9,8 @@ motivation for TGVC):
 - attention dispersion: per layer, the entropy of the text-to-visual attention and the share of its mass on the top-k
   visual tokens; for a VisionTrim model the same over the tokens it kept, so stock and VisionTrim compare side by side.
 
-Only the recorded layers' attention rows are computed (from each layer's input, with its RoPE), while every layer
-runs its usual kernel: no model is asked for all its attention maps.
+Only the recorded layers' attention is computed (from each layer's input, with its RoPE, by the same function the LLM
+stage uses), while every layer runs its usual kernel: no model is asked for all its attention maps.
 """
 
 import argparse
@@ -27,9 +27,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaNextProcessor
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
+from ..compression_visiontrim import causal_attention_probabilities
 from .build import stock_llava_with_same_weights, stock_processor
 from .demo import first_crop_image
 from .evaluation.data import DataError, Question, load_local_dataset, read_json_lines
@@ -76,38 +76,6 @@ class RecordedRows:
     rows: dict[int, torch.Tensor]
 
 
-def attention_rows(
-    attention: torch.nn.Module,
-    hidden_states: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    queries: torch.Tensor,
-    key_mask: torch.Tensor,
-) -> torch.Tensor:
-    """
-    What eager attention would compute for `queries` of one sequence, averaged over heads, in float32.
-
-    Args:
-        attention: a Llama-style attention block (q_proj, k_proj, head_dim, num_key_value_groups, scaling).
-        hidden_states: `(1, tokens, hidden)` the block's input.
-        position_embeddings: its RoPE `(cos, sin)`, each `(1, tokens, head_dim)`.
-        queries: `(queries,)` positions whose rows are wanted.
-        key_mask: `(tokens,)` bool, False for padding.
-    Returns:
-        `(queries, tokens)` causal attention probabilities.
-    """
-    head_dim = attention.head_dim
-    cos, sin = position_embeddings
-    query = attention.q_proj(hidden_states[:, queries]).view(1, len(queries), -1, head_dim).transpose(1, 2)
-    key = attention.k_proj(hidden_states).view(1, hidden_states.shape[1], -1, head_dim).transpose(1, 2)
-    query, _ = apply_rotary_pos_emb(query, query, cos[:, queries], sin[:, queries])
-    _, key = apply_rotary_pos_emb(key, key, cos, sin)
-    key = repeat_kv(key, attention.num_key_value_groups)
-    scores = (query.float() @ key.float().transpose(-1, -2)) * attention.scaling
-    positions = torch.arange(hidden_states.shape[1], device=hidden_states.device)
-    allowed = (positions[None, :] <= queries[:, None]) & key_mask[None, :]
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).mean(dim=1)[0]
-
-
 @contextmanager
 def record_attention_rows(
     language_model: torch.nn.Module, layers: list[int], queries: torch.Tensor, key_mask: torch.Tensor
@@ -130,9 +98,10 @@ def record_attention_rows(
 
         def hook(module, args, kwargs, layer=layer):
             hidden_states = kwargs.get("hidden_states", args[0] if args else None)
-            recorded.rows[layer] = attention_rows(
-                module, hidden_states, kwargs["position_embeddings"], queries, key_mask
-            ).cpu()
+            probabilities = causal_attention_probabilities(
+                module, hidden_states, kwargs["position_embeddings"], key_mask[None]
+            )
+            recorded.rows[layer] = probabilities[0, queries].cpu()
 
         handles.append(attention.register_forward_pre_hook(hook, with_kwargs=True))
     try:

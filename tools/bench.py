@@ -31,14 +31,19 @@ from .demo import ARCH_NAMES, DEFAULT_QUESTION, encoder, load_or_build, prefille
 
 logger = logging.getLogger(__name__)
 
-# Budgets per crop and the DVTS share of each row; None is the stock model. LLaVA-NeXT rows drop the per-crop newline
-# so that a 5-crop image keeps exactly the published 640 / 320 / 160 tokens.
+# Per row: budget per crop, DVTS share and LLM-stage tokens per image (kept from layer LLM_STAGE_LAYER on); None
+# budget is the stock model. LLaVA-NeXT rows drop the per-crop newline so that a 5-crop image keeps exactly the
+# published 640 / 320 / 160 tokens.
 ROWS = {
-    "llava": [("stock", None, None), ("VisionTrim 192", 192, 0.75), ("VisionTrim 128", 128, 0.75),
-              ("VisionTrim 64", 64, 0.75), ("DVTS only 64", 64, 1.0), ("TGVC only 64", 64, 0.0)],
-    "llava-next": [("stock", None, None), ("VisionTrim 640", 128, 0.75), ("VisionTrim 320", 64, 0.75),
-                   ("VisionTrim 160", 32, 0.75), ("DVTS only 320", 64, 1.0), ("TGVC only 320", 64, 0.0)],
+    "llava": [("stock", None, None, None), ("VisionTrim 192", 192, 0.75, None), ("VisionTrim 128", 128, 0.75, None),
+              ("VisionTrim 64", 64, 0.75, None), ("DVTS only 64", 64, 1.0, None), ("TGVC only 64", 64, 0.0, None),
+              ("64, LLM 32", 64, 0.75, 32)],
+    "llava-next": [("stock", None, None, None), ("VisionTrim 640", 128, 0.75, None),
+                   ("VisionTrim 320", 64, 0.75, None), ("VisionTrim 160", 32, 0.75, None),
+                   ("DVTS only 320", 64, 1.0, None), ("TGVC only 320", 64, 0.0, None),
+                   ("320, LLM 160", 64, 0.75, 160)],
 }  # fmt: skip
+LLM_STAGE_LAYER = 2  # or the LLM's last layer, when it has no more than 2
 
 
 @dataclass
@@ -61,8 +66,11 @@ class Row:
     name: str
     tokens_per_crop: int | None
     dominant_ratio: float | None
+    llm_stage_tokens: int | None = None
+    llm_stage_layer: int | None = None
     visual_tokens: int = 0
     prompt_tokens: int = 0
+    prompt_tokens_after_llm_stage: int | None = None
     vision_encoding: Timing | None = None
     compression: Timing | None = None
     guidance_encoding: Timing | None = None  # the CLIP text tower, part of `compression` when TGVC runs
@@ -95,23 +103,41 @@ def timings(function: Callable[[], object], warmup: int, repeats: int) -> Timing
     return Timing(runs)
 
 
-def prefill_flops(text_config, sequence_length: int) -> int:
+def prefill_flops(
+    text_config,
+    sequence_length: int,
+    pruned_length: int | None = None,
+    pruned_from: int | None = None,
+    merges: int = 3,
+) -> int:
     """
-    Analytic FLOPs of a decoder prefill over `sequence_length` tokens (a multiply-add is 2 FLOPs; the full, non-causal
-    score matrix is counted; norms, activations, softmax and RoPE are left out; the LM head runs on the last token):
-    per layer `2n*d*(h + 2h_kv)*d_h + 2n*h*d_h*d + 4n^2*h*d_h + 6n*d*m`, plus `2d*V`.
+    Analytic FLOPs of a decoder prefill over `sequence_length` tokens, layer by layer (a multiply-add is 2 FLOPs; the
+    full, non-causal score matrix is counted; norms, activations, softmax and RoPE are left out; the LM head runs on
+    the last token): per layer over n tokens `2n*d*(h + 2h_kv)*d_h + 2n*h*d_h*d + 4n^2*h*d_h + 6n*d*m`, plus `2d*V`.
+    With the LLM stage, layers from `pruned_from` on run over `pruned_length` tokens, and the rerank costs layer
+    `pruned_from - 1`'s query, key and score recomputation, `2n*d*(h + h_kv)*d_h + 2n^2*h*d_h`, plus `merges`
+    token-similarity passes of `2n^2*d`.
     """
-    n, d, m = sequence_length, text_config.hidden_size, text_config.intermediate_size
+    d, m = text_config.hidden_size, text_config.intermediate_size
     heads = text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     head_dim = getattr(text_config, "head_dim", None) or d // heads
-    per_layer = (
-        2 * n * d * (heads + 2 * kv_heads) * head_dim
-        + 2 * n * heads * head_dim * d
-        + 4 * n * n * heads * head_dim
-        + 6 * n * d * m
-    )
-    return text_config.num_hidden_layers * per_layer + 2 * d * text_config.vocab_size
+
+    def layer(n: int) -> int:
+        return (
+            2 * n * d * (heads + 2 * kv_heads) * head_dim
+            + 2 * n * heads * head_dim * d
+            + 4 * n * n * heads * head_dim
+            + 6 * n * d * m
+        )
+
+    layers = text_config.num_hidden_layers
+    head = 2 * d * text_config.vocab_size
+    if pruned_from is None:
+        return layers * layer(sequence_length) + head
+    n = sequence_length
+    rerank = 2 * n * d * (heads + kv_heads) * head_dim + 2 * n * n * heads * head_dim + merges * 2 * n * n * d
+    return pruned_from * layer(n) + (layers - pruned_from) * layer(pruned_length) + rerank + head
 
 
 def kv_cache_bytes(cache) -> int:
@@ -179,16 +205,19 @@ def bench_image(arch: str, image_path: str | None) -> Image.Image:
     return image
 
 
-def configure(model, processor, tokens_per_crop: int, dominant_ratio: float) -> None:
+def configure(model, processor, row: Row) -> None:
     """Sets the budget of the VisionTrim model and its processor (same weights, another row)."""
-    num_patches = model.config.num_patches
-    reduction_ratio = 1 - tokens_per_crop / num_patches
+    reduction_ratio = 1 - row.tokens_per_crop / model.config.num_patches
+    model.config.llm_stage_layer = None
     model.config.reduction_ratio = reduction_ratio
-    model.config.dominant_ratio = dominant_ratio
+    model.config.dominant_ratio = row.dominant_ratio
     processor.reduction_ratio = reduction_ratio
     if hasattr(model.config, "crop_newline"):
         model.config.crop_newline = False
         processor.crop_newline = False
+    if row.llm_stage_tokens is not None:
+        model.config.llm_stage_tokens = row.llm_stage_tokens
+        model.config.llm_stage_layer = row.llm_stage_layer
 
 
 def measure_row(row: Row, model, inputs, args, device: torch.device) -> None:
@@ -222,7 +251,18 @@ def measure_row(row: Row, model, inputs, args, device: torch.device) -> None:
     prefilled = model(**text, mm_encoder_outputs={"image": encoded}, logits_to_keep=1, use_cache=True)
     row.kv_cache_bytes = kv_cache_bytes(prefilled.cache)
     row.peak_prefill_memory_bytes = peak_memory_bytes(prefiller(model, inputs, encoded), device)
-    row.prefill_flops = prefill_flops(model.config.text_config, row.prompt_tokens)
+    pruning = getattr(prefilled.cache, "visiontrim_pruning", None)
+    if pruning is not None:
+        row.prompt_tokens_after_llm_stage = pruning.index.shape[1]
+        row.prefill_flops = prefill_flops(
+            model.config.text_config,
+            row.prompt_tokens,
+            row.prompt_tokens_after_llm_stage,
+            row.llm_stage_layer,
+            model.config.merge_iterations,
+        )
+    else:
+        row.prefill_flops = prefill_flops(model.config.text_config, row.prompt_tokens)
 
     def generate(new_tokens: int, from_features: bool) -> Callable[[], object]:
         settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
@@ -322,12 +362,15 @@ def run(args: argparse.Namespace) -> dict:
 
     rows = []
     with torch.inference_mode():
-        for name, tokens_per_crop, dominant_ratio in ROWS[arch]:
-            row = Row(name, tokens_per_crop, dominant_ratio)
+        stage_layer = min(LLM_STAGE_LAYER, model.config.text_config.num_hidden_layers - 1)
+        for name, tokens_per_crop, dominant_ratio, llm_tokens in ROWS[arch]:
+            row = Row(name, tokens_per_crop, dominant_ratio, llm_tokens, stage_layer if llm_tokens else None)
+            if llm_tokens is not None:
+                row.name = f"{name}@{stage_layer}"
             if tokens_per_crop is None:
                 net, row_processor = stock, stock_processor(processor)
             else:
-                configure(model, processor, tokens_per_crop, dominant_ratio)
+                configure(model, processor, row)
                 net, row_processor = model, processor
             inputs = row_processor(images=image, text=prompt, return_tensors="pt").to(device)
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
