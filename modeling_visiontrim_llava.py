@@ -142,7 +142,8 @@ class LlmStageDecoderMixin:
     `visiontrim_config`): during prefill, the visual tokens are ranked by layer `L-1`'s attention to the prompt's text,
     `llm_stage_tokens` per image are kept, the others merged into them, and layers >= `L` run on the shorter sequence
     with the kept tokens' original positions. Their cache holds the short prefix; every later step masks each layer
-    for its own cache length. With the stage off (or no visual token) this is the stock decoder, step for step.
+    for its own cache length. With the stage off (or no visual token) this is the stock decoder, step for step; a
+    prompt continued on a cache that already holds tokens is not pruned.
     """
 
     visiontrim_config: VisionTrimSettings | None = None
@@ -198,9 +199,11 @@ class LlmStageDecoderMixin:
             else None
         )
         pruning = getattr(cache, "visiontrim_pruning", None) if stage is not None else None
+        # Only a prompt on an empty cache is pruned: its positions are the whole prefix the later layers will see.
         prune_now = (
             stage is not None
             and pruning is None
+            and (cache is None or cache.get_seq_length() == 0)
             and visual_token_mask is not None
             and inputs_embeds.shape[1] > 1
             and bool(visual_token_mask.any())

@@ -276,3 +276,15 @@ def test_llava_next_with_the_stage(tmp_path, photos):
     assert ((kept_visual & cache.visiontrim_pruning.valid).sum(dim=1) == 100).all()  # per image, whatever its crops
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert generated.shape == (2, inputs["input_ids"].shape[1] + 3)
+
+
+def test_a_prompt_continued_on_a_filled_cache_is_not_pruned(stage_checkpoint, photos):
+    model, processor = load_remote(stage_checkpoint)
+    first = processor(text="USER: Hello! ASSISTANT: Hi. ", return_tensors="pt")
+    cache = model(**first, use_cache=True).cache
+    second = processor(images=photos[0], text="USER: <image>\nWhat is it? ASSISTANT:", return_tensors="pt")
+    mask = torch.cat([first["attention_mask"], second["attention_mask"]], dim=1)
+    output = model(**{**second, "attention_mask": mask}, cache=cache, use_cache=True)
+    total = first["input_ids"].shape[1] + second["input_ids"].shape[1]
+    assert getattr(output.cache, "visiontrim_pruning", None) is None
+    assert [output.cache.get_seq_length(layer) for layer in range(3)] == [total] * 3
