@@ -496,6 +496,20 @@ class VisionTrimModelMixin:
             crops_per_image,
         )
 
+    def image_output(
+        self, run: VisionTowerRun, compressed: CompressedCrops, image_features: list[torch.Tensor]
+    ) -> VisionTrimImageOutput:
+        """`get_image_features`' output: the tower's outputs, the kept tokens' indices and one
+        `(tokens, llm_dim)` tensor per image as `pooler_output`."""
+        return VisionTrimImageOutput(
+            last_hidden_state=run.outputs.last_hidden_state,
+            pooler_output=image_features,
+            hidden_states=run.outputs.hidden_states,
+            attentions=run.outputs.attentions,
+            dominant_indices=compressed.dominant_indices,
+            complement_seed_indices=compressed.complement_seed_indices,
+        )
+
     def encode_before_language_model(
         self,
         pixel_values: torch.Tensor | None,
@@ -579,14 +593,7 @@ class VisionTrimLlavaModel(VisionTrimModelMixin, LlavaModel):
         run = self.run_vision_tower(pixel_values, vision_feature_layer, vision_feature_select_strategy, **kwargs)
         compressed = self.compress_tower_run(run, guidance_input_ids, guidance_attention_mask)
         image_features = self.multi_modal_projector(compressed.features)
-        return VisionTrimImageOutput(
-            last_hidden_state=run.outputs.last_hidden_state,
-            pooler_output=list(image_features),
-            hidden_states=run.outputs.hidden_states,
-            attentions=run.outputs.attentions,
-            dominant_indices=compressed.dominant_indices,
-            complement_seed_indices=compressed.complement_seed_indices,
-        )
+        return self.image_output(run, compressed, list(image_features))
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -782,14 +789,7 @@ class VisionTrimLlavaNextModel(VisionTrimModelMixin, LlavaNextModel):
             features = torch.cat([features, newline], dim=1)
         tokens_per_crop = features.shape[1]
         per_image = torch.split(features.flatten(0, 1), [crops * tokens_per_crop for crops in crops_per_image])
-        return VisionTrimImageOutput(
-            last_hidden_state=run.outputs.last_hidden_state,
-            pooler_output=list(per_image),
-            hidden_states=run.outputs.hidden_states,
-            attentions=run.outputs.attentions,
-            dominant_indices=compressed.dominant_indices,
-            complement_seed_indices=compressed.complement_seed_indices,
-        )
+        return self.image_output(run, compressed, list(per_image))
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
