@@ -57,6 +57,35 @@ class GuidanceProcessingMixin:
     one row per image, the guidance of the prompt the image belongs to.
     """
 
+    def init_processor(
+        self,
+        image_processor,
+        tokenizer,
+        guidance_tokenizer,
+        patch_size: int | None,
+        vision_feature_select_strategy: str | None,
+        chat_template: str | None,
+        image_token: str,
+        num_additional_image_tokens: int,
+        reduction_ratio: float,
+        visual_tokens: int | None,
+        guidance_max_length: int,
+    ) -> None:
+        """The stock LLaVA processors' `__init__`, plus the guidance tokenizer and the budget."""
+        self.check_guidance_tokenizer(guidance_tokenizer)
+        self.guidance_max_length = guidance_max_length
+        self.patch_size = patch_size
+        self.num_additional_image_tokens = num_additional_image_tokens
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.image_token = tokenizer.image_token if hasattr(tokenizer, "image_token") else image_token
+        self.image_token_id = (
+            tokenizer.image_token_id
+            if getattr(tokenizer, "image_token_id", None)
+            else tokenizer.convert_tokens_to_ids(self.image_token)
+        )
+        ProcessorMixin.__init__(self, image_processor, tokenizer, guidance_tokenizer, chat_template=chat_template)
+        self.init_budget(reduction_ratio, visual_tokens)
+
     def check_guidance_tokenizer(self, guidance_tokenizer) -> None:
         """Refuses anything but a CLIP tokenizer (Transformers loads the LLM tokenizer if its folder is missing)."""
         if not isinstance(guidance_tokenizer, CLIPTokenizer):
@@ -175,15 +204,19 @@ class VisionTrimProcessor(GuidanceProcessingMixin, LlavaProcessor):
         guidance_max_length=77,
         **kwargs,
     ):
-        self.check_guidance_tokenizer(guidance_tokenizer)
-        self.guidance_max_length = guidance_max_length
-        self.patch_size = patch_size
-        self.num_additional_image_tokens = num_additional_image_tokens
-        self.vision_feature_select_strategy = vision_feature_select_strategy
-        self.image_token = tokenizer.image_token if hasattr(tokenizer, "image_token") else image_token
-        self.image_token_id = tokenizer.encode(self.image_token, add_special_tokens=False)[0]
-        ProcessorMixin.__init__(self, image_processor, tokenizer, guidance_tokenizer, chat_template=chat_template)
-        self.init_budget(reduction_ratio, visual_tokens)
+        self.init_processor(
+            image_processor,
+            tokenizer,
+            guidance_tokenizer,
+            patch_size,
+            vision_feature_select_strategy,
+            chat_template,
+            image_token,
+            num_additional_image_tokens,
+            reduction_ratio,
+            visual_tokens,
+            guidance_max_length,
+        )
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         if self.reduction_ratio == 0:
@@ -231,20 +264,20 @@ class VisionTrimLlavaNextProcessor(GuidanceProcessingMixin, LlavaNextProcessor):
         crop_newline=True,
         **kwargs,
     ):
-        self.check_guidance_tokenizer(guidance_tokenizer)
-        self.guidance_max_length = guidance_max_length
         self.crop_newline = crop_newline
-        self.patch_size = patch_size
-        self.num_additional_image_tokens = num_additional_image_tokens
-        self.vision_feature_select_strategy = vision_feature_select_strategy
-        self.image_token = tokenizer.image_token if hasattr(tokenizer, "image_token") else image_token
-        self.image_token_id = (
-            tokenizer.image_token_id
-            if getattr(tokenizer, "image_token_id", None)
-            else tokenizer.convert_tokens_to_ids(self.image_token)
+        self.init_processor(
+            image_processor,
+            tokenizer,
+            guidance_tokenizer,
+            patch_size,
+            vision_feature_select_strategy,
+            chat_template,
+            image_token,
+            num_additional_image_tokens,
+            reduction_ratio,
+            visual_tokens,
+            guidance_max_length,
         )
-        ProcessorMixin.__init__(self, image_processor, tokenizer, guidance_tokenizer, chat_template=chat_template)
-        self.init_budget(reduction_ratio, visual_tokens)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
