@@ -13,6 +13,14 @@ from visiontrim.tools.build import build_config, build_model, build_processor
 
 QUESTION_PROMPT = "USER: <image>\nWhat animal is in the picture? ASSISTANT:"
 OTHER_PROMPT = "USER: <image>\nIs there a cup of coffee on the table? Answer with one word. ASSISTANT:"
+# A value other than the default for every stored VisionTrim setting, to check that each one is saved and reloaded.
+NON_DEFAULT_SETTINGS = {
+    "dominant_ratio": 0.5,
+    "dvts_score": "received_attention",
+    "merge_iterations": 2,
+    "merge_update": "mean",
+    "empty_guidance": "cls_similarity",
+}
 
 
 @contextlib.contextmanager

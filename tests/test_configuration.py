@@ -8,6 +8,8 @@ import pytest
 from visiontrim import VisionTrimLlavaConfig
 from visiontrim.tools.build import build_config
 
+from helpers import NON_DEFAULT_SETTINGS
+
 
 def test_defaults_are_the_papers_headline_setting():
     config = VisionTrimLlavaConfig()
@@ -104,38 +106,18 @@ def test_assignment_after_construction_is_checked_and_rolled_back():
 
 
 def test_config_json_stores_every_compression_setting(tmp_path):
-    config = build_config(
-        visual_tokens=128,
-        dominant_ratio=0.5,
-        dvts_score="received_attention",
-        merge_iterations=2,
-        merge_update="mean",
-        empty_guidance="cls_similarity",
-    )
+    config = build_config(visual_tokens=128, **NON_DEFAULT_SETTINGS)
     config.save_pretrained(tmp_path)
     stored = json.loads((tmp_path / "config.json").read_text())
     assert stored["model_type"] == "visiontrim_llava"
     assert stored["reduction_ratio"] == pytest.approx(1 - 128 / 576)
     assert "visual_tokens" not in stored  # derived, never a second source of truth
-    assert {key: stored[key] for key in ("dominant_ratio", "dvts_score", "merge_iterations", "merge_update")} == {
-        "dominant_ratio": 0.5,
-        "dvts_score": "received_attention",
-        "merge_iterations": 2,
-        "merge_update": "mean",
-    }
-    assert stored["empty_guidance"] == "cls_similarity"
+    assert {key: stored[key] for key in NON_DEFAULT_SETTINGS} == NON_DEFAULT_SETTINGS
     assert stored["projection_dim"] == 16 and stored["guidance_config"]["projection_dim"] == 16
     assert stored["auto_map"]["AutoConfig"] == "configuration_visiontrim.VisionTrimLlavaConfig"
 
     reloaded = VisionTrimLlavaConfig.from_pretrained(tmp_path)
-    for field in (
-        "reduction_ratio",
-        "dominant_ratio",
-        "dvts_score",
-        "merge_iterations",
-        "merge_update",
-        "empty_guidance",
-    ):
+    for field in ("reduction_ratio", *NON_DEFAULT_SETTINGS):
         assert getattr(reloaded, field) == getattr(config, field)
     assert reloaded.visual_tokens == 128
 

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
-from helpers import QUESTION_PROMPT, load_remote, save_checkpoint, working_directory
+from helpers import NON_DEFAULT_SETTINGS, QUESTION_PROMPT, load_remote, save_checkpoint, working_directory
 
 
 REMOTE_CODE_FILES = (
@@ -56,28 +56,15 @@ def test_the_readme_snippet(checkpoint, photos, tmp_path):
 
 
 def test_save_and_reload_keep_every_setting_and_weight(tmp_path, photos):
-    settings = dict(
-        visual_tokens=128,
-        dominant_ratio=0.5,
-        dvts_score="received_attention",
-        merge_iterations=2,
-        merge_update="mean",
-        empty_guidance="cls_similarity",
+    model, processor = load_remote(
+        save_checkpoint(tmp_path / "first", seed=3, visual_tokens=128, **NON_DEFAULT_SETTINGS)
     )
-    model, processor = load_remote(save_checkpoint(tmp_path / "first", seed=3, **settings))
     model.save_pretrained(tmp_path / "second")
     processor.save_pretrained(tmp_path / "second")
     for name in REMOTE_CODE_FILES:
         assert (tmp_path / "second" / name).read_text() == (tmp_path / "first" / name).read_text()
     again, processor_again = load_remote(tmp_path / "second")
-    for field in (
-        "reduction_ratio",
-        "dominant_ratio",
-        "dvts_score",
-        "merge_iterations",
-        "merge_update",
-        "empty_guidance",
-    ):
+    for field in ("reduction_ratio", *NON_DEFAULT_SETTINGS):
         assert getattr(again.config, field) == getattr(model.config, field), field
     assert (again.config.visual_tokens, again.config.dominant_tokens, again.config.complement_tokens) == (128, 64, 64)
     assert processor_again.visual_tokens == 128
