@@ -168,13 +168,29 @@ class TextGuidedVisionComplement(nn.Module):
             seed_embeds = F.normalize(visual_projection(seeds.to(tokens.dtype)).float(), dim=-1)
             affinity = query_text @ (scale * text_embeds @ seed_embeds.transpose(1, 2))
             assignment = F.one_hot(affinity.argmax(dim=-1), num_seeds).float()
-            assigned_sum = assignment.transpose(1, 2) @ queries
-            assigned_count = assignment.sum(dim=1).unsqueeze(-1)
-            if self.config.merge_update == "add":
-                seeds = seeds + assigned_sum / assigned_count.clamp_min(1)
-            else:
-                seeds = (original_seeds + assigned_sum) / (1 + assigned_count)
+            seeds = merge_step(seeds, original_seeds, assignment, queries, self.config.merge_update)
         return seeds.to(tokens.dtype), seed_positions
+
+
+def merge_step(
+    seeds: torch.Tensor, original_seeds: torch.Tensor, assignment: torch.Tensor, members: torch.Tensor, update: str
+) -> torch.Tensor:
+    """
+    One TGVC merge update, "add" (each seed adds the mean of its members) or "mean" (each seed becomes the mean of
+    its original self and its members).
+
+    Args:
+        seeds, original_seeds: `(batch, seeds, dim)` float32, now and before the first update.
+        assignment: `(batch, members, seeds)` one-hot (a row of zeros: a member assigned to no seed).
+        members: `(batch, members, dim)` float32 tokens being merged.
+    Returns:
+        `(batch, seeds, dim)` the updated seeds.
+    """
+    assigned_sum = assignment.transpose(1, 2) @ members
+    assigned_count = assignment.sum(dim=1).unsqueeze(-1)
+    if update == "add":
+        return seeds + assigned_sum / assigned_count.clamp_min(1)
+    return (original_seeds + assigned_sum) / (1 + assigned_count)
 
 
 def causal_attention_probabilities(
@@ -242,9 +258,10 @@ def llm_stage_scores(
     before = (text & (positions < first_visual)).float()
     text_to_image = (probabilities * after[:, :, None]).sum(dim=1) / after.sum(dim=1, keepdim=True).clamp_min(1)
     image_to_text = (probabilities * before[:, None, :]).sum(dim=2) / before.sum(dim=1, keepdim=True).clamp_min(1)
-    scores = {"text_to_image": text_to_image, "image_to_text": image_to_text}.get(rule)
-    if scores is None:
+    if rule == "both":
         scores = (text_to_image + image_to_text) / 2
+    else:
+        scores = {"text_to_image": text_to_image, "image_to_text": image_to_text}[rule]
     return scores.masked_fill(~visual_mask, float("-inf"))
 
 
@@ -282,12 +299,7 @@ def merge_into_kept(
     for _ in range(iterations):
         similarity = (states @ merged.transpose(1, 2) * scale).masked_fill(~allowed, float("-inf"))
         assignment = F.one_hot(similarity.argmax(dim=-1), states.shape[1]).float() * assigned_rows
-        assigned_sum = assignment.transpose(1, 2) @ states
-        assigned_count = assignment.sum(dim=1).unsqueeze(-1)
-        if update == "add":
-            merged = merged + assigned_sum / assigned_count.clamp_min(1)
-        else:
-            merged = (original + assigned_sum) / (1 + assigned_count)
+        merged = merge_step(merged, original, assignment, states, update)
     return torch.where(kept.unsqueeze(-1), merged.to(hidden_states.dtype), hidden_states)
 
 
