@@ -399,10 +399,7 @@ class VisionTrimModelMixin:
 
     def compress_crops(
         self,
-        hidden_states: torch.Tensor,
-        attention: nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
+        run: VisionTowerRun,
         guidance_input_ids: torch.LongTensor | None,
         guidance_attention_mask: torch.Tensor | None,
         crops_per_image: list[int] | None = None,
@@ -411,14 +408,13 @@ class VisionTrimModelMixin:
         DVTS then TGVC on a batch of crops, all at once.
 
         Args:
-            hidden_states: `(crops, patches + 1, vision_hidden)` selected-layer features, CLS first, pre-layernorm.
-            attention: that layer's attention block (for `num_heads` and `scale`).
-            query, key: `(crops, patches + 1, vision_hidden)` its projected queries and keys.
+            run: the `run_vision_tower` result: the selected layer's `(crops, patches + 1, vision_hidden)` features
+                (CLS first, pre-layernorm), its attention block and its projected queries and keys.
             guidance_input_ids, guidance_attention_mask: `(images, text)` guidance of each image.
             crops_per_image: how many consecutive crops each image has (default: one crop per image); the crops of
                 an image share its guidance.
         """
-        class_tokens, patches = hidden_states[:, 0], hidden_states[:, 1:]
+        class_tokens, patches = run.features[:, 0], run.features[:, 1:]
         num_crops, num_patches, _ = patches.shape
         if num_patches != self.config.num_patches:
             raise ValueError(
@@ -428,8 +424,10 @@ class VisionTrimModelMixin:
             )
         num_dominant = self.config.dominant_tokens
         if num_dominant > 0:
-            rows = key.shape[1] if self.dominant_selection.needs_full_attention else 1
-            attention_map = head_mean_attention(query[:, :rows], key, attention.num_heads, attention.scale)
+            rows = run.key.shape[1] if self.dominant_selection.needs_full_attention else 1
+            attention_map = head_mean_attention(
+                run.query[:, :rows], run.key, run.attention.num_heads, run.attention.scale
+            )
             dominant_indices = self.dominant_selection(patches, attention_map)
         else:
             dominant_indices = torch.empty(num_crops, 0, dtype=torch.long, device=patches.device)
@@ -476,24 +474,6 @@ class VisionTrimModelMixin:
             attention,
             recorded[attention.q_proj],
             recorded[attention.k_proj],
-        )
-
-    def compress_tower_run(
-        self,
-        run: VisionTowerRun,
-        guidance_input_ids: torch.LongTensor | None,
-        guidance_attention_mask: torch.Tensor | None,
-        crops_per_image: list[int] | None = None,
-    ) -> CompressedCrops:
-        """DVTS + TGVC on a `run_vision_tower` result (see `compress_crops`)."""
-        return self.compress_crops(
-            run.features,
-            run.attention,
-            run.query,
-            run.key,
-            guidance_input_ids,
-            guidance_attention_mask,
-            crops_per_image,
         )
 
     def image_output(
@@ -591,7 +571,7 @@ class VisionTrimLlavaModel(VisionTrimModelMixin, LlavaModel):
                 "fixed-size crops of the tower's resolution only: leave `image_sizes` unset."
             )
         run = self.run_vision_tower(pixel_values, vision_feature_layer, vision_feature_select_strategy, **kwargs)
-        compressed = self.compress_tower_run(run, guidance_input_ids, guidance_attention_mask)
+        compressed = self.compress_crops(run, guidance_input_ids, guidance_attention_mask)
         image_features = self.multi_modal_projector(compressed.features)
         return self.image_output(run, compressed, list(image_features))
 
@@ -782,7 +762,7 @@ class VisionTrimLlavaNextModel(VisionTrimModelMixin, LlavaNextModel):
                 "width) or (crops, channels, height, width)."
             )
         run = self.run_vision_tower(pixel_values, vision_feature_layer, vision_feature_select_strategy, **kwargs)
-        compressed = self.compress_tower_run(run, guidance_input_ids, guidance_attention_mask, crops_per_image)
+        compressed = self.compress_crops(run, guidance_input_ids, guidance_attention_mask, crops_per_image)
         features = self.multi_modal_projector(compressed.features)
         if self.config.crop_newline:
             newline = self.image_newline.to(features)[None, None].expand(features.shape[0], 1, -1)

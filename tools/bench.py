@@ -239,7 +239,7 @@ def measure_row(row: Row, model, inputs, args, device: torch.device) -> None:
         run = inner.run_vision_tower(pixels, layer, strategy)
         guidance = (inputs.get("guidance_input_ids"), inputs.get("guidance_attention_mask"))
         row.compression = timings(
-            lambda: inner.compress_tower_run(run, *guidance, crops_per_image), args.warmup, args.repeats
+            lambda: inner.compress_crops(run, *guidance, crops_per_image), args.warmup, args.repeats
         )
         if model.config.tgvc_enabled:
             images = len(crops_per_image) if crops_per_image else pixels.shape[0]
