@@ -32,7 +32,7 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 from ..compression_visiontrim import causal_attention_probabilities
 from .build import stock_llava_with_same_weights, stock_processor
 from .demo import first_crop_image
-from .evaluation.data import DataError, Question, load_local_dataset, read_json_lines
+from .evaluation.data import DataError, Question, column_names, load_local_dataset, read_json_lines
 from .evaluation.runner import chat_prompt
 
 
@@ -356,13 +356,7 @@ def read_items(path: Path, images: Path | None) -> list[Item]:
 def read_dataset_items(path: str, columns: dict[str, str], split: str | None) -> list[Item]:
     """A local `datasets` dataset with image, question and optional box columns (renamed with `columns`)."""
     dataset = load_local_dataset(path, split)
-    names = {field: columns.get(field, field) for field in ("image", "question", "box")}
-    for required in ("image", "question"):
-        if names[required] not in dataset.column_names:
-            raise DataError(
-                f"{path}: no column {names[required]!r} for {required}; columns are {dataset.column_names}. Map it "
-                f"with --column {required}=NAME."
-            )
+    names = column_names(dataset, path, columns, ("image", "question", "box"), required=("image", "question"))
     items = []
     for number, row in enumerate(dataset):
         image = row[names["image"]]

@@ -212,6 +212,20 @@ def read_mmbench(path: Path, task: str) -> list[Question]:
     return questions
 
 
+def column_names(
+    dataset, path: str, columns: dict[str, str], fields: tuple[str, ...], required: tuple[str, ...]
+) -> dict[str, str]:
+    """The dataset column of each field (`columns` renames them, `--column FIELD=NAME`); the `required` must exist."""
+    names = {name: columns.get(name, name) for name in fields}
+    for name in required:
+        if names[name] not in dataset.column_names:
+            raise DataError(
+                f"{path}: no column {names[name]!r} for {name}; columns are {dataset.column_names}. Map it with "
+                f"--column {name}=NAME."
+            )
+    return names
+
+
 def load_local_dataset(path: str, split: str | None):
     """
     A local `datasets` dataset: a folder saved with `save_to_disk`, an image folder, or a parquet / json / jsonl /
@@ -244,16 +258,13 @@ def read_dataset(path: str, task: str, columns: dict[str, str], split: str | Non
     option letters A-H) to the dataset's column names; unmapped fields use their own names when present.
     """
     dataset = load_local_dataset(path, split)
-    names = {
-        name: columns.get(name, name)
-        for name in ("question_id", "question", "image", "answer", "answers", "category", "options")
-    }
-    for required in ("question_id", "question"):
-        if names[required] not in dataset.column_names:
-            raise DataError(
-                f"{path}: no column {names[required]!r} for {required}; columns are {dataset.column_names}. Map it "
-                f"with --column {required}=NAME."
-            )
+    names = column_names(
+        dataset,
+        path,
+        columns,
+        ("question_id", "question", "image", "answer", "answers", "category", "options"),
+        required=("question_id", "question"),
+    )
     questions = []
     for number, row in enumerate(dataset):
         source = f"{path}:row {number}"
