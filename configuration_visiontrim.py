@@ -5,7 +5,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from transformers import CLIPTextConfig, LlavaConfig, LlavaNextConfig, PreTrainedConfig
+from transformers import (
+    CLIPTextConfig,
+    LlavaConfig,
+    LlavaNextConfig,
+    LlavaNextVideoConfig,
+    PreTrainedConfig,
+    VideoLlavaConfig,
+)
 from transformers.configuration_utils import SubConfigSpec
 
 
@@ -305,27 +312,17 @@ class VisionTrimLlavaConfig(VisionTrimSettings, LlavaConfig):
     }
 
 
-class VisionTrimLlavaNextConfig(VisionTrimSettings, LlavaNextConfig):
-    r"""
-    Configuration of [`VisionTrimLlavaNextForConditionalGeneration`]: a [`LlavaNextConfig`] plus the VisionTrim
-    settings of [`VisionTrimSettings`], applied to every crop (the base view and each high-res crop) on its own, and:
+@dataclass(kw_only=True)
+class AnyresSettings(VisionTrimSettings):
+    """
+    The VisionTrim settings of the anyres (LLaVA-NeXT) configs: every crop of an image (base view and high-res crops)
+    is compressed on its own, and:
 
     Args:
         crop_newline (`bool`, defaults to `True`):
             Whether the model's `image_newline` embedding follows each crop's tokens. An image of `c` crops then gives
             `c * (visual_tokens + 1)` tokens: base crop first, then the high-res crops in raster order.
-
-    Example:
-
-    ```python
-    >>> config = VisionTrimLlavaNextConfig(visual_tokens=64)  # 320 tokens for a 5-crop image instead of up to 2928
-    ```"""
-
-    model_type = "visiontrim_llava_next"
-    sub_configs_defaults = {
-        **LlavaNextConfig.sub_configs_defaults,
-        "guidance_config": SubConfigSpec(config_class=CLIPTextConfig, init_kwargs=CLIP_L14_TEXT_CONFIG),
-    }
+    """
 
     _compression_fields: ClassVar[tuple[str, ...]] = (*VisionTrimSettings._compression_fields, "crop_newline")
 
@@ -350,7 +347,75 @@ class VisionTrimLlavaNextConfig(VisionTrimSettings, LlavaNextConfig):
         return f"{super().describe_budget()}{newline} (config.crop_newline={self.crop_newline})"
 
 
+class VisionTrimLlavaNextConfig(AnyresSettings, LlavaNextConfig):
+    r"""
+    Configuration of [`VisionTrimLlavaNextForConditionalGeneration`]: a [`LlavaNextConfig`] plus the VisionTrim
+    settings of [`AnyresSettings`], applied to every crop (the base view and each high-res crop) on its own.
+
+    Example:
+
+    ```python
+    >>> config = VisionTrimLlavaNextConfig(visual_tokens=64)  # 320 tokens for a 5-crop image instead of up to 2928
+    ```"""
+
+    model_type = "visiontrim_llava_next"
+    sub_configs_defaults = {
+        **LlavaNextConfig.sub_configs_defaults,
+        "guidance_config": SubConfigSpec(config_class=CLIPTextConfig, init_kwargs=CLIP_L14_TEXT_CONFIG),
+    }
+
+
+class VisionTrimVideoLlavaConfig(VisionTrimSettings, VideoLlavaConfig):
+    r"""
+    Configuration of [`VisionTrimVideoLlavaForConditionalGeneration`]: a [`VideoLlavaConfig`] plus the VisionTrim
+    settings of [`VisionTrimSettings`], applied to each image and to each video frame on its own: an image gives
+    `visual_tokens` tokens, a video of `f` frames `f * visual_tokens` (stock: 256 per image, 257 per frame).
+    `guidance_config` is the text tower of the video encoder (LanguageBind's, a CLIP ViT-L/14 text tower).
+
+    Example:
+
+    ```python
+    >>> config = VisionTrimVideoLlavaConfig(visual_tokens=16)  # 8 frames: 128 tokens instead of 2056
+    ```"""
+
+    model_type = "visiontrim_video_llava"
+    sub_configs_defaults = {
+        **VideoLlavaConfig.sub_configs_defaults,
+        "guidance_config": SubConfigSpec(config_class=CLIPTextConfig, init_kwargs=CLIP_L14_TEXT_CONFIG),
+    }
+
+
+class VisionTrimLlavaNextVideoConfig(AnyresSettings, LlavaNextVideoConfig):
+    r"""
+    Configuration of [`VisionTrimLlavaNextVideoForConditionalGeneration`]: a [`LlavaNextVideoConfig`] plus the
+    VisionTrim settings of [`AnyresSettings`]. Images are compressed per crop as in LLaVA-NeXT; each video frame is
+    compressed on its full patch grid (576 tokens for CLIP ViT-L/14-336) to `visual_tokens` tokens, and the model's
+    spatial pooling (`vision_resampler`) is skipped: a video of `f` frames gives `f * visual_tokens` tokens (stock:
+    `f * 144`).
+
+    Example:
+
+    ```python
+    >>> config = VisionTrimLlavaNextVideoConfig(visual_tokens=32)  # 32 frames: 1024 tokens instead of 4608
+    ```"""
+
+    model_type = "visiontrim_llava_next_video"
+    sub_configs_defaults = {
+        **LlavaNextVideoConfig.sub_configs_defaults,
+        "guidance_config": SubConfigSpec(config_class=CLIPTextConfig, init_kwargs=CLIP_L14_TEXT_CONFIG),
+    }
+
+
 VisionTrimLlavaConfig.register_for_auto_class()
 VisionTrimLlavaNextConfig.register_for_auto_class()
+VisionTrimVideoLlavaConfig.register_for_auto_class()
+VisionTrimLlavaNextVideoConfig.register_for_auto_class()
 
-__all__ = ["VisionTrimLlavaConfig", "VisionTrimLlavaNextConfig", "VisionTrimSettings"]
+__all__ = [
+    "AnyresSettings",
+    "VisionTrimLlavaConfig",
+    "VisionTrimLlavaNextConfig",
+    "VisionTrimLlavaNextVideoConfig",
+    "VisionTrimSettings",
+    "VisionTrimVideoLlavaConfig",
+]

@@ -3,12 +3,28 @@
 
 import json
 
-from transformers import CLIPTokenizer, LlavaNextProcessor, LlavaProcessor
+import torch
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPTokenizer,
+    LlavaNextProcessor,
+    LlavaNextVideoProcessor,
+    LlavaProcessor,
+    VideoLlavaProcessor,
+)
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import select_best_resolution
-from transformers.image_utils import get_image_size, to_numpy_array
+from transformers.image_utils import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    PILImageResampling,
+    get_image_size,
+    to_numpy_array,
+)
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.utils import CONFIG_NAME, cached_file
+from transformers.video_processing_utils import VideoProcessorMixin
+from transformers.video_utils import make_batched_videos
 
 from .configuration_visiontrim import check_reduction_ratio, reduction_ratio_for_tokens, visual_tokens_per_crop
 
@@ -37,20 +53,118 @@ TURN_END_MARKERS = (
 )
 
 
-def guidance_from_prompt(prompt: str, image_token: str) -> str:
+def guidance_from_prompt(prompt: str, *media_tokens: str) -> str:
     """
-    The question of a prompt: the text of its last user turn, without image markers, chat role tags or extra spaces.
-    `"USER: <image>\\nWhat is shown? ASSISTANT:"` gives `"What is shown?"`; a prompt without role tags is kept whole.
+    The question of a prompt: the text of its last user turn, without media markers (`media_tokens`, e.g. `<image>`,
+    `<video>`), chat role tags or extra spaces. `"USER: <image>\\nWhat is shown? ASSISTANT:"` gives `"What is shown?"`;
+    a prompt without role tags is kept whole.
     """
     turn_start = max(
         (prompt.rfind(marker) + len(marker) for marker in USER_TURN_MARKERS if marker in prompt), default=0
     )
     turn = prompt[turn_start:]
     turn_end = min((turn.find(marker) for marker in TURN_END_MARKERS if marker in turn), default=len(turn))
-    return " ".join(turn[:turn_end].replace(image_token, " ").split())
+    turn = turn[:turn_end]
+    for token in media_tokens:
+        turn = turn.replace(token, " ")
+    return " ".join(turn.split())
 
 
-class GuidanceProcessingMixin:
+class VisionTrimVideoProcessor(VideoProcessorMixin):
+    r"""
+    Turns sampled video frames into `pixel_values_videos` `(videos, frames, 3, height, width)` with CLIP's
+    preprocessing on every frame (resize the shortest edge, centre crop, rescale, normalise), done with Pillow: the
+    steps of Transformers' `VideoLlavaVideoProcessor` / `LlavaNextVideoVideoProcessor`, which need torchvision. It
+    neither decodes nor samples: give each video as its frames (an array `(frames, height, width, 3)` or a list of
+    images), e.g. from `tools.evaluation.video.sample_frames`.
+
+    Args:
+        size (`dict`, defaults to `{"shortest_edge": 224}`), crop_size (`dict`, defaults to 224 x 224), resample,
+        do_resize, do_center_crop, do_rescale, rescale_factor, do_normalize, image_mean, image_std, do_convert_rgb:
+            as in [`CLIPImageProcessor`].
+    """
+
+    model_input_names = ["pixel_values_videos"]
+
+    def __init__(
+        self,
+        size: dict[str, int] | None = None,
+        crop_size: dict[str, int] | None = None,
+        resample: PILImageResampling = PILImageResampling.BICUBIC,
+        do_resize: bool = True,
+        do_center_crop: bool = True,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        do_convert_rgb: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.size = size or {"shortest_edge": 224}
+        self.crop_size = crop_size or {"height": 224, "width": 224}
+        self.resample = resample
+        self.do_resize = do_resize
+        self.do_center_crop = do_center_crop
+        self.do_rescale = do_rescale
+        self.rescale_factor = rescale_factor
+        self.do_normalize = do_normalize
+        self.image_mean = list(image_mean or OPENAI_CLIP_MEAN)
+        self.image_std = list(image_std or OPENAI_CLIP_STD)
+        self.do_convert_rgb = do_convert_rgb
+
+    def frame_processor(self) -> CLIPImageProcessorPil:
+        """The Pillow CLIP image processor applied to each frame."""
+        return CLIPImageProcessorPil(
+            size=self.size,
+            crop_size=self.crop_size,
+            resample=self.resample,
+            do_resize=self.do_resize,
+            do_center_crop=self.do_center_crop,
+            do_rescale=self.do_rescale,
+            rescale_factor=self.rescale_factor,
+            do_normalize=self.do_normalize,
+            image_mean=self.image_mean,
+            image_std=self.image_std,
+            do_convert_rgb=self.do_convert_rgb,
+        )
+
+    def preprocess(self, videos, return_tensors: str | None = None, **kwargs) -> BatchFeature:
+        """`pixel_values_videos`: one `(frames, 3, height, width)` entry per video, stacked with `return_tensors`."""
+        videos = make_batched_videos(videos)
+        frame_processor = self.frame_processor()
+        processed = [frame_processor(list(video), return_tensors="pt")["pixel_values"] for video in videos]
+        frame_counts = [frames.shape[0] for frames in processed]
+        if return_tensors is None:
+            return BatchFeature({"pixel_values_videos": [frames.numpy() for frames in processed]})
+        if len(set(frame_counts)) > 1:
+            raise ValueError(
+                f"The videos have {frame_counts} frames: the videos of one batch need the same number of frames "
+                "(Video-LLaVA and LLaVA-NeXT-Video stack them into one tensor). Sample the same number of frames "
+                "from each video, or process them in separate batches."
+            )
+        return BatchFeature({"pixel_values_videos": torch.stack(processed)}, tensor_type=return_tensors)
+
+
+class VideoProcessorCheckMixin:
+    """
+    Checks a processor's `video_processor` against `VideoProcessorMixin` directly: Transformers' own check looks it up
+    through the video processor registry, which is a torchvision-only placeholder when torchvision is not installed.
+    """
+
+    def check_argument_for_proper_class(self, argument_name: str, argument):
+        if argument_name == "video_processor":
+            if not isinstance(argument, VideoProcessorMixin):
+                raise TypeError(
+                    f"Received a {type(argument).__name__} for argument video_processor, but a video processor "
+                    "(e.g. VisionTrimVideoProcessor) was expected."
+                )
+            return VideoProcessorMixin
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+class GuidanceProcessingMixin(VideoProcessorCheckMixin):
     """
     What VisionTrim processors add to the stock LLaVA ones: the CLIP `guidance_tokenizer`, the budget
     (`reduction_ratio`) and, when there are images, `guidance_input_ids` / `guidance_attention_mask` `(images, text)`:
@@ -70,8 +184,13 @@ class GuidanceProcessingMixin:
         reduction_ratio: float,
         visual_tokens: int | None,
         guidance_max_length: int,
+        video_processor=None,
+        video_token: str | None = None,
     ) -> None:
-        """The stock LLaVA processors' `__init__`, plus the guidance tokenizer and the budget."""
+        """
+        The stock LLaVA processors' `__init__`, plus the guidance tokenizer and the budget; the video processors also
+        give `video_processor` and `video_token`.
+        """
         self.check_guidance_tokenizer(guidance_tokenizer)
         self.guidance_max_length = guidance_max_length
         self.patch_size = patch_size
@@ -83,7 +202,20 @@ class GuidanceProcessingMixin:
             if getattr(tokenizer, "image_token_id", None)
             else tokenizer.convert_tokens_to_ids(self.image_token)
         )
-        ProcessorMixin.__init__(self, image_processor, tokenizer, guidance_tokenizer, chat_template=chat_template)
+        sub_processors = {
+            "image_processor": image_processor,
+            "tokenizer": tokenizer,
+            "guidance_tokenizer": guidance_tokenizer,
+        }
+        if video_token is not None:
+            self.video_token = tokenizer.video_token if hasattr(tokenizer, "video_token") else video_token
+            self.video_token_id = (
+                tokenizer.video_token_id
+                if getattr(tokenizer, "video_token_id", None)
+                else tokenizer.convert_tokens_to_ids(self.video_token)
+            )
+            sub_processors["video_processor"] = video_processor
+        ProcessorMixin.__init__(self, **sub_processors, chat_template=chat_template)
         self.init_budget(reduction_ratio, visual_tokens)
 
     def check_guidance_tokenizer(self, guidance_tokenizer) -> None:
@@ -114,43 +246,72 @@ class GuidanceProcessingMixin:
         return visual_tokens_per_crop(self.num_patches, self.reduction_ratio)
 
     @property
-    def model_input_names(self) -> list[str]:
-        guidance_names = ["guidance_input_ids", "guidance_attention_mask"]
-        return self.tokenizer.model_input_names + self.image_processor.model_input_names + guidance_names
+    def media_tokens(self) -> tuple[str, ...]:
+        """The placeholders of the media this processor takes: `<image>`, and `<video>` for the video processors."""
+        return (self.image_token, self.video_token) if hasattr(self, "video_token") else (self.image_token,)
 
-    def __call__(self, images=None, text=None, guidance_text: str | list[str] | None = None, **kwargs) -> BatchFeature:
+    @property
+    def model_input_names(self) -> list[str]:
+        names = self.tokenizer.model_input_names + self.image_processor.model_input_names
+        names += ["guidance_input_ids", "guidance_attention_mask"]
+        if hasattr(self, "video_processor"):
+            names += self.video_processor.model_input_names
+            names += ["video_guidance_input_ids", "video_guidance_attention_mask"]
+        return names
+
+    def __call__(
+        self, images=None, text=None, videos=None, guidance_text: str | list[str] | None = None, **kwargs
+    ) -> BatchFeature:
         """
-        The stock processor's `__call__` plus, when there are images, `guidance_input_ids` / `guidance_attention_mask`.
+        The stock processor's `__call__` plus the guidance of each image (`guidance_input_ids` /
+        `guidance_attention_mask`, one row per image) and of each video (`video_guidance_input_ids` /
+        `video_guidance_attention_mask`, one row per video).
 
         guidance_text (`str` or `list[str]`, *optional*):
             The text that guides TGVC, one per prompt; by default the question of each prompt (its last user turn,
-            without image markers and role tags). An empty text gives an all-zero mask row (see the model's
+            without media markers and role tags). An empty text gives an all-zero mask row (see the model's
             `config.empty_guidance`).
         """
-        encoding = super().__call__(images=images, text=text, **kwargs)
-        if images is None:
-            return encoding
+        encoding = super().__call__(images=images, text=text, videos=videos, **kwargs)
         prompts = [text] if isinstance(text, str) else list(text or [])
-        # One guidance row per image: the guidance of the prompt it belongs to (images without prompts: one each).
-        images_per_prompt = [prompt.count(self.image_token) for prompt in prompts] or [1] * len(
-            encoding["pixel_values"]
-        )
+        if isinstance(guidance_text, str):
+            guidance_text = [guidance_text]
+        return_tensors = kwargs.get("return_tensors", kwargs.get("text_kwargs", {}).get("return_tensors"))
+        media = [("pixel_values", self.image_token, "guidance")]
+        if hasattr(self, "video_processor"):
+            media.append(("pixel_values_videos", self.video_token, "video_guidance"))
+        for pixels_name, token, input_name in media:
+            if pixels_name in encoding:
+                rows = self.guidance_rows(prompts, guidance_text, token, len(encoding[pixels_name]))
+                encoding.update(self.tokenize_guidance(rows, input_name, return_tensors))
+        return encoding
+
+    def guidance_rows(
+        self, prompts: list[str], guidance_text: list[str] | None, token: str, num_items: int
+    ) -> list[str]:
+        """
+        One guidance text per image (or video, `token` being its placeholder): the guidance of the prompt it belongs
+        to; items without prompts take one `guidance_text` entry each.
+        """
+        items_per_prompt = [prompt.count(token) for prompt in prompts] or [1] * num_items
         if guidance_text is None:
             if not prompts:
                 raise ValueError(
-                    "Pass `text` (the prompts) or `guidance_text=` with the images: TGVC needs a question."
+                    "Pass `text` (the prompts) or `guidance_text=` with the images or videos: TGVC needs a question."
                 )
-            guidance_text = [guidance_from_prompt(prompt, self.image_token) for prompt in prompts]
-        elif isinstance(guidance_text, str):
-            guidance_text = [guidance_text]
-        if len(guidance_text) != len(images_per_prompt):
+            guidance_text = [guidance_from_prompt(prompt, *self.media_tokens) for prompt in prompts]
+        if len(guidance_text) != len(items_per_prompt):
+            unit = "prompt" if prompts else ("video" if token == getattr(self, "video_token", None) else "image")
             raise ValueError(
-                f"`guidance_text` has {len(guidance_text)} entries but there are {len(images_per_prompt)} "
-                f"{'prompts' if prompts else 'images'}: give one per {'prompt' if prompts else 'image'}."
+                f"`guidance_text` has {len(guidance_text)} entries but there are {len(items_per_prompt)} {unit}s: "
+                f"give one per {unit}."
             )
-        rows = [
-            guidance for guidance, count in zip(guidance_text, images_per_prompt, strict=True) for _ in range(count)
+        return [
+            guidance for guidance, count in zip(guidance_text, items_per_prompt, strict=True) for _ in range(count)
         ]
+
+    def tokenize_guidance(self, rows: list[str], input_name: str, return_tensors: str | None) -> BatchFeature:
+        """`{input_name}_input_ids` / `{input_name}_attention_mask` of `rows`; an empty row gets an all-zero mask."""
         guidance = self.guidance_tokenizer(
             rows, padding="longest", truncation=True, max_length=self.guidance_max_length, padding_side="right"
         )
@@ -158,14 +319,22 @@ class GuidanceProcessingMixin:
             mask if row.strip() else [0] * len(mask)
             for row, mask in zip(rows, guidance["attention_mask"], strict=True)
         ]
-        return_tensors = kwargs.get("return_tensors", kwargs.get("text_kwargs", {}).get("return_tensors"))
-        encoding.update(
-            BatchFeature(
-                {"guidance_input_ids": guidance["input_ids"], "guidance_attention_mask": masks},
-                tensor_type=return_tensors,
-            )
+        return BatchFeature(
+            {f"{input_name}_input_ids": guidance["input_ids"], f"{input_name}_attention_mask": masks},
+            tensor_type=return_tensors,
         )
-        return encoding
+
+    def compressed_video_tokens(self, video_inputs: dict, video_idx: int) -> int:
+        """Placeholders of a video when compressing: `frames * visual_tokens` of the frame's patch grid."""
+        frames = video_inputs["pixel_values_videos"][video_idx]
+        height, width = frames.shape[-2:]
+        num_patches = (height // self.patch_size) * (width // self.patch_size)
+        return frames.shape[0] * visual_tokens_per_crop(num_patches, self.reduction_ratio)
+
+    def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
+        if self.reduction_ratio == 0:
+            return super().replace_video_token(video_inputs, video_idx, **kwargs)
+        return self.video_token * self.compressed_video_tokens(video_inputs, video_idx)
 
 
 class VisionTrimProcessor(GuidanceProcessingMixin, LlavaProcessor):
@@ -331,7 +500,132 @@ class VisionTrimLlavaNextProcessor(GuidanceProcessingMixin, LlavaNextProcessor):
         return multimodal_data
 
 
-VisionTrimProcessor.register_for_auto_class("AutoProcessor")
-VisionTrimLlavaNextProcessor.register_for_auto_class("AutoProcessor")
+class VisionTrimVideoLlavaProcessor(GuidanceProcessingMixin, VideoLlavaProcessor):
+    r"""
+    A Video-LLaVA processor for VisionTrim models: each `<image>` becomes `visual_tokens` placeholders and each
+    `<video>` `frames * visual_tokens` (stock: 256 and `frames * 257`); the guidance of each image and each video is
+    added as in [`VisionTrimProcessor`] (`video_guidance_input_ids` / `video_guidance_attention_mask` for videos).
 
-__all__ = ["GuidanceProcessingMixin", "VisionTrimLlavaNextProcessor", "VisionTrimProcessor", "guidance_from_prompt"]
+    Args:
+        image_processor: the Video-LLaVA image processor.
+        video_processor ([`VisionTrimVideoProcessor`] or Video-LLaVA's): turns sampled frames into pixels.
+        tokenizer, guidance_tokenizer, reduction_ratio, visual_tokens, guidance_max_length:
+            as in [`VisionTrimProcessor`]; `visual_tokens` is per image and per frame.
+        patch_size, vision_feature_select_strategy, chat_template, image_token, video_token,
+        num_additional_image_tokens: as in [`VideoLlavaProcessor`].
+    """
+
+    # Images come back as `pixel_values` (the name the models take), not the deprecated `pixel_values_images`.
+    images_kwargs = {"return_tensors": "pt", "return_legacy_image_output": False}
+
+    def __init__(
+        self,
+        image_processor=None,
+        video_processor=None,
+        tokenizer=None,
+        guidance_tokenizer=None,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        chat_template=None,
+        image_token="<image>",
+        video_token="<video>",
+        num_additional_image_tokens=1,
+        reduction_ratio=1 - 64 / 576,
+        visual_tokens=None,
+        guidance_max_length=77,
+        **kwargs,
+    ):
+        self.init_processor(
+            image_processor,
+            tokenizer,
+            guidance_tokenizer,
+            patch_size,
+            vision_feature_select_strategy,
+            chat_template,
+            image_token,
+            num_additional_image_tokens,
+            reduction_ratio,
+            visual_tokens,
+            guidance_max_length,
+            video_processor,
+            video_token,
+        )
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        if self.reduction_ratio == 0:
+            return super().replace_image_token(image_inputs, image_idx, **kwargs)
+        height, width = get_image_size(to_numpy_array(image_inputs["pixel_values"][image_idx]))
+        num_patches = (height // self.patch_size) * (width // self.patch_size)
+        return self.image_token * visual_tokens_per_crop(num_patches, self.reduction_ratio)
+
+
+class VisionTrimLlavaNextVideoProcessor(VisionTrimLlavaNextProcessor, LlavaNextVideoProcessor):
+    r"""
+    A LLaVA-NeXT-Video processor for VisionTrim models: each `<image>` becomes `crops * (visual_tokens +
+    crop_newline)` placeholders as in [`VisionTrimLlavaNextProcessor`], and each `<video>` `frames * visual_tokens`
+    (the frames' full patch grids compressed, unpooled; stock: `frames * 144`).
+
+    Args:
+        image_processor: the LLaVA-NeXT image processor.
+        video_processor ([`VisionTrimVideoProcessor`] or LLaVA-NeXT-Video's): turns sampled frames into pixels.
+        tokenizer, guidance_tokenizer, reduction_ratio, visual_tokens, guidance_max_length, crop_newline:
+            as in [`VisionTrimLlavaNextProcessor`]; `visual_tokens` is per crop and per frame.
+        patch_size, vision_feature_select_strategy, chat_template, image_token, video_token,
+        num_additional_image_tokens: as in [`LlavaNextVideoProcessor`].
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        video_processor=None,
+        tokenizer=None,
+        guidance_tokenizer=None,
+        patch_size=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token="<image>",
+        video_token="<video>",
+        num_additional_image_tokens=0,
+        reduction_ratio=1 - 64 / 576,
+        visual_tokens=None,
+        guidance_max_length=77,
+        crop_newline=True,
+        **kwargs,
+    ):
+        self.crop_newline = crop_newline
+        self.init_processor(
+            image_processor,
+            tokenizer,
+            guidance_tokenizer,
+            patch_size,
+            vision_feature_select_strategy,
+            chat_template,
+            image_token,
+            num_additional_image_tokens,
+            reduction_ratio,
+            visual_tokens,
+            guidance_max_length,
+            video_processor,
+            video_token,
+        )
+
+
+for processor_class in (
+    VisionTrimProcessor,
+    VisionTrimLlavaNextProcessor,
+    VisionTrimVideoLlavaProcessor,
+    VisionTrimLlavaNextVideoProcessor,
+):
+    processor_class.register_for_auto_class("AutoProcessor")
+VisionTrimVideoProcessor.register_for_auto_class("AutoVideoProcessor")
+
+__all__ = [
+    "GuidanceProcessingMixin",
+    "VisionTrimLlavaNextProcessor",
+    "VisionTrimLlavaNextVideoProcessor",
+    "VisionTrimProcessor",
+    "VisionTrimVideoLlavaProcessor",
+    "VisionTrimVideoProcessor",
+    "VideoProcessorCheckMixin",
+    "guidance_from_prompt",
+]

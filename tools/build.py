@@ -22,19 +22,43 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaNextVideoProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    VideoLlavaConfig,
+    VideoLlavaForConditionalGeneration,
+    VideoLlavaImageProcessor,
+    VideoLlavaProcessor,
 )
 
-from ..configuration_visiontrim import CLIP_L14_TEXT_CONFIG, VisionTrimLlavaConfig, VisionTrimLlavaNextConfig
+from ..configuration_visiontrim import (
+    CLIP_L14_TEXT_CONFIG,
+    VisionTrimLlavaConfig,
+    VisionTrimLlavaNextConfig,
+    VisionTrimLlavaNextVideoConfig,
+    VisionTrimSettings,
+    VisionTrimVideoLlavaConfig,
+)
 from ..modeling_visiontrim_llava import (
     VisionTrimLlavaForConditionalGeneration,
     VisionTrimLlavaNextForConditionalGeneration,
+    VisionTrimLlavaNextVideoForConditionalGeneration,
+    VisionTrimVideoLlavaForConditionalGeneration,
 )
-from ..processing_visiontrim import VisionTrimLlavaNextProcessor, VisionTrimProcessor
+from ..processing_visiontrim import (
+    VideoProcessorCheckMixin,
+    VisionTrimLlavaNextProcessor,
+    VisionTrimLlavaNextVideoProcessor,
+    VisionTrimProcessor,
+    VisionTrimVideoLlavaProcessor,
+    VisionTrimVideoProcessor,
+)
 
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 # llava-hf's LLaVA-1.5 chat template: "USER: <image>\n<question> ASSISTANT:".
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
@@ -91,12 +115,16 @@ LLAVA_15_SHAPES = Shapes(
 )
 
 
-def build_tokenizer(vocab_size: int = 400, image_token: bool = True) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    vocab_size: int = 400, image_token: bool = True, video_token: bool = False
+) -> PreTrainedTokenizerFast:
     """
     A byte-level BPE LLM tokenizer trained in memory, left padding, with `<image>` as its image token (the llava-hf
-    layout) or without it (`image_token=False`: the original LLaVA layout, whose tokenizer is the plain LLM's).
+    layout) or without it (`image_token=False`: the original LLaVA layout, whose tokenizer is the plain LLM's), and
+    `<video>` (id 5) as its video token with `video_token=True`.
     """
     special_tokens = ["<unk>", "<s>", "</s>", "<pad>"] + ([IMAGE_TOKEN] if image_token else [])
+    special_tokens += [VIDEO_TOKEN] if video_token else []
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -113,7 +141,8 @@ def build_tokenizer(vocab_size: int = 400, image_token: bool = True) -> PreTrain
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN} if image_token else {},
+        extra_special_tokens=({"image_token": IMAGE_TOKEN} if image_token else {})
+        | ({"video_token": VIDEO_TOKEN} if video_token else {}),
         padding_side="left",
     )
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
@@ -158,26 +187,48 @@ def clip_text_config(shapes: Shapes) -> CLIPTextConfig:
     )
 
 
-ARCHITECTURES = ("llava", "llava-next")
+ARCHITECTURES = ("llava", "llava-next", "video-llava", "llava-next-video")
+VIDEO_ARCHITECTURES = ("video-llava", "llava-next-video")
 # llava-hf's LLaVA-1.6 pinpoints: 1x2, 2x1, 2x2, 3x1 and 1x3 grids of 336 px crops.
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+CONFIG_CLASSES = {
+    "llava": VisionTrimLlavaConfig,
+    "llava-next": VisionTrimLlavaNextConfig,
+    "video-llava": VisionTrimVideoLlavaConfig,
+    "llava-next-video": VisionTrimLlavaNextVideoConfig,
+}
+MODEL_CLASSES = {
+    VisionTrimLlavaConfig: VisionTrimLlavaForConditionalGeneration,
+    VisionTrimLlavaNextConfig: VisionTrimLlavaNextForConditionalGeneration,
+    VisionTrimVideoLlavaConfig: VisionTrimVideoLlavaForConditionalGeneration,
+    VisionTrimLlavaNextVideoConfig: VisionTrimLlavaNextVideoForConditionalGeneration,
+}
+# The stock config and model class of each VisionTrim config class.
+STOCK_CLASSES = {
+    VisionTrimLlavaConfig: (LlavaConfig, LlavaForConditionalGeneration),
+    VisionTrimLlavaNextConfig: (LlavaNextConfig, LlavaNextForConditionalGeneration),
+    VisionTrimVideoLlavaConfig: (VideoLlavaConfig, VideoLlavaForConditionalGeneration),
+    VisionTrimLlavaNextVideoConfig: (LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration),
+}
+# Video-LLaVA's LanguageBind towers see 224 px frames (16x16 patches); the others CLIP ViT-L/14-336's 336 px.
+VIDEO_LLAVA_IMAGE_SIZE = 224
 
 
-def build_config(
-    shapes: Shapes | None = None, vocab_size: int | None = None, arch: str = "llava", **compression
-) -> VisionTrimLlavaConfig | VisionTrimLlavaNextConfig:
+def build_config(shapes: Shapes | None = None, vocab_size: int | None = None, arch: str = "llava", **compression):
     """
-    A VisionTrim config of `arch` ("llava" or "llava-next", with llava-hf's pinpoints) and the given shapes (default:
-    tiny); `compression` sets the VisionTrim fields.
+    A VisionTrim config of `arch` (one of `ARCHITECTURES`; LLaVA-NeXT ones with llava-hf's pinpoints) and the given
+    shapes (default: tiny, 224 px for Video-LLaVA); `compression` sets the VisionTrim fields.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}.")
-    shapes = shapes or Shapes()
-    tokenizer_vocab = vocab_size or len(build_tokenizer())
-    config_class, extra = VisionTrimLlavaConfig, {}
-    if arch == "llava-next":
-        config_class, extra = VisionTrimLlavaNextConfig, {"image_grid_pinpoints": LLAVA_NEXT_PINPOINTS}
-    return config_class(
+    shapes = shapes or Shapes(image_size=VIDEO_LLAVA_IMAGE_SIZE if arch == "video-llava" else 336)
+    tokenizer_vocab = vocab_size or len(build_tokenizer(video_token=arch in VIDEO_ARCHITECTURES))
+    extra = {}
+    if arch in ("llava-next", "llava-next-video"):
+        extra["image_grid_pinpoints"] = LLAVA_NEXT_PINPOINTS
+    if arch in VIDEO_ARCHITECTURES:
+        extra["video_token_index"] = 5
+    return CONFIG_CLASSES[arch](
         vision_config=clip_vision_config(shapes),
         text_config=LlamaConfig(
             vocab_size=tokenizer_vocab,
@@ -200,26 +251,26 @@ def build_config(
     )
 
 
-def is_llava_next(config: VisionTrimLlavaConfig | VisionTrimLlavaNextConfig) -> bool:
+def is_llava_next(config: VisionTrimSettings) -> bool:
     return hasattr(config, "image_grid_pinpoints")
 
 
-def build_model(
-    config: VisionTrimLlavaConfig | VisionTrimLlavaNextConfig, seed: int = 0
-) -> VisionTrimLlavaForConditionalGeneration | VisionTrimLlavaNextForConditionalGeneration:
+def is_video_model(config: VisionTrimSettings) -> bool:
+    return hasattr(config, "video_token_id")
+
+
+def build_model(config: VisionTrimSettings, seed: int = 0):
     """A randomly initialised model of the config's architecture (seeded), in eval mode."""
     torch.manual_seed(seed)
-    if is_llava_next(config):
-        return VisionTrimLlavaNextForConditionalGeneration(config).eval()
-    return VisionTrimLlavaForConditionalGeneration(config).eval()
+    return MODEL_CLASSES[type(config)](config).eval()
 
 
-def build_processor(config: VisionTrimLlavaConfig | VisionTrimLlavaNextConfig) -> VisionTrimProcessor:
-    """The processor matching `config` (same budget, 336 px CLIP preprocessing, LLaVA-1.5 chat template)."""
+def build_processor(config: VisionTrimSettings):
+    """The processor matching `config` (same budget, CLIP preprocessing at the tower's size, LLaVA-1.5 template)."""
     size = config.vision_config.image_size
     image_processor_settings = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
     common = {
-        "tokenizer": build_tokenizer(),
+        "tokenizer": build_tokenizer(video_token=is_video_model(config)),
         "guidance_tokenizer": build_guidance_tokenizer(),
         "patch_size": config.vision_config.patch_size,
         "vision_feature_select_strategy": config.vision_feature_select_strategy,
@@ -227,47 +278,68 @@ def build_processor(config: VisionTrimLlavaConfig | VisionTrimLlavaNextConfig) -
         "chat_template": LLAVA_CHAT_TEMPLATE,
         "reduction_ratio": config.reduction_ratio,
     }
+    if is_video_model(config):
+        common["video_processor"] = VisionTrimVideoProcessor(**image_processor_settings)
+    if isinstance(config, VisionTrimVideoLlavaConfig):
+        return VisionTrimVideoLlavaProcessor(
+            image_processor=VideoLlavaImageProcessor(**image_processor_settings), **common
+        )
     if is_llava_next(config):
+        processor_class = VisionTrimLlavaNextVideoProcessor if is_video_model(config) else VisionTrimLlavaNextProcessor
         image_processor = LlavaNextImageProcessorPil(
             image_grid_pinpoints=config.image_grid_pinpoints, **image_processor_settings
         )
-        return VisionTrimLlavaNextProcessor(
-            image_processor=image_processor, crop_newline=config.crop_newline, **common
-        )
+        return processor_class(image_processor=image_processor, crop_newline=config.crop_newline, **common)
     return VisionTrimProcessor(image_processor=CLIPImageProcessorPil(**image_processor_settings), **common)
 
 
-def stock_llava_with_same_weights(
-    model: VisionTrimLlavaForConditionalGeneration | VisionTrimLlavaNextForConditionalGeneration,
-) -> LlavaForConditionalGeneration | LlavaNextForConditionalGeneration:
+# The submodules a stock model shares with its VisionTrim twin (those that exist in the architecture).
+SHARED_SUBMODULES = (
+    "vision_tower",
+    "image_tower",
+    "video_tower",
+    "multi_modal_projector",
+    "language_model",
+    "image_newline",
+    "vision_resampler",
+)
+
+
+def stock_llava_with_same_weights(model):
     """
-    The stock LLaVA / LLaVA-NeXT model sharing `model`'s vision tower, projector, LLM, head and (NeXT) image newline,
-    without copying them.
+    The stock model of `model`'s architecture (LLaVA, LLaVA-NeXT, Video-LLaVA, LLaVA-NeXT-Video) sharing its vision
+    tower(s), projector, LLM, head, image newline and pooler, without copying them.
     """
     config = model.config
-    stock_config_class, stock_class = LlavaConfig, LlavaForConditionalGeneration
-    if is_llava_next(config):
-        stock_config_class, stock_class = LlavaNextConfig, LlavaNextForConditionalGeneration
+    stock_config_class, stock_class = STOCK_CLASSES[type(config)]
     stock_fields = {field.name for field in dataclasses.fields(stock_config_class)} & set(config.to_dict())
     stock_config = stock_config_class(**{name: getattr(config, name) for name in stock_fields})
     with torch.device("meta"):
         stock = stock_class(stock_config).eval()
-    stock.model.vision_tower = model.model.vision_tower
-    stock.model.multi_modal_projector = model.model.multi_modal_projector
-    stock.model.language_model = model.model.language_model
-    if is_llava_next(config):
-        stock.model.image_newline = model.model.image_newline
+    for name in SHARED_SUBMODULES:
+        if hasattr(stock.model, name):
+            setattr(stock.model, name, getattr(model.model, name))
     stock.lm_head = model.lm_head
     stock.generation_config = model.generation_config
     return stock
 
 
-def stock_processor(
-    processor: VisionTrimProcessor | VisionTrimLlavaNextProcessor,
-) -> LlavaProcessor | LlavaNextProcessor:
-    """The stock LLaVA / LLaVA-NeXT processor with the same image processor and tokenizer: every patch token."""
-    stock_class = LlavaNextProcessor if isinstance(processor, LlavaNextProcessor) else LlavaProcessor
+def stock_processor(processor):
+    """
+    The stock processor of `processor`'s architecture with the same image (and video) processor and tokenizer: every
+    patch token. The stock video processors are built with the VisionTrim Pillow one (torchvision is not needed).
+    """
+    stock_class = next(
+        stock
+        for stock in (VideoLlavaProcessor, LlavaNextVideoProcessor, LlavaNextProcessor, LlavaProcessor)
+        if isinstance(processor, stock)
+    )
+    videos = {}
+    if hasattr(processor, "video_processor"):
+        stock_class = type(stock_class.__name__, (VideoProcessorCheckMixin, stock_class), {})
+        videos["video_processor"] = processor.video_processor
     return stock_class(
+        **videos,
         image_processor=processor.image_processor,
         tokenizer=processor.tokenizer,
         patch_size=processor.patch_size,
