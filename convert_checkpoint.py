@@ -1,16 +1,19 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-Convert a LLaVA-1.5 or LLaVA-NeXT checkpoint plus the CLIP model its vision tower comes from into a VisionTrim
-repository folder that loads with `from_pretrained(..., trust_remote_code=True)`.
+Convert a LLaVA-1.5, LLaVA-NeXT, Video-LLaVA or LLaVA-NeXT-Video checkpoint plus the CLIP model its vision tower
+comes from into a VisionTrim repository folder that loads with `from_pretrained(..., trust_remote_code=True)`.
 
     python convert_checkpoint.py --llava llava-hf/llava-1.5-7b-hf --clip openai/clip-vit-large-patch14-336 \\
         --output visiontrim-llava-1.5-7b --tokens 64
 
-Sources are local folders or Hub ids, in the llava-hf layout (`LlavaForConditionalGeneration` /
-`LlavaNextForConditionalGeneration`) or the original LLaVA one (`LlavaLlamaForCausalLM`: `model.layers.*`,
-`model.mm_projector.*`, the vision tower named in `mm_vision_tower`). Every key is mapped explicitly; a conversion
-that would leave a source key unused, a target weight unfilled or mismatched widths is refused before anything is
-written.
+Sources are local folders or Hub ids, in the llava-hf layout (`LlavaForConditionalGeneration`,
+`LlavaNextForConditionalGeneration`, `VideoLlavaForConditionalGeneration`, `LlavaNextVideoForConditionalGeneration`)
+or, for LLaVA-1.5 / 1.6, the original LLaVA one (`LlavaLlamaForCausalLM`: `model.layers.*`, `model.mm_projector.*`,
+the vision tower named in `mm_vision_tower`). For Video-LLaVA, `--clip` is the video encoder's CLIP model
+(LanguageBind's video encoder in `CLIPModel` format: its text tower guides both towers) and `--image-clip` the image
+encoder's (its `visual_projection` and `logit_scale` pair the image tower with that text tower). Every key is mapped
+explicitly; a conversion that would leave a source key unused, a target weight unfilled or mismatched widths is
+refused before anything is written.
 """
 
 import argparse
@@ -33,6 +36,7 @@ from huggingface_hub import HfApi, snapshot_download
 from safetensors import safe_open
 from transformers import (
     AddedToken,
+    AutoImageProcessor,
     AutoProcessor,
     AutoTokenizer,
     CLIPModel,
@@ -43,9 +47,12 @@ from transformers import (
     LlavaImageProcessor,
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
+    LlavaNextVideoForConditionalGeneration,
     MistralConfig,
     PreTrainedModel,
+    VideoLlavaForConditionalGeneration,
 )
+from transformers.utils import CHAT_TEMPLATE_FILE, LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE
 
 from visiontrim import (
     VisionTrimLlavaConfig,
@@ -53,14 +60,74 @@ from visiontrim import (
     VisionTrimLlavaNextConfig,
     VisionTrimLlavaNextForConditionalGeneration,
     VisionTrimLlavaNextProcessor,
+    VisionTrimLlavaNextVideoConfig,
+    VisionTrimLlavaNextVideoForConditionalGeneration,
+    VisionTrimLlavaNextVideoProcessor,
     VisionTrimProcessor,
+    VisionTrimSettings,
+    VisionTrimVideoLlavaConfig,
+    VisionTrimVideoLlavaForConditionalGeneration,
+    VisionTrimVideoLlavaProcessor,
+    VisionTrimVideoProcessor,
     __version__,
 )
 
 
 logger = logging.getLogger("visiontrim.convert")
 
-ARCHITECTURES = ("llava", "llava-next")
+ARCHITECTURES = ("llava", "llava-next", "video-llava", "llava-next-video")
+VIDEO_ARCHITECTURES = ("video-llava", "llava-next-video")
+# Per architecture: the llava-hf model_type, the stock class, the VisionTrim config, model and processor classes.
+ARCHITECTURE_CLASSES = {
+    "llava": (
+        "llava",
+        LlavaForConditionalGeneration,
+        VisionTrimLlavaConfig,
+        VisionTrimLlavaForConditionalGeneration,
+        VisionTrimProcessor,
+    ),
+    "llava-next": (
+        "llava_next",
+        LlavaNextForConditionalGeneration,
+        VisionTrimLlavaNextConfig,
+        VisionTrimLlavaNextForConditionalGeneration,
+        VisionTrimLlavaNextProcessor,
+    ),
+    "video-llava": (
+        "video_llava",
+        VideoLlavaForConditionalGeneration,
+        VisionTrimVideoLlavaConfig,
+        VisionTrimVideoLlavaForConditionalGeneration,
+        VisionTrimVideoLlavaProcessor,
+    ),
+    "llava-next-video": (
+        "llava_next_video",
+        LlavaNextVideoForConditionalGeneration,
+        VisionTrimLlavaNextVideoConfig,
+        VisionTrimLlavaNextVideoForConditionalGeneration,
+        VisionTrimLlavaNextVideoProcessor,
+    ),
+}
+ARCHITECTURE_NAMES = {
+    "llava": "LLaVA-1.5",
+    "llava-next": "LLaVA-NeXT",
+    "video-llava": "Video-LLaVA",
+    "llava-next-video": "LLaVA-NeXT-Video",
+}
+# The settings of Transformers' video processors that the (Pillow) VisionTrim video processor takes over.
+VIDEO_PROCESSOR_SETTINGS = (
+    "size",
+    "crop_size",
+    "resample",
+    "do_resize",
+    "do_center_crop",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 IMAGE_TOKEN = "<image>"
 # llava-hf's LLaVA-1.5 / LLaVA-1.6 (Vicuna) chat template: "USER: <image>\n<question> ASSISTANT:".
@@ -84,14 +151,11 @@ ORIGINAL_KEY_MAP = (
 )
 # Buffers that older Transformers versions saved with the weights and that the models recompute: not weights.
 RECOMPUTED_BUFFERS = (r"\.rotary_emb\.inv_freq$", r"\.position_ids$")
-# CLIPModel keys -> VisionTrim keys (the vision tower only when the LLaVA checkpoint has none).
-CLIP_KEY_MAP = (
+# CLIPModel keys -> VisionTrim keys: the text tower guides every vision tower of the model.
+CLIP_TEXT_KEY_MAP = (
     (r"^text_model\.", "model.guidance_encoder.text_model."),
     (r"^text_projection\.weight$", "model.guidance_encoder.text_projection.weight"),
-    (r"^visual_projection\.weight$", "model.visual_projection.weight"),
-    (r"^logit_scale$", "model.logit_scale"),
 )
-CLIP_VISION_KEY_MAP = ((r"^vision_model\.", "model.vision_tower."),)
 CARD_TEMPLATE = "model_card.md"
 
 
@@ -113,10 +177,10 @@ class LlavaSource:
     chat_template: str
     generation_config: GenerationConfig
     vision_hidden_size: int
+    video_processor: VisionTrimVideoProcessor | None = None
 
-    @property
-    def has_vision_tower(self) -> bool:
-        return any(key.startswith("model.vision_tower.") for key in self.weights)
+    def has_tower(self, tower: str) -> bool:
+        return any(key.startswith(f"model.{tower}.") for key in self.weights)
 
 
 @dataclass
@@ -193,9 +257,15 @@ def is_original_layout(config: dict) -> bool:
 def infer_arch(config: dict, requested: str | None, source: str) -> str:
     if is_original_layout(config):
         is_next = config.get("image_aspect_ratio") == "anyres" or "image_grid_pinpoints" in config
+        arch = "llava-next" if is_next else "llava"
     else:
-        is_next = config.get("model_type") == "llava_next"
-    arch = "llava-next" if is_next else "llava"
+        model_types = {model_type: name for name, (model_type, *_) in ARCHITECTURE_CLASSES.items()}
+        arch = model_types.get(config.get("model_type"))
+        if arch is None:
+            raise ConversionError(
+                f"{source} has model_type {config.get('model_type')!r}; this converter reads "
+                f"{sorted(model_types)} checkpoints (llava-hf layout) and original LLaVA-1.5 / 1.6 ones."
+            )
     if requested is not None and requested != arch:
         raise ConversionError(
             f"{source} is a {arch} checkpoint, but --arch {requested} was given: drop --arch or fix it."
@@ -203,9 +273,29 @@ def infer_arch(config: dict, requested: str | None, source: str) -> str:
     return arch
 
 
+def read_chat_template(folder: Path, tokenizer) -> str:
+    """The checkpoint's chat template (its own file, the legacy JSON, or the tokenizer's), else Vicuna's."""
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        return (folder / CHAT_TEMPLATE_FILE).read_text()
+    if (folder / LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE).is_file():
+        return json.loads((folder / LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE).read_text())["chat_template"]
+    return getattr(tokenizer, "chat_template", None) or VICUNA_CHAT_TEMPLATE
+
+
+def read_video_processor(folder: Path, name: str) -> VisionTrimVideoProcessor:
+    """The Pillow VisionTrim video processor with the settings of the checkpoint's (torchvision) video processor."""
+    for file_name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        if (folder / file_name).is_file():
+            settings = json.loads((folder / file_name).read_text())
+            break
+    else:
+        raise ConversionError(f"{name} has no video_preprocessor_config.json (nor preprocessor_config.json).")
+    return VisionTrimVideoProcessor(**{key: settings[key] for key in VIDEO_PROCESSOR_SETTINGS if key in settings})
+
+
 def read_llava_hf(folder: Path, arch: str, name: str) -> LlavaSource:
     """A llava-hf checkpoint, loaded by its stock Transformers class (which knows its key layout)."""
-    stock_class = LlavaNextForConditionalGeneration if arch == "llava-next" else LlavaForConditionalGeneration
+    stock_class = ARCHITECTURE_CLASSES[arch][1]
     stock, loading = stock_class.from_pretrained(folder, output_loading_info=True, dtype="auto")
     if loading["unexpected_keys"] or loading["missing_keys"] or loading["mismatched_keys"]:
         raise ConversionError(
@@ -218,18 +308,28 @@ def read_llava_hf(folder: Path, arch: str, name: str) -> LlavaSource:
         "architectures",
         "transformers_version",
     }
-    processor = AutoProcessor.from_pretrained(folder)
+    if arch in VIDEO_ARCHITECTURES:
+        # Transformers' video processors need torchvision: read their settings into the Pillow one instead.
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        image_processor = AutoImageProcessor.from_pretrained(folder)
+        chat_template = read_chat_template(folder, tokenizer)
+        video_processor = read_video_processor(folder, name)
+    else:
+        processor = AutoProcessor.from_pretrained(folder)
+        tokenizer, image_processor, video_processor = processor.tokenizer, processor.image_processor, None
+        chat_template = processor.chat_template or VICUNA_CHAT_TEMPLATE
     return LlavaSource(
         arch=arch,
         layout="llava-hf",
         name=name,
         weights=dict(stock.state_dict()),
         config={field: getattr(stock_config, field) for field in fields if hasattr(stock_config, field)},
-        tokenizer=processor.tokenizer,
-        image_processor=processor.image_processor,
-        chat_template=processor.chat_template or VICUNA_CHAT_TEMPLATE,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        chat_template=chat_template,
         generation_config=stock.generation_config,
         vision_hidden_size=stock_config.vision_config.hidden_size,
+        video_processor=video_processor,
     )
 
 
@@ -329,6 +429,18 @@ def read_clip(folder: Path, name: str) -> ClipSource:
     return ClipSource(name=name, model=model, tokenizer=CLIPTokenizer.from_pretrained(folder))
 
 
+def tower_sources(
+    llava: LlavaSource, clip: ClipSource, image_clip: ClipSource | None
+) -> list[tuple[str, ClipSource, str]]:
+    """
+    `(tower, CLIP source, head prefix)` for each vision tower of the model: the CLIP model it comes from, whose
+    `visual_projection` / `logit_scale` become `model.{prefix}visual_projection` / `model.{prefix}logit_scale`.
+    """
+    if llava.arch == "video-llava":
+        return [("video_tower", clip, "video_"), ("image_tower", image_clip or clip, "")]
+    return [("vision_tower", clip, "")]
+
+
 def check_widths(llava: LlavaSource, clip: ClipSource) -> None:
     """The CLIP text side must fit the LLaVA vision tower: same width, and one joint space."""
     clip_vision = clip.model.config.vision_config
@@ -362,31 +474,51 @@ def vision_tower_distance(llava: LlavaSource, clip_vision: dict[str, torch.Tenso
     return math.sqrt(difference / max(reference, 1e-30)), differing
 
 
-def assemble_weights(llava: LlavaSource, clip: ClipSource) -> tuple[dict[str, torch.Tensor], str]:
-    """Every target weight, from the LLaVA checkpoint then CLIP; and a sentence on where the vision tower came from."""
-    clip_weights, clip_unused = map_keys(dict(clip.model.state_dict()), CLIP_KEY_MAP + CLIP_VISION_KEY_MAP)
-    if clip_unused:
-        raise ConversionError(f"{clip.name} has keys that are not CLIP's: {sorted(clip_unused)}.")
-    clip_vision = {key: value for key, value in clip_weights.items() if key.startswith("model.vision_tower.")}
+def assemble_weights(
+    llava: LlavaSource, clip: ClipSource, image_clip: ClipSource | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
+    """
+    Every target weight, from the LLaVA checkpoint then CLIP (the text tower from `clip`; each vision tower's CLIP
+    head, and its weights where the checkpoint has none, from its own CLIP model); and sentences on where the towers
+    came from.
+    """
     weights = dict(llava.weights)
-    if llava.has_vision_tower:
-        missing = sorted(set(clip_vision) - set(weights))
-        if missing:
-            raise ConversionError(f"{llava.name}'s vision tower lacks weights CLIP has: {missing}.")
-        distance, differing = vision_tower_distance(llava, clip_vision)
-        provenance = (
-            f"The vision tower is {llava.name}'s own (LLaVA's weights always win); it differs from {clip.name}'s in "
-            f"{differing} of {len(clip_vision)} tensors, relative L2 distance {distance:.4g}."
+    text_weights, _ = map_keys(dict(clip.model.state_dict()), CLIP_TEXT_KEY_MAP)
+    weights.update(text_weights)
+    provenance = []
+    for tower, source, prefix in tower_sources(llava, clip, image_clip):
+        key_map = (
+            (r"^text_model\.", "text_model."),
+            (r"^text_projection\.weight$", "text_projection.weight"),
+            (r"^visual_projection\.weight$", f"model.{prefix}visual_projection.weight"),
+            (r"^logit_scale$", f"model.{prefix}logit_scale"),
+            (r"^vision_model\.", f"model.{tower}."),
         )
-    else:
-        weights.update(clip_vision)
-        provenance = f"{llava.name} stores no vision tower, so it is {clip.name}'s, as `mm_vision_tower` names it."
-    weights.update({key: value for key, value in clip_weights.items() if not key.startswith("model.vision_tower.")})
-    return weights, provenance
+        clip_weights, clip_unused = map_keys(dict(source.model.state_dict()), key_map)
+        if clip_unused:
+            raise ConversionError(f"{source.name} has keys that are not CLIP's: {sorted(clip_unused)}.")
+        clip_vision = {key: value for key, value in clip_weights.items() if key.startswith(f"model.{tower}.")}
+        if llava.has_tower(tower):
+            missing = sorted(set(clip_vision) - set(weights))
+            if missing:
+                raise ConversionError(f"{llava.name}'s {tower} lacks weights CLIP has: {missing}.")
+            distance, differing = vision_tower_distance(llava, clip_vision)
+            provenance.append(
+                f"The {tower} is {llava.name}'s own (LLaVA's weights always win); it differs from {source.name}'s in "
+                f"{differing} of {len(clip_vision)} tensors, relative L2 distance {distance:.4g}."
+            )
+        else:
+            weights.update(clip_vision)
+            provenance.append(
+                f"{llava.name} stores no vision tower, so it is {source.name}'s, as `mm_vision_tower` names it."
+            )
+        head = (f"model.{prefix}visual_projection.weight", f"model.{prefix}logit_scale")
+        weights.update({key: clip_weights[key] for key in head})
+    return weights, " ".join(provenance)
 
 
-def build_config(llava: LlavaSource, clip: ClipSource, budget: dict) -> VisionTrimLlavaConfig:
-    config_class = VisionTrimLlavaNextConfig if llava.arch == "llava-next" else VisionTrimLlavaConfig
+def build_config(llava: LlavaSource, clip: ClipSource, budget: dict) -> VisionTrimSettings:
+    config_class = ARCHITECTURE_CLASSES[llava.arch][2]
     clip_config = clip.model.config
     settings = dict(llava.config)
     settings["vision_config"] = settings.get("vision_config") or clip_config.vision_config
@@ -400,9 +532,11 @@ def build_config(llava: LlavaSource, clip: ClipSource, budget: dict) -> VisionTr
     )
 
 
-def build_processor(llava: LlavaSource, clip: ClipSource, config: VisionTrimLlavaConfig):
-    processor_class = VisionTrimLlavaNextProcessor if llava.arch == "llava-next" else VisionTrimProcessor
-    extra = {"crop_newline": config.crop_newline} if llava.arch == "llava-next" else {}
+def build_processor(llava: LlavaSource, clip: ClipSource, config: VisionTrimSettings):
+    processor_class = ARCHITECTURE_CLASSES[llava.arch][4]
+    extra = {"crop_newline": config.crop_newline} if hasattr(config, "crop_newline") else {}
+    if llava.video_processor is not None:
+        extra["video_processor"] = llava.video_processor
     return processor_class(
         image_processor=llava.image_processor,
         tokenizer=llava.tokenizer,
@@ -417,15 +551,9 @@ def build_processor(llava: LlavaSource, clip: ClipSource, config: VisionTrimLlav
     )
 
 
-def build_model(
-    config: VisionTrimLlavaConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype
-) -> PreTrainedModel:
+def build_model(config: VisionTrimSettings, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> PreTrainedModel:
     """The VisionTrim model holding exactly `weights` (no weight left random); refuses missing or extra keys."""
-    model_class = (
-        VisionTrimLlavaNextForConditionalGeneration
-        if isinstance(config, VisionTrimLlavaNextConfig)
-        else VisionTrimLlavaForConditionalGeneration
-    )
+    model_class = next(classes[3] for classes in ARCHITECTURE_CLASSES.values() if isinstance(config, classes[2]))
     with torch.device("meta"):
         model = model_class(config)
     expected = {key: tensor.shape for key, tensor in model.state_dict().items()}
@@ -443,34 +571,73 @@ def build_model(
     return model.eval()
 
 
+def describe_budget(arch: str, config: VisionTrimSettings) -> tuple[str, str]:
+    """The card's budget sentence and its short form for the title."""
+    tokens, patches = config.visual_tokens, config.num_patches
+    if arch in ("llava-next", "llava-next-video"):
+        newline = int(config.crop_newline)
+        budget = (
+            f"{tokens} tokens per crop{' plus one `image_newline`' if newline else ''}: an image of c crops (a base "
+            f"view and 2 to 4 high-res crops) gives c x {tokens + newline} tokens"
+        )
+        if arch == "llava-next-video":
+            budget += (
+                f"; a video frame gives {tokens} of its {patches} patch tokens, unpooled (32 frames: {32 * tokens} "
+                f"tokens instead of the stock {32 * patches // 4})"
+            )
+        return budget, f"{tokens} visual tokens per crop"
+    if arch == "video-llava":
+        budget = (
+            f"{tokens} of {patches} visual tokens per image and per video frame (8 frames: {8 * tokens} tokens "
+            f"instead of the stock {8 * (patches + 1)})"
+        )
+        return budget, f"{tokens} of {patches} visual tokens per frame"
+    return f"{tokens} of {patches} visual tokens per image", f"{tokens} of {patches} visual tokens"
+
+
+VIDEO_USAGE = """
+Videos: give the processor each video as its sampled frames, an array `(frames, height, width, 3)` or a list of
+images (it decodes no files; PyAV, `pip install av`, reads them):
+
+```python
+import av
+import numpy as np
+
+with av.open("clip.mp4") as container:
+    frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+frames = frames[np.linspace(0, len(frames) - 1, 8).round().astype(int)]  # 8 frames, uniformly
+prompt = "USER: <video>\\nWhat happens in this video? ASSISTANT:"
+inputs = processor(videos=frames, text=prompt, return_tensors="pt").to(model.device)
+print(processor.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))
+```
+"""
+
+
 def render_card(
     llava: LlavaSource,
     clip: ClipSource,
-    config: VisionTrimLlavaConfig,
+    config: VisionTrimSettings,
     provenance: str,
     revision: str,
     license_name: str,
     repo_id: str | None,
+    image_clip: ClipSource | None = None,
 ) -> str:
     """The repository's README.md, from `hub_cards/model_card.md`."""
     cards = resources.files("visiontrim") / "hub_cards"
     template = string.Template((cards / CARD_TEMPLATE).read_text())
-    is_next = llava.arch == "llava-next"
-    newline = int(is_next and config.crop_newline)
-    if is_next:
-        budget = (
-            f"{config.visual_tokens} tokens per crop{' plus one `image_newline`' if newline else ''}: an image of c "
-            f"crops (a base view and 2 to 4 high-res crops) gives c x {config.visual_tokens + newline} tokens"
-        )
-        short_budget = f"{config.visual_tokens} visual tokens per crop"
-    else:
-        budget = f"{config.visual_tokens} of {config.num_patches} visual tokens per image"
-        short_budget = f"{config.visual_tokens} of {config.num_patches} visual tokens"
+    budget, short_budget = describe_budget(llava.arch, config)
+    clip_provenance = f"CLIP text tower, `text_projection` and the guidance tokenizer: {clip.name}" + (
+        f"; the video tower's `video_visual_projection` and `video_logit_scale`: {clip.name}; the image tower's "
+        f"`visual_projection` and `logit_scale`: {(image_clip or clip).name}."
+        if llava.arch == "video-llava"
+        else f"; `visual_projection` and `logit_scale`: {clip.name}."
+    )
     hub_base = is_hub_id(llava.name)
     return template.substitute(
         license=license_name,
         base_model_metadata=f"base_model: {llava.name}\n" if hub_base else "",
-        architecture="LLaVA-NeXT" if is_next else "LLaVA-1.5",
+        architecture=ARCHITECTURE_NAMES[llava.arch],
         base_model=llava.name,
         base_model_link=f"[{llava.name}](https://huggingface.co/{llava.name})" if hub_base else f"`{llava.name}`",
         short_budget=short_budget,
@@ -484,8 +651,10 @@ def render_card(
         dominant=config.dominant_tokens,
         complement=config.complement_tokens,
         published_table=(cards / f"published_{llava.arch}.md").read_text().strip(),
-        newline_note=", `image_newline`" if is_next else "",
+        newline_note=", `image_newline`" if hasattr(config, "crop_newline") else "",
+        clip_provenance=clip_provenance,
         vision_provenance=provenance,
+        video_usage=VIDEO_USAGE if llava.arch in VIDEO_ARCHITECTURES else "",
     )
 
 
@@ -519,12 +688,20 @@ def convert(args: argparse.Namespace) -> Path:
     llava_config = json.loads((llava_folder / "config.json").read_text())
     arch = infer_arch(llava_config, args.arch, args.llava)
     clip = read_clip(clip_folder, args.clip)
+    if args.image_clip is not None and arch != "video-llava":
+        raise ConversionError(
+            f"--image-clip is for Video-LLaVA's separate image tower; {args.llava} is a {arch} checkpoint: drop it."
+        )
+    image_clip = read_clip(resolve(args.image_clip), args.image_clip) if args.image_clip is not None else None
     if is_original_layout(llava_config):
+        if arch in VIDEO_ARCHITECTURES:
+            raise ConversionError(f"{args.llava}: convert {arch} checkpoints from their llava-hf (-hf) layout.")
         llava = read_original(llava_folder, llava_config, arch, args.llava, clip)
     else:
         llava = read_llava_hf(llava_folder, arch, args.llava)
-    check_widths(llava, clip)
-    weights, provenance = assemble_weights(llava, clip)
+    for _, source, _ in tower_sources(llava, clip, image_clip):
+        check_widths(llava, source)
+    weights, provenance = assemble_weights(llava, clip, image_clip)
     try:
         config = build_config(llava, clip, budget)
     except ValueError as error:
@@ -533,7 +710,7 @@ def convert(args: argparse.Namespace) -> Path:
     model.generation_config = llava.generation_config
     processor = build_processor(llava, clip, config)
     revision = f"visiontrim-{__version__}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
-    card = render_card(llava, clip, config, provenance, revision, args.license, args.push_to_hub)
+    card = render_card(llava, clip, config, provenance, revision, args.license, args.push_to_hub, image_clip)
 
     # Written beside the output and moved into place only when complete: a failure leaves nothing behind.
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -564,11 +741,16 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--clip", required=True, help="CLIP model of its vision tower, e.g. openai/clip-vit-large-patch14-336"
     )
+    parser.add_argument(
+        "--image-clip", help="Video-LLaVA only: CLIP model of the image tower (default: --clip), for its projection"
+    )
     parser.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
     parser.add_argument("--arch", choices=ARCHITECTURES, help="checked against the checkpoint (default: inferred)")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--reduction-ratio", type=float, help="share of each crop's tokens removed (default 0.889)")
-    budget.add_argument("--tokens", type=int, help="tokens kept per crop (default 64)")
+    budget.add_argument(
+        "--reduction-ratio", type=float, help="share of each crop's (or frame's) tokens removed (default 0.889)"
+    )
+    budget.add_argument("--tokens", type=int, help="tokens kept per crop or video frame (default: 1 - 0.889 of it)")
     parser.add_argument("--dvts-ratio", type=float, help="share of kept tokens chosen by DVTS (default 0.75)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float16")
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")

@@ -276,7 +276,8 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
         prompts = [text] if isinstance(text, str) else list(text or [])
         if isinstance(guidance_text, str):
             guidance_text = [guidance_text]
-        return_tensors = kwargs.get("return_tensors", kwargs.get("text_kwargs", {}).get("return_tensors"))
+        merged_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        return_tensors = merged_kwargs["text_kwargs"].get("return_tensors")
         media = [("pixel_values", self.image_token, "guidance")]
         if hasattr(self, "video_processor"):
             media.append(("pixel_values_videos", self.video_token, "video_guidance"))

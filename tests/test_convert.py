@@ -1,7 +1,8 @@
 """
 convert_checkpoint.py on tiny checkpoints written here in each source layout: llava-hf (stock `save_pretrained`) and
 original LLaVA (its key names, config fields and tokenizer, written from a stock model by the mapping below, which is
-independent of the converter's), for LLaVA-1.5 and LLaVA-NeXT, with a tiny CLIP model as the CLIP source.
+independent of the converter's), for LLaVA-1.5 and LLaVA-NeXT, and llava-hf Video-LLaVA and LLaVA-NeXT-Video, with
+tiny CLIP models as the CLIP sources.
 """
 
 import json
@@ -23,6 +24,10 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    VideoLlavaConfig,
+    VideoLlavaForConditionalGeneration,
 )
 
 from visiontrim import convert_checkpoint
@@ -46,13 +51,15 @@ SHAPES = Shapes()
 STOCK_CLASSES = {
     "llava": (LlavaConfig, LlavaForConditionalGeneration),
     "llava-next": (LlavaNextConfig, LlavaNextForConditionalGeneration),
+    "video-llava": (VideoLlavaConfig, VideoLlavaForConditionalGeneration),
+    "llava-next-video": (LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration),
 }
 
 
-def tiny_clip(folder: Path, seed: int) -> CLIPModel:
+def tiny_clip(folder: Path, seed: int, shapes: Shapes = SHAPES) -> CLIPModel:
     """A tiny CLIP model (the LLaVA tower's shapes, the guidance tower's) saved with its tokenizer, as on the Hub."""
     torch.manual_seed(seed)
-    text, vision = clip_text_config(SHAPES).to_dict(), clip_vision_config(SHAPES).to_dict()
+    text, vision = clip_text_config(shapes).to_dict(), clip_vision_config(shapes).to_dict()
     clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=SHAPES.projection_dim)).eval()
     clip.save_pretrained(folder)
     build_guidance_tokenizer().save_pretrained(folder)
@@ -61,12 +68,14 @@ def tiny_clip(folder: Path, seed: int) -> CLIPModel:
 
 
 def stock_model(arch: str, vocab_size: int, image_token_id: int, seed: int):
-    """A tiny stock LLaVA / LLaVA-NeXT model with the test's shapes."""
+    """A tiny stock LLaVA / LLaVA-NeXT / Video-LLaVA / LLaVA-NeXT-Video model with the test's shapes."""
     tiny = build_config(arch=arch)
     config_class, model_class = STOCK_CLASSES[arch]
     text_config = tiny.text_config
     text_config.vocab_size = vocab_size
-    extra = {"image_grid_pinpoints": LLAVA_NEXT_PINPOINTS} if arch == "llava-next" else {}
+    extra = {"image_grid_pinpoints": LLAVA_NEXT_PINPOINTS} if arch in ("llava-next", "llava-next-video") else {}
+    if arch in ("video-llava", "llava-next-video"):
+        extra["video_token_index"] = tiny.video_token_id
     config = config_class(
         vision_config=tiny.vision_config, text_config=text_config, image_token_index=image_token_id, **extra
     )
@@ -177,6 +186,40 @@ def original_source(folder: Path, arch: str, seed: int = 0, shards: bool = False
     return model, original_vocab
 
 
+def llava_hf_video_source(folder: Path, arch: str, seed: int = 0):
+    """
+    A llava-hf Video-LLaVA / LLaVA-NeXT-Video checkpoint as on the Hub: the stock model, tokenizer (with <image> and
+    <video>), image processor, chat template, and the torchvision video processor's config (written as its JSON, since
+    that class needs torchvision).
+    """
+    processor = build_processor(build_config(arch=arch, reduction_ratio=0))
+    model = stock_model(arch, len(processor.tokenizer), processor.image_token_id, seed)
+    model.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(processor.chat_template)
+    size = model.config.vision_config.image_size
+    video_settings = {
+        "video_processor_type": "VideoLlavaVideoProcessor"
+        if arch == "video-llava"
+        else "LlavaNextVideoVideoProcessor",
+        "size": {"shortest_edge": size},
+        "crop_size": {"height": size, "width": size},
+        "resample": 3,
+        "do_resize": True,
+        "do_center_crop": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True,
+        "do_sample_frames": False,
+    }
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(video_settings))
+    return model
+
+
 def run_convert(llava: Path, clip: Path, output: Path, *extra: str) -> Path:
     return convert(
         parse_arguments(
@@ -240,6 +283,61 @@ def test_llava_hf_checkpoint_converts_to_a_loadable_repository_equal_to_stock(tm
     off_inputs = converted_inputs(off_processor, photos)
     stock_inputs = {key: value for key, value in off_inputs.items() if not key.startswith("guidance_")}
     torch.testing.assert_close(off(**off_inputs).logits, stock(**stock_inputs).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["video-llava", "llava-next-video"])
+def test_llava_hf_video_checkpoint_converts_to_a_loadable_repository_equal_to_stock(
+    tmp_path, clip_folder, photos, arch
+):
+    stock = llava_hf_video_source(tmp_path / "source", arch)
+    extra = []
+    video_clip = image_clip = CLIPModel.from_pretrained(clip_folder)
+    clip = clip_folder
+    if arch == "video-llava":  # LanguageBind's 224 px encoders: one for videos (with the text tower), one for images
+        shapes = Shapes(image_size=224)
+        video_clip, image_clip = (
+            tiny_clip(tmp_path / "video-clip", 8, shapes),
+            tiny_clip(tmp_path / "image-clip", 9, shapes),
+        )
+        clip, extra = tmp_path / "video-clip", ["--image-clip", str(tmp_path / "image-clip")]
+    output = run_convert(tmp_path / "source", clip, tmp_path / "out", "--tokens", "16", *extra)
+
+    config = json.loads((output / "config.json").read_text())
+    assert config["model_type"] == f"visiontrim_{arch.replace('-', '_')}"
+    video_processor = json.loads((output / "processor_config.json").read_text())["video_processor"]
+    assert video_processor["video_processor_type"] == "VisionTrimVideoProcessor"
+    model, processor = load_remote(output)
+    assert type(processor.video_processor).__name__ == "VisionTrimVideoProcessor"
+    size = stock.config.vision_config.image_size  # the video processor's settings are the source's
+    assert processor.video_processor.crop_size == {"height": size, "width": size}
+    weights = model.state_dict()
+    for key, tensor in stock.state_dict().items():
+        assert torch.equal(weights[key], tensor), key
+    video_head = "model.video_" if arch == "video-llava" else "model."
+    assert torch.equal(weights[f"{video_head}visual_projection.weight"], video_clip.visual_projection.weight)
+    assert torch.equal(weights[f"{video_head}logit_scale"], video_clip.logit_scale)
+    assert torch.equal(weights["model.visual_projection.weight"], image_clip.visual_projection.weight)
+    for key, tensor in video_clip.text_model.state_dict().items():
+        assert torch.equal(weights[f"model.guidance_encoder.text_model.{key}"], tensor), key
+
+    clip_frames = torch.randint(0, 256, (4, 60, 80, 3), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    prompts = ["USER: <video>\nWhat happens? ASSISTANT:", QUESTION_PROMPT]
+    inputs = processor(text=prompts, videos=[clip_frames.numpy()], images=photos[:1], padding=True)
+    assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == 4 * 16
+    assert model(**inputs).logits.shape[0] == 2
+    off, off_processor = load_remote(output, reduction_ratio=0)
+    off_inputs = off_processor(text=prompts, videos=[clip_frames.numpy()], images=photos[:1], padding=True)
+    stock_inputs = {key: value for key, value in off_inputs.items() if "guidance_" not in key}
+    torch.testing.assert_close(off(**off_inputs).logits, stock(**stock_inputs).logits, rtol=0, atol=1e-5)
+    card = (output / "README.md").read_text()
+    name = {"video-llava": "Video-LLaVA", "llava-next-video": "LLaVA-NeXT-Video"}[arch]
+    assert f"# VisionTrim {name}:" in card and 'prompt = "USER: <video>' in card
+
+
+def test_image_clip_is_refused_outside_video_llava(tmp_path, clip_folder):
+    llava_hf_source(tmp_path / "source", "llava")
+    with pytest.raises(ConversionError, match="--image-clip is for Video-LLaVA"):
+        run_convert(tmp_path / "source", clip_folder, tmp_path / "out", "--image-clip", str(clip_folder))
 
 
 @pytest.mark.parametrize("arch", ["llava", "llava-next"])
