@@ -235,8 +235,11 @@ def measure_row(row: Row, model, inputs, args, device: torch.device) -> None:
         if pixels.dim() == 5:
             pixels = torch.cat([p[:count] for p, count in zip(pixels, crops_per_image, strict=True)])
         layer, strategy = model.config.vision_feature_layer, model.config.vision_feature_select_strategy
-        row.vision_tower = timings(lambda: inner.run_vision_tower(pixels, layer, strategy), args.warmup, args.repeats)
-        run = inner.run_vision_tower(pixels, layer, strategy)
+        tower = inner.vision_tower
+        row.vision_tower = timings(
+            lambda: inner.run_vision_tower(tower, pixels, layer, strategy), args.warmup, args.repeats
+        )
+        run = inner.run_vision_tower(tower, pixels, layer, strategy)
         guidance = (inputs.get("guidance_input_ids"), inputs.get("guidance_attention_mask"))
         row.compression = timings(
             lambda: inner.compress_crops(run, *guidance, crops_per_image), args.warmup, args.repeats

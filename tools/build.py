@@ -63,6 +63,7 @@ VIDEO_TOKEN = "<video>"
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
     "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
@@ -197,18 +198,19 @@ CONFIG_CLASSES = {
     "video-llava": VisionTrimVideoLlavaConfig,
     "llava-next-video": VisionTrimLlavaNextVideoConfig,
 }
+# Keyed by model_type, so that configs loaded as remote code (other class objects) find theirs too.
 MODEL_CLASSES = {
-    VisionTrimLlavaConfig: VisionTrimLlavaForConditionalGeneration,
-    VisionTrimLlavaNextConfig: VisionTrimLlavaNextForConditionalGeneration,
-    VisionTrimVideoLlavaConfig: VisionTrimVideoLlavaForConditionalGeneration,
-    VisionTrimLlavaNextVideoConfig: VisionTrimLlavaNextVideoForConditionalGeneration,
+    "visiontrim_llava": VisionTrimLlavaForConditionalGeneration,
+    "visiontrim_llava_next": VisionTrimLlavaNextForConditionalGeneration,
+    "visiontrim_video_llava": VisionTrimVideoLlavaForConditionalGeneration,
+    "visiontrim_llava_next_video": VisionTrimLlavaNextVideoForConditionalGeneration,
 }
-# The stock config and model class of each VisionTrim config class.
+# The stock config and model class of each VisionTrim model_type.
 STOCK_CLASSES = {
-    VisionTrimLlavaConfig: (LlavaConfig, LlavaForConditionalGeneration),
-    VisionTrimLlavaNextConfig: (LlavaNextConfig, LlavaNextForConditionalGeneration),
-    VisionTrimVideoLlavaConfig: (VideoLlavaConfig, VideoLlavaForConditionalGeneration),
-    VisionTrimLlavaNextVideoConfig: (LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration),
+    "visiontrim_llava": (LlavaConfig, LlavaForConditionalGeneration),
+    "visiontrim_llava_next": (LlavaNextConfig, LlavaNextForConditionalGeneration),
+    "visiontrim_video_llava": (VideoLlavaConfig, VideoLlavaForConditionalGeneration),
+    "visiontrim_llava_next_video": (LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration),
 }
 # Video-LLaVA's LanguageBind towers see 224 px frames (16x16 patches); the others CLIP ViT-L/14-336's 336 px.
 VIDEO_LLAVA_IMAGE_SIZE = 224
@@ -262,7 +264,7 @@ def is_video_model(config: VisionTrimSettings) -> bool:
 def build_model(config: VisionTrimSettings, seed: int = 0):
     """A randomly initialised model of the config's architecture (seeded), in eval mode."""
     torch.manual_seed(seed)
-    return MODEL_CLASSES[type(config)](config).eval()
+    return MODEL_CLASSES[config.model_type](config).eval()
 
 
 def build_processor(config: VisionTrimSettings):
@@ -311,7 +313,7 @@ def stock_llava_with_same_weights(model):
     tower(s), projector, LLM, head, image newline and pooler, without copying them.
     """
     config = model.config
-    stock_config_class, stock_class = STOCK_CLASSES[type(config)]
+    stock_config_class, stock_class = STOCK_CLASSES[config.model_type]
     stock_fields = {field.name for field in dataclasses.fields(stock_config_class)} & set(config.to_dict())
     stock_config = stock_config_class(**{name: getattr(config, name) for name in stock_fields})
     with torch.device("meta"):

@@ -2,6 +2,8 @@
 """
 `python -m visiontrim eval run`: answer a benchmark with a model folder (stock LLaVA or VisionTrim, any budget),
 then score the answers; `python -m visiontrim eval score`: score an existing LLaVA answers file (any model's).
+`eval video-run` / `eval video-score`: the same for open-ended video QA (MSVD-QA, MSRVTT-QA, TGIF-QA,
+ActivityNet-QA) with a Video-LLaVA or LLaVA-NeXT-Video folder.
 """
 
 import argparse
@@ -24,6 +26,7 @@ from .data import (
 )
 from .runner import generate_answers
 from .scoring import SCORERS, mmvet_answers
+from .video import VIDEO_TASKS, exact_match_accuracy, generate_video_answers, read_video_answers, read_video_qa
 
 
 logger = logging.getLogger(__name__)
@@ -77,8 +80,32 @@ def write_scores(scores: dict, output: Path | None) -> None:
     print(json.dumps(scores.get("metrics", {}).get("mean", scores.get("answers", {})), indent=2, ensure_ascii=False))
 
 
+def load_model(args: argparse.Namespace):
+    """The model and processor of `args.model`, on `args.device` in `args.dtype`, with the budget override."""
+    overrides = {"visual_tokens": args.visual_tokens} if args.visual_tokens else {}
+    model = AutoModelForImageTextToText.from_pretrained(
+        args.model, trust_remote_code=True, dtype=getattr(torch, args.dtype), **overrides
+    )
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True, **overrides)
+    return model.to(args.device).eval(), processor
+
+
+def run_video(args: argparse.Namespace) -> None:
+    answers = Path(args.answers)
+    if args.action == "video-run":
+        items = read_video_qa(Path(args.questions), Path(args.gt_answers), Path(args.videos), args.task)[: args.limit]
+        model, processor = load_model(args)
+        generate_video_answers(model, processor, items, answers, args.frames, args.batch_size, args.max_new_tokens)
+    scores = {"task": args.task, "answers": str(answers), "metrics": exact_match_accuracy(read_video_answers(answers))}
+    default_output = answers.with_suffix(".scores.json") if args.action == "video-run" else None
+    write_scores(scores, Path(args.output) if args.output else default_output)
+
+
 def run(args: argparse.Namespace) -> None:
     try:
+        if args.action in ("video-run", "video-score"):
+            run_video(args)
+            return
         if args.action == "score":
             scores = score(
                 args.task,
@@ -89,13 +116,7 @@ def run(args: argparse.Namespace) -> None:
             write_scores(scores, Path(args.output) if args.output else None)
             return
         questions = load_questions(args)[: args.limit]
-        overrides = {"visual_tokens": args.visual_tokens} if args.visual_tokens else {}
-        dtype = getattr(torch, args.dtype)
-        model = AutoModelForImageTextToText.from_pretrained(
-            args.model, trust_remote_code=True, dtype=dtype, **overrides
-        )
-        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True, **overrides)
-        model.to(args.device).eval()
+        model, processor = load_model(args)
         answers = Path(args.answers)
         generate_answers(
             model,
@@ -113,8 +134,36 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {error}") from error
 
 
+def add_model_arguments(sub: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    sub.add_argument("--model", required=True, help="model folder: stock or VisionTrim")
+    sub.add_argument("--visual-tokens", type=int, help="override a VisionTrim model's budget per crop (or frame)")
+    sub.add_argument("--batch-size", type=int, default=1)
+    sub.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    sub.add_argument("--limit", type=int, help="only the first N questions")
+    sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sub.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+
+
+def add_video_arguments(actions) -> None:
+    for action, help_text in (
+        ("video-run", "answer video questions with a model, then score (exact match)"),
+        ("video-score", "exact-match score of a video answers file"),
+    ):
+        sub = actions.add_parser(action, help=help_text)
+        sub.add_argument("--answers", required=True, help="answers JSON (Video-ChatGPT's scorer format)")
+        sub.add_argument("--output", help="scores JSON (video-run default: next to the answers)")
+        sub.add_argument("--task", default="msvd_qa", choices=VIDEO_TASKS)
+        if action == "video-run":
+            sub.add_argument("--questions", required=True, help="question JSON, e.g. test_q.json")
+            sub.add_argument("--gt-answers", required=True, help="answer JSON, e.g. test_a.json")
+            sub.add_argument("--videos", required=True, help="folder of <video_name>.<ext> videos")
+            sub.add_argument("--frames", type=int, default=8, help="frames sampled uniformly per video (default 8)")
+            add_model_arguments(sub, max_new_tokens=32)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True)
+    add_video_arguments(actions)
     for action, help_text in (
         ("run", "answer the questions with a model, then score"),
         ("score", "score an answers file"),
@@ -130,11 +179,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--answers", required=True, help="LLaVA answers .jsonl (written by run, read by score)")
         sub.add_argument("--output", help="scores JSON (run default: next to the answers)")
         if action == "run":
-            sub.add_argument("--model", required=True, help="model folder: stock LLaVA or VisionTrim")
             sub.add_argument("--images", help="image folder of a LLaVA question file")
-            sub.add_argument("--visual-tokens", type=int, help="override a VisionTrim model's budget per crop")
-            sub.add_argument("--batch-size", type=int, default=1)
-            sub.add_argument("--max-new-tokens", type=int, default=16)
-            sub.add_argument("--limit", type=int, help="only the first N questions")
-            sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-            sub.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+            add_model_arguments(sub, max_new_tokens=16)
