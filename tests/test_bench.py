@@ -44,7 +44,11 @@ def test_prefill_flops_by_hand():
 
 @pytest.mark.parametrize(
     ("arch", "tokens"),
-    [("llava", [576, 192, 128, 64, 64, 64, 64]), ("llava-next", [2928, 640, 320, 160, 320, 320, 320])],
+    [
+        ("llava", [576, 192, 128, 64, 64, 64, 64]),
+        ("llava-next", [2928, 640, 320, 160, 320, 320, 320]),
+        ("video-llava", [2056, 256, 128, 64, 128, 128]),  # 8 frames: stock 8 x 257, then 32 / 16 / 8 per frame
+    ],
 )
 def test_toy_benchmark_writes_every_field(tmp_path, capsys, arch, tokens):
     main(
@@ -68,7 +72,7 @@ def test_toy_benchmark_writes_every_field(tmp_path, capsys, arch, tokens):
     assert set(report) == {
         "model",
         "arch",
-        "image_size",
+        "media_size",
         "question",
         "dtype",
         "warmup",

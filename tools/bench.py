@@ -1,7 +1,8 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
 `python -m visiontrim bench`: stock LLaVA vs VisionTrim with the same weights, in the same process and run, at the
-published budgets plus the DVTS-only and TGVC-only ablations. Every row reports its visual tokens, vision-encoding time
+published budgets plus the DVTS-only and TGVC-only ablations (`--arch video-llava`: an 8-frame video, per-frame
+budgets). Every row reports its visual tokens, vision-encoding time
 (with the compression's own share), LLM prefill time, time per decoded token, end-to-end time for a fixed answer
 length, analytic prefill FLOPs, KV-cache bytes and peak prefill memory, each also as a ratio to stock. Output: a table
 on stdout, a JSON file and a PNG plot.
@@ -21,12 +22,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from PIL import Image
 
 from .build import LLAVA_15_SHAPES, Shapes, stock_llava_with_same_weights, stock_processor
 from .demo import ARCH_NAMES, DEFAULT_QUESTION, encoder, load_or_build, prefiller, sample_photo
+from .evaluation.video import sample_frames
 
 
 logger = logging.getLogger(__name__)
@@ -42,7 +45,19 @@ ROWS = {
                    ("VisionTrim 320", 64, 0.75, None), ("VisionTrim 160", 32, 0.75, None),
                    ("DVTS only 320", 64, 1.0, None), ("TGVC only 320", 64, 0.0, None),
                    ("320, LLM 160", 64, 0.75, 160)],
+    # 8 frames of 256 patches (stock: 8 x 257 = 2056 tokens); names give the video's total.
+    "video-llava": [("stock", None, None, None), ("VisionTrim 256", 32, 0.75, None),
+                    ("VisionTrim 128", 16, 0.75, None), ("VisionTrim 64", 8, 0.75, None),
+                    ("DVTS only 128", 16, 1.0, None), ("TGVC only 128", 16, 0.0, None)],
 }  # fmt: skip
+VIDEO_FRAMES = 8
+# Video-LLaVA's LanguageBind towers: CLIP ViT-L/14 at 224 px.
+VIDEO_LLAVA_IMAGE_SIZE = 224
+ARCH_OF_MODEL_TYPE = {
+    "visiontrim_llava": "llava",
+    "visiontrim_llava_next": "llava-next",
+    "visiontrim_video_llava": "video-llava",
+}
 LLM_STAGE_LAYER = 2  # or the LLM's last layer, when it has no more than 2
 
 
@@ -221,39 +236,47 @@ def configure(model, processor, row: Row) -> None:
 
 
 def measure_row(row: Row, model, inputs, args, device: torch.device) -> None:
-    image_token = model.config.image_token_id
-    row.visual_tokens = int((inputs["input_ids"] == image_token).sum())
+    modality = "video" if "pixel_values_videos" in inputs else "image"
+    token_id = model.config.video_token_id if modality == "video" else model.config.image_token_id
+    row.visual_tokens = int((inputs["input_ids"] == token_id).sum())
     row.prompt_tokens = inputs["input_ids"].shape[1]
-    encode = encoder(model, inputs)
+    encode = encoder(model, inputs, modality)
     row.vision_encoding = timings(encode, args.warmup, args.repeats)
     encoded = encode()
     if row.tokens_per_crop is not None:
         inner = model.model
-        pixels = inputs["pixel_values"]
-        image_sizes = inputs.get("image_sizes")
-        crops_per_image = inner.crops_per_image(image_sizes) if image_sizes is not None else None
-        if pixels.dim() == 5:
-            pixels = torch.cat([p[:count] for p, count in zip(pixels, crops_per_image, strict=True)])
+        if modality == "video":  # every frame is a crop of its video
+            videos, frames = inputs["pixel_values_videos"].shape[:2]
+            pixels, crops_per_image = inputs["pixel_values_videos"].flatten(0, 1), [frames] * videos
+            tower = inner.video_tower if hasattr(inner, "video_tower") else inner.vision_tower
+            guidance_prefix = "video_guidance"
+        else:
+            pixels = inputs["pixel_values"]
+            image_sizes = inputs.get("image_sizes")
+            crops_per_image = inner.crops_per_image(image_sizes) if image_sizes is not None else None
+            if pixels.dim() == 5:
+                pixels = torch.cat([p[:count] for p, count in zip(pixels, crops_per_image, strict=True)])
+            tower = inner.vision_tower if hasattr(inner, "vision_tower") else inner.image_tower
+            guidance_prefix = "guidance"
         layer, strategy = model.config.vision_feature_layer, model.config.vision_feature_select_strategy
-        tower = inner.vision_tower
         row.vision_tower = timings(
             lambda: inner.run_vision_tower(tower, pixels, layer, strategy), args.warmup, args.repeats
         )
         run = inner.run_vision_tower(tower, pixels, layer, strategy)
-        guidance = (inputs.get("guidance_input_ids"), inputs.get("guidance_attention_mask"))
+        guidance = (inputs.get(f"{guidance_prefix}_input_ids"), inputs.get(f"{guidance_prefix}_attention_mask"))
         row.compression = timings(
-            lambda: inner.compress_crops(run, *guidance, crops_per_image), args.warmup, args.repeats
+            lambda: inner.compress_crops(run, *guidance, crops_per_image, guidance_prefix), args.warmup, args.repeats
         )
         if model.config.tgvc_enabled:
             images = len(crops_per_image) if crops_per_image else pixels.shape[0]
             row.guidance_encoding = timings(
                 lambda: inner.encode_guidance(*guidance, images), args.warmup, args.repeats
             )
-    row.prefill = timings(prefiller(model, inputs, encoded), args.warmup, args.repeats)
+    row.prefill = timings(prefiller(model, inputs, encoded, modality), args.warmup, args.repeats)
     text = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-    prefilled = model(**text, mm_encoder_outputs={"image": encoded}, logits_to_keep=1, use_cache=True)
+    prefilled = model(**text, mm_encoder_outputs={modality: encoded}, logits_to_keep=1, use_cache=True)
     row.kv_cache_bytes = kv_cache_bytes(prefilled.cache)
-    row.peak_prefill_memory_bytes = peak_memory_bytes(prefiller(model, inputs, encoded), device)
+    row.peak_prefill_memory_bytes = peak_memory_bytes(prefiller(model, inputs, encoded, modality), device)
     pruning = getattr(prefilled.cache, "visiontrim_pruning", None)
     if pruning is not None:
         row.prompt_tokens_after_llm_stage = pruning.index.shape[1]
@@ -270,7 +293,7 @@ def measure_row(row: Row, model, inputs, args, device: torch.device) -> None:
     def generate(new_tokens: int, from_features: bool) -> Callable[[], object]:
         settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
         if from_features:  # the images already encoded: what differs between two lengths is decoding alone
-            return lambda: model.generate(**text, mm_encoder_outputs={"image": encoded}, **settings)
+            return lambda: model.generate(**text, mm_encoder_outputs={modality: encoded}, **settings)
         return lambda: model.generate(**inputs, **settings)
 
     row.end_to_end = timings(generate(args.new_tokens, from_features=False), args.warmup, args.repeats)
@@ -349,19 +372,44 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     pyplot.close(figure)
 
 
+def bench_video(video_path: str | None) -> np.ndarray:
+    """`VIDEO_FRAMES` frames `(frames, height, width, 3)`: sampled from `video_path`, or a pan over a bundled photo."""
+    if video_path is not None:
+        return sample_frames(Path(video_path), VIDEO_FRAMES)
+    photo = np.asarray(Image.open(sample_photo("coffee.jpg")).convert("RGB"))
+    side = photo.shape[0]
+    lefts = np.linspace(0, photo.shape[1] - side, VIDEO_FRAMES, dtype=int)
+    return np.stack([photo[:, left : left + side] for left in lefts])
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    image_size = VIDEO_LLAVA_IMAGE_SIZE if args.arch == "video-llava" else 336
     shapes = (
-        Shapes()
+        Shapes(image_size=image_size)
         if args.toy
-        else Shapes(**{**vars(LLAVA_15_SHAPES), "llm_layers": args.llm_layers, "llm_hidden": args.llm_hidden})
+        else Shapes(
+            **{
+                **vars(LLAVA_15_SHAPES),
+                "image_size": image_size,
+                "llm_layers": args.llm_layers,
+                "llm_hidden": args.llm_hidden,
+            }
+        )
     )
     model, processor = load_or_build(args.model, args.arch, None, shapes, dtype, args.device)
-    arch = "llava-next" if hasattr(model.config, "image_grid_pinpoints") else "llava"
+    arch = ARCH_OF_MODEL_TYPE[model.config.model_type]
     stock = stock_llava_with_same_weights(model)
-    image = bench_image(arch, args.image)
-    prompt = f"USER: {processor.image_token}\n{args.question} ASSISTANT:"
+    if arch == "video-llava":
+        media = {"videos": bench_video(args.video)}
+        prompt = f"USER: {processor.video_token}\n{args.question} ASSISTANT:"
+        pixels_key = "pixel_values_videos"
+    else:
+        image = bench_image(arch, args.image)
+        media = {"images": image}
+        prompt = f"USER: {processor.image_token}\n{args.question} ASSISTANT:"
+        pixels_key = "pixel_values"
 
     rows = []
     with torch.inference_mode():
@@ -375,8 +423,8 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 configure(model, processor, row)
                 net, row_processor = model, processor
-            inputs = row_processor(images=image, text=prompt, return_tensors="pt").to(device)
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            inputs = row_processor(text=prompt, return_tensors="pt", **media).to(device)
+            inputs[pixels_key] = inputs[pixels_key].to(dtype)
             logger.info("measuring %s", name)
             measure_row(row, net, inputs, args, device)
             rows.append(row)
@@ -389,7 +437,7 @@ def run(args: argparse.Namespace) -> dict:
     report = {
         "model": description,
         "arch": arch,
-        "image_size": list(image.size),
+        "media_size": list(media["images"].size) if "images" in media else list(media["videos"].shape[:3]),
         "question": args.question,
         "dtype": args.dtype,
         "warmup": args.warmup,
@@ -414,12 +462,13 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", choices=list(ARCH_NAMES), default="llava", help="shape of the random model")
+    parser.add_argument("--arch", choices=list(ROWS), default="llava", help="shape of the random model")
     parser.add_argument("--model", help="a converted VisionTrim checkpoint folder instead of a random model")
     parser.add_argument("--llm-layers", type=int, default=LLAVA_15_SHAPES.llm_layers)
     parser.add_argument("--llm-hidden", type=int, default=LLAVA_15_SHAPES.llm_hidden)
     parser.add_argument("--toy", action="store_true", help="tiny widths everywhere (for tests); the grid stays 24x24")
     parser.add_argument("--image", help="photo to run (default: a bundled photo)")
+    parser.add_argument("--video", help="video-llava: video to sample 8 frames from (default: a pan over a photo)")
     parser.add_argument("--question", default=DEFAULT_QUESTION)
     parser.add_argument("--new-tokens", type=int, default=16, help="fixed answer length for the end-to-end time")
     parser.add_argument("--warmup", type=int, default=1)

@@ -42,7 +42,8 @@ DEFAULT_QUESTION = "What animal is in the picture, and what is it lying on?"
 DOMINANT_MARK, SEED_MARK, MERGED_MARK = "D", "S", "."
 DOMINANT_COLOUR, SEED_COLOUR = (230, 30, 30, 255), (40, 90, 255, 255)
 STOCK, VISIONTRIM = "stock", "VisionTrim"
-ARCH_NAMES = {"llava": "LLaVA-1.5", "llava-next": "LLaVA-NeXT"}
+ARCH_NAMES = {"llava": "LLaVA-1.5", "llava-next": "LLaVA-NeXT", "video-llava": "Video-LLaVA"}
+IMAGE_ARCHS = ("llava", "llava-next")
 
 
 def sample_photo(name: str = "chelsea.jpg") -> Path:
@@ -105,7 +106,9 @@ def load_or_build(
 ) -> tuple[LlavaForConditionalGeneration | LlavaNextForConditionalGeneration, ProcessorMixin]:
     if model_path is None:
         logger.info(
-            "Building a random %s-shaped VisionTrim model (CLIP ViT-L/14-336 towers, small LLM)", ARCH_NAMES[arch]
+            "Building a random %s-shaped VisionTrim model (CLIP ViT-L/14 towers at %d px, small LLM)",
+            ARCH_NAMES[arch],
+            shapes.image_size,
         )
         config = build_config(shapes, arch=arch, visual_tokens=tokens or 64)
         return build_model(config).to(device=device, dtype=dtype), build_processor(config)
@@ -115,18 +118,31 @@ def load_or_build(
     return model.to(device).eval(), processor
 
 
-def encoder(model: LlavaForConditionalGeneration, inputs: BatchFeature) -> Callable[[], BaseModelOutputWithPooling]:
-    """Image encoding of `inputs` by `model` (with image sizes and guidance tensors, where the inputs hold them)."""
+def encoder(
+    model: LlavaForConditionalGeneration, inputs: BatchFeature, modality: str = "image"
+) -> Callable[[], BaseModelOutputWithPooling]:
+    """
+    Image (or, `modality="video"`, video) encoding of `inputs` by `model`, with the image sizes and guidance tensors
+    the inputs hold.
+    """
+    if modality == "video":
+        video_inputs = {key: value for key, value in inputs.items() if key.startswith("video_guidance_")}
+        return lambda: model.model.get_video_features(
+            pixel_values_videos=inputs["pixel_values_videos"], **video_inputs
+        )
     image_inputs = {key: value for key, value in inputs.items() if key.startswith("guidance_") or key == "image_sizes"}
     return lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"], **image_inputs)
 
 
 def prefiller(
-    model: LlavaForConditionalGeneration, inputs: BatchFeature, encoded: BaseModelOutputWithPooling
+    model: LlavaForConditionalGeneration,
+    inputs: BatchFeature,
+    encoded: BaseModelOutputWithPooling,
+    modality: str = "image",
 ) -> Callable[[], object]:
-    """LLM prefill of `inputs` with the images already encoded, keeping only the last logits, as generate() does."""
+    """LLM prefill of `inputs` with the images (or videos) already encoded, keeping the last logits, as generate()."""
     text = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-    return lambda: model(**text, mm_encoder_outputs={"image": encoded}, logits_to_keep=1)
+    return lambda: model(**text, mm_encoder_outputs={modality: encoded}, logits_to_keep=1)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -206,7 +222,7 @@ def run(args: argparse.Namespace) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a converted VisionTrim checkpoint folder (default: build a random one)")
     parser.add_argument(
-        "--arch", choices=list(ARCH_NAMES), default="llava", help="shape of the random model (without --model)"
+        "--arch", choices=IMAGE_ARCHS, default="llava", help="shape of the random model (without --model)"
     )
     parser.add_argument("--image", help="photo to run (default: the bundled chelsea.jpg)")
     parser.add_argument("--question", default=DEFAULT_QUESTION)
