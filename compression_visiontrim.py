@@ -1,6 +1,6 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-The two VisionTrim stages, shared by the LLaVA and LLaVA-NeXT classes (see `ALGORITHM.md`).
+The two VisionTrim stages, shared by the LLaVA, LLaVA-NeXT and video classes (see `ALGORITHM.md`).
 
 DVTS (dominant vision token selection) keeps the K_d most important patch tokens of a crop; TGVC (text-guided vision
 complement) merges the remaining tokens into K_c seeds chosen by their relevance to the question. Everything is batched

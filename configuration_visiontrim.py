@@ -95,7 +95,7 @@ def vision_attention_layer(
 @dataclass(kw_only=True)
 class VisionTrimSettings:
     """
-    The VisionTrim compression settings, shared by the LLaVA and LLaVA-NeXT configs. See `ALGORITHM.md`.
+    The VisionTrim compression settings, shared by the LLaVA, LLaVA-NeXT and video configs. See `ALGORITHM.md`.
 
     Args:
         reduction_ratio (`float`, defaults to `1 - 64/576`):

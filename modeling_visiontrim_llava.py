@@ -1,5 +1,8 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
-"""PyTorch VisionTrim LLaVA: LLaVA whose vision tokens are compressed by DVTS + TGVC before the projector."""
+"""
+PyTorch VisionTrim LLaVA: LLaVA, LLaVA-NeXT, Video-LLaVA and LLaVA-NeXT-Video whose vision tokens (per image crop and
+per video frame) are compressed by DVTS + TGVC before the projector.
+"""
 
 import math
 from collections.abc import Iterator
@@ -314,9 +317,9 @@ def build_language_model(config: VisionTrimSettings) -> nn.Module:
 
 class VisionTrimModelMixin:
     """
-    The VisionTrim parts of a LLaVA-family base model, shared by the LLaVA and LLaVA-NeXT classes: the CLIP text tower
-    (`guidance_encoder`), CLIP's `visual_projection` and `logit_scale` (named so a `CLIPModel`'s weights map one to
-    one), and DVTS + TGVC applied to a batch of crops.
+    The VisionTrim parts of a LLaVA-family base model, shared by the LLaVA, LLaVA-NeXT, Video-LLaVA and
+    LLaVA-NeXT-Video classes: the CLIP text tower (`guidance_encoder`), CLIP's `visual_projection` and `logit_scale`
+    (named so a `CLIPModel`'s weights map one to one), and DVTS + TGVC applied to a batch of crops or video frames.
     """
 
     config: VisionTrimSettings

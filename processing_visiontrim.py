@@ -1,5 +1,8 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
-"""Processor for VisionTrim LLaVA: as many image placeholders as the model keeps, and CLIP-tokenised guidance text."""
+"""
+Processors for VisionTrim LLaVA models: as many image and video placeholders as the model keeps, and the
+CLIP-tokenised guidance text of each image and video.
+"""
 
 import json
 

@@ -270,3 +270,22 @@ def test_video_qa_files_that_do_not_match_are_refused(tmp_path):
         main(["eval", "video-run", "--model", "unused", "--questions", str(tmp_path / "q.json"),
               "--gt-answers", str(tmp_path / "a.json"), "--videos", str(tmp_path / "videos"),
               "--answers", str(tmp_path / "out.json")])  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llm_stage_keeps_its_tokens_per_video(arch):
+    config = build_config(arch=arch, llm_stage_layer=1, llm_stage_tokens=16)
+    model, processor = build_model(config), build_processor(config)
+    inputs = processor(
+        text=[VIDEO_PROMPT, OTHER_VIDEO_PROMPT],
+        videos=[synthetic_clip(4, seed=1), synthetic_clip(4, seed=2)],
+        padding=True,
+    )
+    generated = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    pruning = generated.cache.visiontrim_pruning
+    video_tokens = (inputs["input_ids"] == config.video_token_id).sum(dim=1)
+    assert video_tokens.tolist() == [4 * config.visual_tokens] * 2
+    # Each row keeps its text (padding included, masked) and 16 of its video's tokens.
+    assert pruning.index.shape == (2, inputs["input_ids"].shape[1] - (4 * config.visual_tokens - 16))
+    kept_video = (inputs["input_ids"].gather(1, pruning.index) == config.video_token_id) & pruning.valid
+    assert kept_video.sum(dim=1).tolist() == [16, 16]
