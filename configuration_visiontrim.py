@@ -32,6 +32,9 @@ CLIP_L14_TEXT_CONFIG = {
     "projection_dim": 768,
 }
 
+# The default guidance text tower of every VisionTrim config: CLIP ViT-L/14's.
+GUIDANCE_SUB_CONFIG = SubConfigSpec(config_class=CLIPTextConfig, init_kwargs=CLIP_L14_TEXT_CONFIG)
+
 
 def round_half_up(value: float) -> int:
     """Rounds to the nearest integer, halves upwards (Python's `round` rounds halves to even)."""
@@ -308,7 +311,7 @@ class VisionTrimLlavaConfig(VisionTrimSettings, LlavaConfig):
     model_type = "visiontrim_llava"
     sub_configs_defaults = {
         **LlavaConfig.sub_configs_defaults,
-        "guidance_config": SubConfigSpec(config_class=CLIPTextConfig, init_kwargs=CLIP_L14_TEXT_CONFIG),
+        "guidance_config": GUIDANCE_SUB_CONFIG,
     }
 
 
@@ -361,7 +364,7 @@ class VisionTrimLlavaNextConfig(AnyresSettings, LlavaNextConfig):
     model_type = "visiontrim_llava_next"
     sub_configs_defaults = {
         **LlavaNextConfig.sub_configs_defaults,
-        "guidance_config": SubConfigSpec(config_class=CLIPTextConfig, init_kwargs=CLIP_L14_TEXT_CONFIG),
+        "guidance_config": GUIDANCE_SUB_CONFIG,
     }
 
 
@@ -381,7 +384,7 @@ class VisionTrimVideoLlavaConfig(VisionTrimSettings, VideoLlavaConfig):
     model_type = "visiontrim_video_llava"
     sub_configs_defaults = {
         **VideoLlavaConfig.sub_configs_defaults,
-        "guidance_config": SubConfigSpec(config_class=CLIPTextConfig, init_kwargs=CLIP_L14_TEXT_CONFIG),
+        "guidance_config": GUIDANCE_SUB_CONFIG,
     }
 
 
@@ -402,7 +405,7 @@ class VisionTrimLlavaNextVideoConfig(AnyresSettings, LlavaNextVideoConfig):
     model_type = "visiontrim_llava_next_video"
     sub_configs_defaults = {
         **LlavaNextVideoConfig.sub_configs_defaults,
-        "guidance_config": SubConfigSpec(config_class=CLIPTextConfig, init_kwargs=CLIP_L14_TEXT_CONFIG),
+        "guidance_config": GUIDANCE_SUB_CONFIG,
     }
 
 

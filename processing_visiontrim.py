@@ -328,6 +328,12 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
             tensor_type=return_tensors,
         )
 
+    def single_crop_image_tokens(self, image_inputs: dict, image_idx: int) -> int:
+        """Placeholders of an image seen as one crop (LLaVA-1.5, Video-LLaVA) when compressing: `visual_tokens`."""
+        height, width = get_image_size(to_numpy_array(image_inputs["pixel_values"][image_idx]))
+        num_patches = (height // self.patch_size) * (width // self.patch_size)
+        return visual_tokens_per_crop(num_patches, self.reduction_ratio)
+
     def compressed_video_tokens(self, video_inputs: dict, video_idx: int) -> int:
         """Placeholders of a video when compressing: `frames * visual_tokens` of the frame's patch grid."""
         frames = video_inputs["pixel_values_videos"][video_idx]
@@ -394,9 +400,7 @@ class VisionTrimProcessor(GuidanceProcessingMixin, LlavaProcessor):
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         if self.reduction_ratio == 0:
             return super().replace_image_token(image_inputs, image_idx, **kwargs)
-        height, width = get_image_size(to_numpy_array(image_inputs["pixel_values"][image_idx]))
-        num_patches = (height // self.patch_size) * (width // self.patch_size)
-        return self.image_token * visual_tokens_per_crop(num_patches, self.reduction_ratio)
+        return self.image_token * self.single_crop_image_tokens(image_inputs, image_idx)
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
         multimodal_data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, **kwargs)
@@ -558,9 +562,7 @@ class VisionTrimVideoLlavaProcessor(GuidanceProcessingMixin, VideoLlavaProcessor
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         if self.reduction_ratio == 0:
             return super().replace_image_token(image_inputs, image_idx, **kwargs)
-        height, width = get_image_size(to_numpy_array(image_inputs["pixel_values"][image_idx]))
-        num_patches = (height // self.patch_size) * (width // self.patch_size)
-        return self.image_token * visual_tokens_per_crop(num_patches, self.reduction_ratio)
+        return self.image_token * self.single_crop_image_tokens(image_inputs, image_idx)
 
 
 class VisionTrimLlavaNextVideoProcessor(VisionTrimLlavaNextProcessor, LlavaNextVideoProcessor):
