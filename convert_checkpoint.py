@@ -498,14 +498,15 @@ def assemble_weights(
         if clip_unused:
             raise ConversionError(f"{source.name} has keys that are not CLIP's: {sorted(clip_unused)}.")
         clip_vision = {key: value for key, value in clip_weights.items() if key.startswith(f"model.{tower}.")}
+        tower_name = tower.replace("_", " ")
         if llava.has_tower(tower):
             missing = sorted(set(clip_vision) - set(weights))
             if missing:
-                raise ConversionError(f"{llava.name}'s {tower} lacks weights CLIP has: {missing}.")
+                raise ConversionError(f"{llava.name}'s {tower_name} lacks weights CLIP has: {missing}.")
             distance, differing = vision_tower_distance(llava, clip_vision)
             provenance.append(
-                f"The {tower} is {llava.name}'s own (LLaVA's weights always win); it differs from {source.name}'s in "
-                f"{differing} of {len(clip_vision)} tensors, relative L2 distance {distance:.4g}."
+                f"The {tower_name} is {llava.name}'s own (LLaVA's weights always win); it differs from "
+                f"{source.name}'s in {differing} of {len(clip_vision)} tensors, relative L2 distance {distance:.4g}."
             )
         else:
             weights.update(clip_vision)
