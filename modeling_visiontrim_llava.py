@@ -586,7 +586,7 @@ class VisionTrimModelMixin:
         )
         return mm_encoder_outputs
 
-    def image_output(
+    def encoder_output(
         self, run: VisionTowerRun, compressed: CompressedCrops, image_features: list[torch.Tensor] | torch.Tensor
     ) -> VisionTrimImageOutput:
         """`get_image_features`' (or `get_video_features`') output: the tower's outputs, the kept tokens' indices and
@@ -716,7 +716,7 @@ class VisionTrimLlavaModel(VisionTrimModelMixin, LlavaModel):
         )
         compressed = self.compress_crops(run, guidance_input_ids, guidance_attention_mask)
         image_features = self.multi_modal_projector(compressed.features)
-        return self.image_output(run, compressed, list(image_features))
+        return self.encoder_output(run, compressed, list(image_features))
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -905,7 +905,7 @@ class AnyresModelMixin(VisionTrimModelMixin):
             features = torch.cat([features, newline], dim=1)
         tokens_per_crop = features.shape[1]
         per_image = torch.split(features.flatten(0, 1), [crops * tokens_per_crop for crops in crops_per_image])
-        return self.image_output(run, compressed, list(per_image))
+        return self.encoder_output(run, compressed, list(per_image))
 
 
 class VisionTrimLlavaNextModel(AnyresModelMixin, LlavaNextModel):
@@ -1111,7 +1111,7 @@ class VisionTrimVideoLlavaModel(VisionTrimModelMixin, VideoLlavaModel):
             self.image_tower, pixel_values, vision_feature_layer, vision_feature_select_strategy, **kwargs
         )
         compressed = self.compress_crops(run, guidance_input_ids, guidance_attention_mask)
-        return self.image_output(run, compressed, self.multi_modal_projector(compressed.features))
+        return self.encoder_output(run, compressed, self.multi_modal_projector(compressed.features))
 
     @merge_with_config_defaults
     @can_return_tuple
@@ -1142,7 +1142,7 @@ class VisionTrimVideoLlavaModel(VisionTrimModelMixin, VideoLlavaModel):
             video_guidance_attention_mask,
             **kwargs,
         )
-        return self.image_output(run, compressed, self.multi_modal_projector(compressed.features))
+        return self.encoder_output(run, compressed, self.multi_modal_projector(compressed.features))
 
     @can_return_tuple
     @deprecate_kwarg("pixel_values_images", version="v5.23", new_name="pixel_values")
@@ -1312,7 +1312,7 @@ class VisionTrimLlavaNextVideoModel(AnyresModelMixin, LlavaNextVideoModel):
             **kwargs,
         )
         features = self.multi_modal_projector(compressed.features)
-        return self.image_output(run, compressed, features.unflatten(0, pixel_values_videos.shape[:2]).flatten(1, 2))
+        return self.encoder_output(run, compressed, features.unflatten(0, pixel_values_videos.shape[:2]).flatten(1, 2))
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
