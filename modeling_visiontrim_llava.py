@@ -587,13 +587,13 @@ class VisionTrimModelMixin:
         return mm_encoder_outputs
 
     def encoder_output(
-        self, run: VisionTowerRun, compressed: CompressedCrops, image_features: list[torch.Tensor] | torch.Tensor
+        self, run: VisionTowerRun, compressed: CompressedCrops, features: list[torch.Tensor] | torch.Tensor
     ) -> VisionTrimImageOutput:
         """`get_image_features`' (or `get_video_features`') output: the tower's outputs, the kept tokens' indices and
         the projected tokens as `pooler_output`, laid out as the stock class lays them out."""
         return VisionTrimImageOutput(
             last_hidden_state=run.outputs.last_hidden_state,
-            pooler_output=image_features,
+            pooler_output=features,
             hidden_states=run.outputs.hidden_states,
             attentions=run.outputs.attentions,
             dominant_indices=compressed.dominant_indices,
