@@ -483,13 +483,9 @@ def assemble_weights(
     came from.
     """
     weights = dict(llava.weights)
-    text_weights, _ = map_keys(dict(clip.model.state_dict()), CLIP_TEXT_KEY_MAP)
-    weights.update(text_weights)
     provenance = []
     for tower, source, prefix in tower_sources(llava, clip, image_clip):
-        key_map = (
-            (r"^text_model\.", "text_model."),
-            (r"^text_projection\.weight$", "text_projection.weight"),
+        key_map = CLIP_TEXT_KEY_MAP + (
             (r"^visual_projection\.weight$", f"model.{prefix}visual_projection.weight"),
             (r"^logit_scale$", f"model.{prefix}logit_scale"),
             (r"^vision_model\.", f"model.{tower}."),
@@ -497,6 +493,10 @@ def assemble_weights(
         clip_weights, clip_unused = map_keys(dict(source.model.state_dict()), key_map)
         if clip_unused:
             raise ConversionError(f"{source.name} has keys that are not CLIP's: {sorted(clip_unused)}.")
+        if source is clip:  # the text tower that guides every vision tower
+            weights.update(
+                {key: value for key, value in clip_weights.items() if key.startswith("model.guidance_encoder.")}
+            )
         clip_vision = {key: value for key, value in clip_weights.items() if key.startswith(f"model.{tower}.")}
         tower_name = tower.replace("_", " ")
         if llava.has_tower(tower):
