@@ -610,9 +610,10 @@ class VisionTrimModelMixin:
         """
         Encodes the `modality` ("image" or "video") pixels with their guidance (in `encoder_kwargs`) before the LLM
         runs, as `generate()` does, so that the guidance tensors reach the encoder and never the LLM. Returns the
-        `(pixel_values, mm_encoder_outputs)` to hand to the stock `forward`.
+        `(pixel_values, mm_encoder_outputs)` to hand to the stock `forward`. Pixels of no image (an empty batch) are
+        handed over as they are.
         """
-        if pixel_values is None or (mm_encoder_outputs or {}).get(modality) is not None:
+        if pixel_values is None or pixel_values.size(0) == 0 or (mm_encoder_outputs or {}).get(modality) is not None:
             return pixel_values, mm_encoder_outputs
         encode = getattr(self, f"get_{modality}_features")
         return None, {**(mm_encoder_outputs or {}), modality: encode(pixel_values, return_dict=True, **encoder_kwargs)}
@@ -952,17 +953,16 @@ class VisionTrimLlavaNextModel(AnyresModelMixin, LlavaNextModel):
         guidance_attention_mask (`torch.Tensor` of shape `(images, text)`, *optional*):
             Mask of `guidance_input_ids`; a row of zeros marks an empty guidance text.
         """
-        if pixel_values is not None and pixel_values.size(0) > 0:
-            pixel_values, mm_encoder_outputs = self.encode_before_language_model(
-                "image",
-                pixel_values,
-                mm_encoder_outputs,
-                image_sizes=image_sizes,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                guidance_input_ids=guidance_input_ids,
-                guidance_attention_mask=guidance_attention_mask,
-            )
+        pixel_values, mm_encoder_outputs = self.encode_before_language_model(
+            "image",
+            pixel_values,
+            mm_encoder_outputs,
+            image_sizes=image_sizes,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            guidance_input_ids=guidance_input_ids,
+            guidance_attention_mask=guidance_attention_mask,
+        )
         return super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -1337,7 +1337,7 @@ class VisionTrimLlavaNextVideoModel(AnyresModelMixin, LlavaNextVideoModel):
         **kwargs,
     ) -> tuple | LlavaNextVideoModelOutputWithPast:
         mm_encoder_outputs = self.encode_media_before_language_model(
-            pixel_values if pixel_values is not None and pixel_values.size(0) > 0 else None,
+            pixel_values,
             pixel_values_videos,
             mm_encoder_outputs,
             vision_feature_layer,
