@@ -114,20 +114,6 @@ ARCHITECTURE_NAMES = {
     "video-llava": "Video-LLaVA",
     "llava-next-video": "LLaVA-NeXT-Video",
 }
-# The settings of Transformers' video processors that the (Pillow) VisionTrim video processor takes over.
-VIDEO_PROCESSOR_SETTINGS = (
-    "size",
-    "crop_size",
-    "resample",
-    "do_resize",
-    "do_center_crop",
-    "do_rescale",
-    "rescale_factor",
-    "do_normalize",
-    "image_mean",
-    "image_std",
-    "do_convert_rgb",
-)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 IMAGE_TOKEN = "<image>"
 # llava-hf's LLaVA-1.5 / LLaVA-1.6 (Vicuna) chat template: "USER: <image>\n<question> ASSISTANT:".
@@ -290,7 +276,8 @@ def read_video_processor(folder: Path, name: str) -> VisionTrimVideoProcessor:
             break
     else:
         raise ConversionError(f"{name} has no video_preprocessor_config.json (nor preprocessor_config.json).")
-    return VisionTrimVideoProcessor(**{key: settings[key] for key in VIDEO_PROCESSOR_SETTINGS if key in settings})
+    frame_settings = VisionTrimVideoProcessor.frame_settings
+    return VisionTrimVideoProcessor(**{key: settings[key] for key in frame_settings if key in settings})
 
 
 def read_llava_hf(folder: Path, arch: str, name: str) -> LlavaSource:

@@ -88,6 +88,20 @@ class VisionTrimVideoProcessor(VideoProcessorMixin):
     """
 
     model_input_names = ["pixel_values_videos"]
+    # The settings it shares with Transformers' video processors, and passes on to the frames' CLIP image processor.
+    frame_settings = (
+        "size",
+        "crop_size",
+        "resample",
+        "do_resize",
+        "do_center_crop",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+        "do_convert_rgb",
+    )
 
     def __init__(
         self,
@@ -119,19 +133,7 @@ class VisionTrimVideoProcessor(VideoProcessorMixin):
 
     def frame_processor(self) -> CLIPImageProcessorPil:
         """The Pillow CLIP image processor applied to each frame."""
-        return CLIPImageProcessorPil(
-            size=self.size,
-            crop_size=self.crop_size,
-            resample=self.resample,
-            do_resize=self.do_resize,
-            do_center_crop=self.do_center_crop,
-            do_rescale=self.do_rescale,
-            rescale_factor=self.rescale_factor,
-            do_normalize=self.do_normalize,
-            image_mean=self.image_mean,
-            image_std=self.image_std,
-            do_convert_rgb=self.do_convert_rgb,
-        )
+        return CLIPImageProcessorPil(**{name: getattr(self, name) for name in self.frame_settings})
 
     def preprocess(self, videos, return_tensors: str | None = None, **kwargs) -> BatchFeature:
         """`pixel_values_videos`: one `(frames, 3, height, width)` entry per video, stacked with `return_tensors`."""
