@@ -1,27 +1,34 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-The two VisionTrim stages, shared by the LLaVA, LLaVA-NeXT and video classes (see `ALGORITHM.md`).
+VisionTrim's vision stage as plain functions, shared by every model class (see `ALGORITHM.md`).
 
-DVTS (dominant vision token selection) keeps the K_d most important patch tokens of a crop; TGVC (text-guided vision
-complement) merges the remaining tokens into K_c seeds chosen by their relevance to the question. Everything is batched
-over crops, free of Python loops over tokens or crops, deterministic (stable sorts, first-index argmax, one-hot matmuls
-instead of scatter-adds) and computes scores in float32 whatever the model dtype.
+`compress_crops` is the whole stage for a batch of crops (image crops or video frames): DVTS (dominant vision token
+selection) keeps the K_d most important patch tokens of each crop; TGVC (text-guided vision complement) merges the
+remaining tokens into K_c seeds chosen by their relevance to the question. Its inputs come from `run_vision_tower`
+(the tower's outputs, with the one scored layer's queries and keys recorded) and the CLIP text tower.
+
+Everything is batched over crops, free of Python loops over tokens or crops, deterministic (stable sorts, first-index
+argmax, one-hot matmuls instead of scatter-adds) and computes scores in float32 whatever the model dtype.
 """
 
-import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers import CLIPTextModelWithProjection
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_visiontrim import VisionTrimSettings
 
 
-# LTAM weights of the paper (feature distance, position distance, position term).
-LTAM_FEATURE_WEIGHT = 1.0
-LTAM_POSITION_WEIGHT = 1.0
-LTAM_POSITION_SCALE = 0.5
+# The LTAM weights of the paper: kappa_ij = -||x_i - x_j||^2 / (w1 var(X)) + w3 * (-||p_i - p_j||^2 / (w2 var(P))).
+LTAM_W1 = 1.0
+LTAM_W2 = 1.0
+LTAM_W3 = 0.5
 # Weight of the CLS term in the released code's received-attention score.
 RECEIVED_ATTENTION_ALPHA = 0.5
 
@@ -71,113 +78,105 @@ def local_token_affinity(features: torch.Tensor, grid_size: int) -> torch.Tensor
             cols = slice(1 + col_offset, 1 + col_offset + grid_size)
             feature_distance = (grid - padded[:, rows, cols]).square().sum(dim=-1)
             position_distance = float(row_offset**2 + col_offset**2)
-            kappa = -feature_distance / (LTAM_FEATURE_WEIGHT * feature_variance.view(batch, 1, 1)) - (
-                LTAM_POSITION_SCALE * position_distance / (LTAM_POSITION_WEIGHT * position_variance)
+            kappa = -feature_distance / (LTAM_W1 * feature_variance.view(batch, 1, 1)) - (
+                LTAM_W3 * position_distance / (LTAM_W2 * position_variance)
             )
             affinity = affinity + torch.where(inside[:, rows, cols], kappa, 0.0)
     return affinity.view(batch, num_patches) / 9
 
 
-class DominantVisionTokenSelection(nn.Module):
-    """DVTS: scores every patch of a crop and keeps the `config.dominant_tokens` best, in raster order."""
+def dominant_token_scores(features: torch.Tensor, attention: torch.Tensor, score: str) -> torch.Tensor:
+    """
+    The DVTS score of every patch.
 
-    def __init__(self, config: VisionTrimSettings):
-        super().__init__()
-        self.config = config
+    Args:
+        features: `(batch, patches, dim)` patch features of the selected layer, CLS removed, in raster order.
+        attention: `(batch, rows, patches + 1)` head-mean attention of the same layer; row 0 is the CLS query, and
+            all `patches + 1` rows are needed for the received-attention score.
+        score: `"global_local"` (the paper's: CLS attention and LTAM, variance-weighted) or `"received_attention"`
+            (the released code's: CLS attention and the attention each patch receives from the others).
+    Returns:
+        `(batch, patches)` float32 scores.
+    """
+    cls_attention = attention[:, 0, 1:].float()
+    if score == "received_attention":
+        num_patches = features.shape[1]
+        patch_attention = attention[:, 1:, 1:].float()
+        patch_attention = patch_attention * (1 - torch.eye(num_patches, device=attention.device))
+        received = patch_attention.sum(dim=1) / (num_patches - 1)
+        return RECEIVED_ATTENTION_ALPHA * F.normalize(cls_attention, dim=-1) + (
+            1 - RECEIVED_ATTENTION_ALPHA
+        ) * F.normalize(received, dim=-1)
 
-    @property
-    def needs_full_attention(self) -> bool:
-        """Whether `forward` reads the whole attention map (received attention) or only its CLS row."""
-        return self.config.dvts_score == "received_attention"
-
-    def scores(self, features: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            features: `(batch, patches, dim)` patch features of the selected layer, CLS removed.
-            attention: `(batch, rows, patches + 1)` head-mean attention of the same layer; row 0 is the CLS query, and
-                all `patches + 1` rows are needed for the received-attention score.
-        Returns:
-            `(batch, patches)` float32 scores.
-        """
-        cls_attention = attention[:, 0, 1:].float()
-        if self.needs_full_attention:
-            num_patches = features.shape[1]
-            patch_attention = attention[:, 1:, 1:].float()
-            patch_attention = patch_attention * (1 - torch.eye(num_patches, device=attention.device))
-            received = patch_attention.sum(dim=1) / (num_patches - 1)
-            return RECEIVED_ATTENTION_ALPHA * F.normalize(cls_attention, dim=-1) + (
-                1 - RECEIVED_ATTENTION_ALPHA
-            ) * F.normalize(received, dim=-1)
-
-        grid_size = round(features.shape[1] ** 0.5)
-        global_scores = torch.softmax(cls_attention, dim=-1)
-        local_scores = torch.softmax(torch.softmax(local_token_affinity(features, grid_size), dim=-1), dim=-1)
-        global_variance = global_scores.var(dim=-1, keepdim=True)
-        local_variance = local_scores.var(dim=-1, keepdim=True)
-        total_variance = (global_variance + local_variance).clamp_min(torch.finfo(torch.float32).tiny)
-        return (local_variance / total_variance) * global_scores + (global_variance / total_variance) * local_scores
-
-    def forward(self, features: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """Returns the `(batch, dominant_tokens)` indices of the kept patches, ascending (raster order)."""
-        return top_indices_in_order(self.scores(features, attention), self.config.dominant_tokens)
+    grid_size = round(features.shape[1] ** 0.5)
+    global_scores = torch.softmax(cls_attention, dim=-1)
+    local_scores = torch.softmax(torch.softmax(local_token_affinity(features, grid_size), dim=-1), dim=-1)
+    global_variance = global_scores.var(dim=-1, keepdim=True)
+    local_variance = local_scores.var(dim=-1, keepdim=True)
+    total_variance = (global_variance + local_variance).clamp_min(torch.finfo(torch.float32).tiny)
+    return (local_variance / total_variance) * global_scores + (global_variance / total_variance) * local_scores
 
 
-class TextGuidedVisionComplement(nn.Module):
-    """TGVC: picks `config.complement_tokens` seeds by text relevance and merges the other tokens into them."""
+def select_dominant_tokens(
+    features: torch.Tensor, attention: torch.Tensor, num_tokens: int, score: str
+) -> torch.LongTensor:
+    """DVTS: the `(batch, num_tokens)` indices of the best-scored patches (`dominant_token_scores`), ascending."""
+    return top_indices_in_order(dominant_token_scores(features, attention, score), num_tokens)
 
-    def __init__(self, config: VisionTrimSettings):
-        super().__init__()
-        self.config = config
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        token_embeds: torch.Tensor,
-        text_embeds: torch.Tensor,
-        text_mask: torch.Tensor,
-        logit_scale: torch.Tensor,
-        visual_projection: nn.Module,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        Args:
-            tokens: `(batch, remaining, dim)` the tokens DVTS left, in raster order.
-            token_embeds: `(batch, remaining, proj)` their L2-normalised `visual_projection`.
-            text_embeds: `(batch, text, proj)` L2-normalised guidance token embeddings.
-            text_mask: `(batch, text)` bool, True for real guidance tokens (at least one per row); the embeddings at
-                other positions are ignored, whatever they hold.
-            logit_scale: CLIP's scalar logit scale (log of the temperature `s`).
-            visual_projection: CLIP's `visual_projection`, to re-embed the seeds after each update.
-        Returns:
-            The merged seeds `(batch, complement_tokens, dim)` and the seeds' positions in `tokens`
-            `(batch, complement_tokens)`, ascending.
-        """
-        num_seeds = self.config.complement_tokens
-        scale = logit_scale.float().exp().to(tokens.device)
-        text_embeds = text_embeds.float().masked_fill(~text_mask.unsqueeze(-1), 0)
-        similarity = scale * token_embeds.float() @ text_embeds.transpose(1, 2)
-        relevance = similarity.sum(dim=-1) / text_mask.sum(dim=-1, keepdim=True)
-        seed_positions = top_indices_in_order(relevance, num_seeds)
+def text_guided_complement(
+    tokens: torch.Tensor,
+    token_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    text_mask: torch.Tensor,
+    logit_scale: torch.Tensor,
+    visual_projection: nn.Module,
+    num_seeds: int,
+    merge_iterations: int,
+    merge_update: str,
+) -> tuple[torch.Tensor, torch.LongTensor]:
+    """
+    TGVC: picks `num_seeds` seeds by their relevance to the text and merges the other tokens into them.
 
-        is_seed = torch.zeros_like(relevance, dtype=torch.bool).scatter(1, seed_positions, True)
-        query_positions = positions_where_false(is_seed, tokens.shape[1] - num_seeds)
-        seeds = gather_tokens(tokens, seed_positions).float()
-        queries = gather_tokens(tokens, query_positions).float()
-        query_text = gather_tokens(similarity, query_positions)
-        original_seeds = seeds
-        for _ in range(self.config.merge_iterations):
-            seed_embeds = F.normalize(visual_projection(seeds.to(tokens.dtype)).float(), dim=-1)
-            affinity = query_text @ (scale * text_embeds @ seed_embeds.transpose(1, 2))
-            assignment = F.one_hot(affinity.argmax(dim=-1), num_seeds).float()
-            seeds = merge_step(seeds, original_seeds, assignment, queries, self.config.merge_update)
-        return seeds.to(tokens.dtype), seed_positions
+    Args:
+        tokens: `(batch, remaining, dim)` the tokens DVTS left, in raster order.
+        token_embeds: `(batch, remaining, proj)` their L2-normalised `visual_projection`.
+        text_embeds: `(batch, text, proj)` L2-normalised guidance token embeddings.
+        text_mask: `(batch, text)` bool, True for real guidance tokens (at least one per row); the embeddings at
+            other positions are ignored, whatever they hold.
+        logit_scale: CLIP's scalar logit scale (log of the temperature `s`).
+        visual_projection: CLIP's `visual_projection`, to re-embed the seeds after each update.
+        merge_iterations, merge_update: how often, and how (`merge_step`), the other tokens are merged into the seeds.
+    Returns:
+        The merged seeds `(batch, num_seeds, dim)` and the seeds' positions in `tokens` `(batch, num_seeds)`,
+        ascending.
+    """
+    scale = logit_scale.float().exp().to(tokens.device)
+    text_embeds = text_embeds.float().masked_fill(~text_mask.unsqueeze(-1), 0)
+    similarity = scale * token_embeds.float() @ text_embeds.transpose(1, 2)
+    relevance = similarity.sum(dim=-1) / text_mask.sum(dim=-1, keepdim=True)
+    seed_positions = top_indices_in_order(relevance, num_seeds)
+
+    is_seed = torch.zeros_like(relevance, dtype=torch.bool).scatter(1, seed_positions, True)
+    query_positions = positions_where_false(is_seed, tokens.shape[1] - num_seeds)
+    seeds = gather_tokens(tokens, seed_positions).float()
+    queries = gather_tokens(tokens, query_positions).float()
+    query_text = gather_tokens(similarity, query_positions)
+    original_seeds = seeds
+    for _ in range(merge_iterations):
+        seed_embeds = F.normalize(visual_projection(seeds.to(tokens.dtype)).float(), dim=-1)
+        affinity = query_text @ (scale * text_embeds @ seed_embeds.transpose(1, 2))
+        assignment = F.one_hot(affinity.argmax(dim=-1), num_seeds).float()
+        seeds = merge_step(seeds, original_seeds, assignment, queries, merge_update)
+    return seeds.to(tokens.dtype), seed_positions
 
 
 def merge_step(
     seeds: torch.Tensor, original_seeds: torch.Tensor, assignment: torch.Tensor, members: torch.Tensor, update: str
 ) -> torch.Tensor:
     """
-    One TGVC merge update, "add" (each seed adds the mean of its members) or "mean" (each seed becomes the mean of
-    its original self and its members).
+    One merge update, "add" (each seed adds the mean of its members) or "mean" (each seed becomes the mean of its
+    original self and its members). Used by TGVC and by the LLM stage.
 
     Args:
         seeds, original_seeds: `(batch, seeds, dim)` float32, now and before the first update.
@@ -193,133 +192,13 @@ def merge_step(
     return (original_seeds + assigned_sum) / (1 + assigned_count)
 
 
-def causal_attention_probabilities(
-    attention: nn.Module,
-    hidden_states: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    key_mask: torch.Tensor,
-) -> torch.Tensor:
-    """
-    What eager attention computes in a Llama-style block (RoPE, grouped key/value heads, causal, padding masked),
-    averaged over heads, in float32; one head at a time, so memory stays `(batch, tokens, tokens)`.
-
-    Args:
-        attention: the block (q_proj, k_proj, head_dim, num_key_value_groups, scaling).
-        hidden_states: `(batch, tokens, hidden)` its input (after the layer's input norm).
-        position_embeddings: its RoPE `(cos, sin)`, each `(batch, tokens, head_dim)`.
-        key_mask: `(batch, tokens)` bool, False for padding.
-    Returns:
-        `(batch, tokens, tokens)`; rows of padding queries attend to themselves only.
-    """
-    batch, tokens, _ = hidden_states.shape
-    head_dim = attention.head_dim
-    cos, sin = position_embeddings
-    query = attention.q_proj(hidden_states).view(batch, tokens, -1, head_dim).transpose(1, 2)
-    key = attention.k_proj(hidden_states).view(batch, tokens, -1, head_dim).transpose(1, 2)
-    query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    key = repeat_kv(key, attention.num_key_value_groups)
-    positions = torch.arange(tokens, device=hidden_states.device)
-    allowed = (positions[None, :, None] >= positions[None, None, :]) & key_mask[:, None, :]
-    allowed = allowed | torch.eye(tokens, dtype=torch.bool, device=hidden_states.device)
-    probabilities = torch.zeros(batch, tokens, tokens, device=hidden_states.device, dtype=torch.float32)
-    for head in range(query.shape[1]):
-        scores = query[:, head].float() @ key[:, head].float().transpose(1, 2) * attention.scaling
-        probabilities += torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    return probabilities / query.shape[1]
-
-
-def image_ids(visual_mask: torch.Tensor) -> torch.Tensor:
-    """`(batch, tokens)`: which image (0, 1, ...) of its sequence each visual token belongs to, -1 for text."""
-    starts = visual_mask & ~F.pad(visual_mask[:, :-1], (1, 0), value=False)
-    return torch.where(visual_mask, starts.long().cumsum(dim=1) - 1, -1)
-
-
-def llm_stage_scores(
-    probabilities: torch.Tensor, visual_mask: torch.Tensor, key_mask: torch.Tensor, rule: str
-) -> torch.Tensor:
-    """
-    How much each visual token matters to the prompt's text at one layer.
-
-    Args:
-        probabilities: `(batch, tokens, tokens)` head-mean attention of the layer.
-        visual_mask: `(batch, tokens)` True at visual tokens.
-        key_mask: `(batch, tokens)` False at padding.
-        rule: "text_to_image" (mean attention the text after the last image pays the token), "image_to_text" (mean
-            attention the token pays the text before the first image) or "both" (their mean).
-    Returns:
-        `(batch, tokens)` float32 scores, `-inf` outside visual tokens.
-    """
-    positions = torch.arange(visual_mask.shape[1], device=visual_mask.device)
-    visual_positions = torch.where(visual_mask, positions, -1)
-    last_visual = visual_positions.max(dim=1, keepdim=True).values
-    first_visual = torch.where(visual_mask, positions, visual_mask.shape[1]).min(dim=1, keepdim=True).values
-    text = key_mask & ~visual_mask
-    after = (text & (positions > last_visual)).float()
-    before = (text & (positions < first_visual)).float()
-    text_to_image = (probabilities * after[:, :, None]).sum(dim=1) / after.sum(dim=1, keepdim=True).clamp_min(1)
-    image_to_text = (probabilities * before[:, None, :]).sum(dim=2) / before.sum(dim=1, keepdim=True).clamp_min(1)
-    if rule == "both":
-        scores = (text_to_image + image_to_text) / 2
-    else:
-        scores = {"text_to_image": text_to_image, "image_to_text": image_to_text}[rule]
-    return scores.masked_fill(~visual_mask, float("-inf"))
-
-
-def keep_per_image(scores: torch.Tensor, visual_mask: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
-    """
-    `(batch, tokens)` True for text and for the `tokens_per_image` best-scored visual tokens of each image (ties to
-    the earlier token); an image with no more tokens keeps them all.
-    """
-    ids = image_ids(visual_mask)
-    positions = torch.arange(scores.shape[1], device=scores.device)
-    same_image = (ids[:, :, None] == ids[:, None, :]) & visual_mask[:, None, :]
-    better = (scores[:, None, :] > scores[:, :, None]) | (
-        (scores[:, None, :] == scores[:, :, None]) & (positions[None, None, :] < positions[None, :, None])
-    )
-    rank = (same_image & better).sum(dim=-1)
-    return ~visual_mask | (rank < tokens_per_image)
-
-
-def merge_into_kept(
-    hidden_states: torch.Tensor, keep: torch.Tensor, visual_mask: torch.Tensor, iterations: int, update: str
-) -> torch.Tensor:
-    """
-    Merges each dropped visual token into the kept visual token of its image it is most similar to
-    (`h_q . h_k / sqrt(d)`, argmax), `iterations` times, with TGVC's update ("add": a kept token adds the mean of its
-    dropped tokens each iteration; "mean": it becomes the mean of itself and them). Returns `(batch, tokens, hidden)`
-    with only the kept visual tokens changed.
-    """
-    ids = image_ids(visual_mask)
-    dropped, kept = visual_mask & ~keep, visual_mask & keep
-    allowed = dropped[:, :, None] & kept[:, None, :] & (ids[:, :, None] == ids[:, None, :])
-    assigned_rows = allowed.any(dim=-1, keepdim=True).float()
-    states = hidden_states.float()
-    merged, original = states, states
-    scale = 1 / math.sqrt(states.shape[-1])
-    for _ in range(iterations):
-        similarity = (states @ merged.transpose(1, 2) * scale).masked_fill(~allowed, float("-inf"))
-        assignment = F.one_hot(similarity.argmax(dim=-1), states.shape[1]).float() * assigned_rows
-        merged = merge_step(merged, original, assignment, states, update)
-    return torch.where(kept.unsqueeze(-1), merged.to(hidden_states.dtype), hidden_states)
-
-
-def pruned_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    The kept positions of each row in order, left-padded to the longest row: `(batch, kept)` indices into the
-    sequence, and `(batch, kept)` True where a slot holds a kept position (False: padding, index 0).
-    """
-    positions = torch.arange(keep.shape[1], device=keep.device)
-    order = torch.sort(torch.where(keep, positions, -1), dim=1).values[:, -int(keep.sum(dim=1).max()) :]
-    return order.clamp_min(0), order >= 0
-
-
-def top_indices_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+def top_indices_in_order(scores: torch.Tensor, k: int) -> torch.LongTensor:
     """The `(batch, k)` indices of the `k` highest `scores` `(batch, n)`, ties to the lower index, sorted ascending."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     return order[:, :k].sort(dim=-1).values
 
 
-def positions_where_false(mask: torch.Tensor, count: int) -> torch.Tensor:
+def positions_where_false(mask: torch.Tensor, count: int) -> torch.LongTensor:
     """The `(batch, count)` ascending positions where `mask` `(batch, n)` is False; every row has exactly `count`."""
     return torch.sort(mask.to(torch.uint8), dim=-1, stable=True).indices[:, :count]
 
@@ -329,14 +208,250 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
+# Outputs of the projections recorded while the vision tower runs, per thread/task (see `record_outputs`).
+_RECORDED_OUTPUTS: ContextVar[dict[nn.Module, torch.Tensor] | None] = ContextVar("visiontrim_recorded", default=None)
+
+
+def _record_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    recorded = _RECORDED_OUTPUTS.get()
+    if recorded is not None:
+        recorded[module] = output
+
+
+@contextmanager
+def record_outputs(*modules: nn.Module) -> Iterator[dict[nn.Module, torch.Tensor]]:
+    """
+    Records the outputs of `modules` during the block, keyed by module. The hooks live only for the block and write to
+    a context-local dict, so concurrent calls on one model each see their own tensors.
+    """
+    recorded: dict[nn.Module, torch.Tensor] = {}
+    context = _RECORDED_OUTPUTS.set(recorded)
+    handles = [module.register_forward_hook(_record_output) for module in modules]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+        _RECORDED_OUTPUTS.reset(context)
+
+
+@dataclass
+class VisionTowerRun:
+    """The vision tower's outputs for a batch of crops, with what DVTS needs of the scored layer's attention."""
+
+    outputs: BaseModelOutputWithPooling
+    features: torch.Tensor  # (crops, patches + 1, vision_hidden): the selected layer's features, CLS first
+    query: torch.Tensor  # (crops, patches + 1, vision_hidden): that layer's projected queries
+    key: torch.Tensor  # (crops, patches + 1, vision_hidden): its projected keys
+    num_heads: int
+    scaling: float
+
+
+@dataclass
+class CompressedCrops:
+    """DVTS + TGVC output for a batch of crops."""
+
+    features: torch.Tensor  # (crops, visual_tokens, vision_hidden): DVTS tokens, then the merged TGVC seeds
+    dominant_indices: torch.LongTensor  # (crops, dominant_tokens): raster indices in the crop's patch grid
+    complement_seed_indices: torch.LongTensor  # (crops, complement_tokens)
+
+
+def scored_attention_block(tower: nn.Module, layer_index: int) -> nn.Module:
+    """The attention block of `tower`'s encoder layer `layer_index`, whose queries and keys DVTS records."""
+    layers = getattr(getattr(tower, "encoder", None), "layers", None)
+    attention = getattr(layers[layer_index], "self_attn", None) if layers is not None else None
+    if attention is None or not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "num_heads", "scale")):
+        raise ValueError(
+            f"VisionTrim reads the attention of vision layer {layer_index} through "
+            f"`vision_tower.encoder.layers[{layer_index}].self_attn` (q_proj, k_proj, num_heads, scale), which "
+            f"{type(tower).__name__} does not have; use a CLIP-style vision tower."
+        )
+    return attention
+
+
+def run_vision_tower(
+    tower: nn.Module, pixel_values: torch.Tensor, vision_feature_layer: int, layer_index: int, **tower_kwargs
+) -> VisionTowerRun:
+    """
+    Runs `tower` on `(crops, 3, height, width)` pixels, keeping `hidden_states[vision_feature_layer]` (only that one
+    unless `tower_kwargs` ask for more) and recording the queries and keys of encoder layer `layer_index` (the one
+    producing it): no attention map is needed, so every layer keeps its fast attention kernel.
+    """
+    attention = scored_attention_block(tower, layer_index)
+    tower_kwargs.setdefault("output_hidden_states", vision_feature_layer)
+    with record_outputs(attention.q_proj, attention.k_proj) as recorded:
+        outputs = tower(pixel_values, return_dict=True, **tower_kwargs)
+    return VisionTowerRun(
+        outputs,
+        outputs.hidden_states[vision_feature_layer],
+        recorded[attention.q_proj],
+        recorded[attention.k_proj],
+        attention.num_heads,
+        attention.scale,
+    )
+
+
+def encode_guidance(
+    text_encoder: CLIPTextModelWithProjection,
+    guidance_input_ids: torch.LongTensor | None,
+    guidance_attention_mask: torch.Tensor | None,
+    num_units: int,
+    empty_guidance: str,
+    input_name: str = "guidance",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Encodes the guidance text of each image (or video) with the CLIP text tower.
+
+    Args:
+        guidance_input_ids: `(units, text)` CLIP token ids, one row per image (or video).
+        guidance_attention_mask: `(units, text)`; a row of zeros marks an empty guidance text.
+        num_units: how many images (or videos) there are.
+        empty_guidance: `config.empty_guidance`; `"error"` refuses an empty guidance text.
+        input_name: the inputs' name prefix in error messages ("guidance", or "video_guidance" for videos).
+    Returns:
+        L2-normalised float32 token embeddings `(units, text, projection_dim)` and their validity mask
+        `(units, text)` (bool; all False for an empty guidance text).
+    """
+    unit = "video" if input_name == "video_guidance" else "image"
+    if guidance_input_ids is None:
+        raise ValueError(
+            f"TGVC needs the question of each {unit}: pass `{input_name}_input_ids` and "
+            f"`{input_name}_attention_mask` (the VisionTrim processor returns them; give it `guidance_text=` to "
+            "choose the text), or set `config.dominant_ratio=1.0` to run DVTS only."
+        )
+    if guidance_attention_mask is None:
+        guidance_attention_mask = torch.ones_like(guidance_input_ids)
+    if guidance_input_ids.shape[0] != num_units or guidance_attention_mask.shape != guidance_input_ids.shape:
+        raise ValueError(
+            f"`{input_name}_input_ids` {tuple(guidance_input_ids.shape)} and `{input_name}_attention_mask` "
+            f"{tuple(guidance_attention_mask.shape)} must both have one row per {unit} ({num_units} {unit}s): "
+            f"the VisionTrim processor repeats each prompt's guidance for each of its {unit}s."
+        )
+    device = text_encoder.device
+    input_ids = guidance_input_ids.to(device)
+    text_mask = guidance_attention_mask.to(device).bool()
+    has_text = text_mask.any(dim=-1)
+    if empty_guidance == "error" and not bool(has_text.all()):
+        empty = torch.nonzero(~has_text).flatten().tolist()
+        raise ValueError(
+            f"The guidance text of {unit}(s) {empty} is empty, so TGVC has no question to rank tokens by: pass "
+            "a non-empty `guidance_text=` to the processor, or set `config.empty_guidance='cls_similarity'` to "
+            f"guide those {unit}s by their own CLS token."
+        )
+    # Rows without text still run on their special tokens, so no attention row is fully masked; they are ignored.
+    encoder_mask = torch.where(has_text.unsqueeze(-1), text_mask, torch.ones_like(text_mask))
+    hidden_states = text_encoder.text_model(input_ids=input_ids, attention_mask=encoder_mask.long())
+    text_embeds = F.normalize(text_encoder.text_projection(hidden_states.last_hidden_state).float(), dim=-1)
+    return text_embeds, text_mask
+
+
+def add_class_guidance(
+    text_embeds: torch.Tensor, text_mask: torch.Tensor, class_tokens: torch.Tensor, visual_projection: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Guides the crops without guidance text (`config.empty_guidance == "cls_similarity"`) by their own CLS token:
+    prepends a slot holding the crop's normalised `visual_projection(CLS)`, valid only for those crops.
+
+    Args:
+        text_embeds, text_mask: `(crops, text, projection_dim)` and `(crops, text)` from `encode_guidance`.
+        class_tokens: `(crops, vision_hidden)` CLS tokens of the selected vision layer.
+    """
+    has_text = text_mask.any(dim=-1)
+    if bool(has_text.all()):
+        return text_embeds, text_mask
+    class_embeds = F.normalize(visual_projection(class_tokens).float(), dim=-1).to(text_embeds.device)
+    text_embeds = torch.cat([class_embeds.unsqueeze(1), text_embeds], dim=1)
+    text_mask = torch.cat([~has_text.unsqueeze(-1), text_mask], dim=1)
+    return text_embeds, text_mask
+
+
+def compress_crops(
+    run: VisionTowerRun,
+    config: VisionTrimSettings,
+    visual_projection: nn.Module,
+    logit_scale: torch.Tensor,
+    text_encoder: CLIPTextModelWithProjection,
+    guidance_input_ids: torch.LongTensor | None,
+    guidance_attention_mask: torch.Tensor | None,
+    crops_per_unit: list[int],
+    input_name: str = "guidance",
+) -> CompressedCrops:
+    """
+    DVTS then TGVC on a batch of crops, all at once: each crop keeps `config.dominant_tokens` DVTS tokens followed by
+    `config.complement_tokens` merged TGVC seeds.
+
+    Args:
+        run: `run_vision_tower`'s result for `(crops, 3, height, width)` pixels.
+        visual_projection, logit_scale: the tower's CLIP head, into the guidance text's embedding space.
+        text_encoder: the CLIP text tower of the guidance (only run when TGVC is on).
+        guidance_input_ids, guidance_attention_mask: `(units, text)` guidance of each image (or video).
+        crops_per_unit: how many consecutive crops (or frames) each image (or video) has; the crops of a unit share
+            its guidance.
+        input_name: the guidance inputs' name prefix in error messages ("guidance" or "video_guidance").
+    """
+    class_tokens, patches = run.features[:, 0], run.features[:, 1:]
+    num_crops, num_patches, _ = patches.shape
+    if num_patches != config.num_patches:
+        raise ValueError(
+            f"The vision tower gave {num_patches} patch tokens per crop but the config expects "
+            f"{config.num_patches} ({config.vision_config.image_size} px / patch "
+            f"{config.vision_config.patch_size}): feed images at the tower's resolution."
+        )
+    num_dominant = config.dominant_tokens
+    if num_dominant > 0:
+        rows = run.key.shape[1] if config.dvts_score == "received_attention" else 1  # the CLS row is enough
+        attention = head_mean_attention(run.query[:, :rows], run.key, run.num_heads, run.scaling)
+        dominant_indices = select_dominant_tokens(patches, attention, num_dominant, config.dvts_score)
+    else:
+        dominant_indices = torch.empty(num_crops, 0, dtype=torch.long, device=patches.device)
+    dominant = gather_tokens(patches, dominant_indices)
+    if not config.tgvc_enabled:
+        return CompressedCrops(dominant, dominant_indices, dominant_indices[:, :0])
+
+    text_embeds, text_mask = encode_guidance(
+        text_encoder,
+        guidance_input_ids,
+        guidance_attention_mask,
+        len(crops_per_unit),
+        config.empty_guidance,
+        input_name,
+    )
+    repeats = torch.tensor(crops_per_unit, device=text_embeds.device)
+    text_embeds = text_embeds.repeat_interleave(repeats, dim=0).to(patches.device)
+    text_mask = text_mask.repeat_interleave(repeats, dim=0).to(patches.device)
+    text_embeds, text_mask = add_class_guidance(text_embeds, text_mask, class_tokens, visual_projection)
+
+    is_dominant = torch.zeros(num_crops, num_patches, dtype=torch.bool, device=patches.device)
+    is_dominant = is_dominant.scatter(1, dominant_indices, True)
+    remaining_indices = positions_where_false(is_dominant, num_patches - num_dominant)
+    remaining = gather_tokens(patches, remaining_indices)
+    remaining_embeds = F.normalize(visual_projection(remaining).float(), dim=-1)
+    merged, seed_positions = text_guided_complement(
+        remaining,
+        remaining_embeds,
+        text_embeds,
+        text_mask,
+        logit_scale,
+        visual_projection,
+        config.complement_tokens,
+        config.merge_iterations,
+        config.merge_update,
+    )
+    return CompressedCrops(
+        torch.cat([dominant, merged], dim=1), dominant_indices, remaining_indices.gather(1, seed_positions)
+    )
+
+
 __all__ = [
-    "DominantVisionTokenSelection",
-    "TextGuidedVisionComplement",
-    "causal_attention_probabilities",
+    "CompressedCrops",
+    "VisionTowerRun",
+    "compress_crops",
+    "dominant_token_scores",
+    "encode_guidance",
     "head_mean_attention",
-    "keep_per_image",
-    "llm_stage_scores",
     "local_token_affinity",
-    "merge_into_kept",
-    "pruned_order",
+    "merge_step",
+    "run_vision_tower",
+    "select_dominant_tokens",
+    "text_guided_complement",
 ]

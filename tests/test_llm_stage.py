@@ -9,13 +9,13 @@ import torch
 from transformers import LlamaConfig, LlamaModel
 
 from visiontrim import VisionTrimLlavaConfig
-from visiontrim.compression_visiontrim import (
+from visiontrim.llm_stage_visiontrim import (
     causal_attention_probabilities,
-    image_ids,
     keep_per_image,
     llm_stage_scores,
     merge_into_kept,
     pruned_order,
+    visual_unit_index,
 )
 from visiontrim.tools.build import Shapes, stock_llava_with_same_weights
 
@@ -53,7 +53,7 @@ def test_llm_stage_scores_by_direction():
 
 def test_keep_per_image_keeps_the_best_of_each_image_with_ties_to_the_earlier():
     visual = torch.tensor([[False, True, True, True, False, True, True, False]])
-    assert image_ids(visual).tolist() == [[-1, 0, 0, 0, -1, 1, 1, -1]]
+    assert visual_unit_index(visual).tolist() == [[-1, 0, 0, 0, -1, 1, 1, -1]]
     scores = torch.tensor([[0.0, 0.2, 0.9, 0.9, 0.0, 0.1, 0.3, 0.0]]).masked_fill(~visual, float("-inf"))
     keep = keep_per_image(scores, visual, 1)
     assert keep.tolist() == [[True, False, True, False, True, False, True, True]]

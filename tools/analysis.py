@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaNextProcessor
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from ..compression_visiontrim import causal_attention_probabilities
+from ..llm_stage_visiontrim import causal_attention_probabilities
 from .build import stock_llava_with_same_weights, stock_processor
 from .demo import first_crop_image
 from .evaluation.data import DataError, Question, column_names, load_local_dataset, read_json_lines

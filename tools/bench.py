@@ -27,6 +27,8 @@ import torch
 import transformers
 from PIL import Image
 
+from ..compression_visiontrim import compress_crops, encode_guidance, run_vision_tower
+from ..configuration_visiontrim import vision_attention_layer
 from .build import LLAVA_15_SHAPES, Shapes, stock_llava_with_same_weights, stock_processor
 from .demo import ARCH_NAMES, DEFAULT_QUESTION, encoder, load_or_build, prefiller, sample_photo
 from .evaluation.video import sample_frames
@@ -244,33 +246,39 @@ def measure_row(row: Row, model, inputs, args, device: torch.device) -> None:
     row.vision_encoding = timings(encode, args.warmup, args.repeats)
     encoded = encode()
     if row.tokens_per_crop is not None:
-        inner = model.model
-        if modality == "video":  # every frame is a crop of its video
-            videos, frames = inputs["pixel_values_videos"].shape[:2]
-            pixels, crops_per_image = inputs["pixel_values_videos"].flatten(0, 1), [frames] * videos
-            tower = inner.video_tower if hasattr(inner, "video_tower") else inner.vision_tower
-            guidance_prefix = "video_guidance"
-        else:
-            pixels = inputs["pixel_values"]
-            image_sizes = inputs.get("image_sizes")
-            crops_per_image = inner.crops_per_image(image_sizes) if image_sizes is not None else None
-            if pixels.dim() == 5:
-                pixels = torch.cat([p[:count] for p, count in zip(pixels, crops_per_image, strict=True)])
-            tower = inner.vision_tower if hasattr(inner, "vision_tower") else inner.image_tower
-            guidance_prefix = "guidance"
-        layer, strategy = model.config.vision_feature_layer, model.config.vision_feature_select_strategy
-        row.vision_tower = timings(
-            lambda: inner.run_vision_tower(tower, pixels, layer, strategy), args.warmup, args.repeats
+        inner, config = model.model, model.config
+        pixels = inputs["pixel_values_videos" if modality == "video" else "pixel_values"]
+        crops, crops_per_unit = inner.media_crops(modality, pixels, inputs.get("image_sizes"))
+        tower, (projection, logit_scale) = inner.vision_tower_for(modality), inner.clip_head(modality)
+        layer = config.vision_feature_layer
+        layer_index = vision_attention_layer(
+            layer, config.vision_feature_select_strategy, config.vision_config.num_hidden_layers, "config"
         )
-        run = inner.run_vision_tower(tower, pixels, layer, strategy)
+        row.vision_tower = timings(
+            lambda: run_vision_tower(tower, crops, layer, layer_index), args.warmup, args.repeats
+        )
+        run = run_vision_tower(tower, crops, layer, layer_index)
+        guidance_prefix = "video_guidance" if modality == "video" else "guidance"
         guidance = (inputs.get(f"{guidance_prefix}_input_ids"), inputs.get(f"{guidance_prefix}_attention_mask"))
         row.compression = timings(
-            lambda: inner.compress_crops(run, *guidance, crops_per_image, guidance_prefix), args.warmup, args.repeats
+            lambda: compress_crops(
+                run,
+                config,
+                projection,
+                logit_scale,
+                inner.guidance_encoder,
+                *guidance,
+                crops_per_unit,
+                guidance_prefix,
+            ),
+            args.warmup,
+            args.repeats,
         )
-        if model.config.tgvc_enabled:
-            images = len(crops_per_image) if crops_per_image else pixels.shape[0]
+        if config.tgvc_enabled:
             row.guidance_encoding = timings(
-                lambda: inner.encode_guidance(*guidance, images), args.warmup, args.repeats
+                lambda: encode_guidance(inner.guidance_encoder, *guidance, len(crops_per_unit), config.empty_guidance),
+                args.warmup,
+                args.repeats,
             )
     row.prefill = timings(prefiller(model, inputs, encoded, modality), args.warmup, args.repeats)
     text = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}

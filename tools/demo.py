@@ -24,7 +24,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..modeling_visiontrim_llava import VisionTrimImageOutput
+from ..modeling_visiontrim_llava import VisionTrimEncoderOutput
 from .build import (
     LLAVA_15_SHAPES,
     Shapes,
@@ -51,7 +51,7 @@ def sample_photo(name: str = "chelsea.jpg") -> Path:
     return Path(str(resources.files(__package__) / "assets" / name))
 
 
-def grid_map(output: VisionTrimImageOutput, grid_size: int) -> list[str]:
+def grid_map(output: VisionTrimEncoderOutput, grid_size: int) -> list[str]:
     """Rows of the patch grid: `D` kept by DVTS, `S` a TGVC seed, `.` merged into a seed (first image)."""
     cells = [MERGED_MARK] * grid_size**2
     for index in output.dominant_indices[0].tolist():
@@ -68,7 +68,7 @@ def first_crop_image(pixel_values: torch.Tensor, image_mean: list[float], image_
     return Image.fromarray((crop.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
 
 
-def save_overlay(crop: Image.Image, output: VisionTrimImageOutput, grid_size: int, path: Path) -> None:
+def save_overlay(crop: Image.Image, output: VisionTrimEncoderOutput, grid_size: int, path: Path) -> None:
     """Writes `crop` with its DVTS cells boxed in red and its TGVC seeds filled in blue, as PNG."""
     canvas = crop.convert("RGBA")
     layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))

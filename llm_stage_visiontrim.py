@@ -1,0 +1,336 @@
+# Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
+"""
+VisionTrim's optional LLM stage (see `ALGORITHM.md`, stage 3): during prefill, after decoder layer `L-1`, the visual
+tokens are ranked by that layer's attention to the prompt's text, `llm_stage_tokens` per image are kept, the others
+are merged into them, and layers >= `L` run on the shorter sequence with the kept tokens' original positions.
+
+The scoring, keep and merge steps are plain batched functions; `LlmStageDecoderMixin` wires them into a Llama-family
+decoder, with the cache bookkeeping that lets later decode steps mask each layer for its own cache length.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, LlamaModel, MistralModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .compression_visiontrim import gather_tokens, merge_step
+from .configuration_visiontrim import VisionTrimSettings
+
+
+def causal_attention_probabilities(
+    attention: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    key_mask: torch.Tensor,
+) -> torch.Tensor:
+    """
+    What eager attention computes in a Llama-style block (RoPE, grouped key/value heads, causal, padding masked),
+    averaged over heads, in float32; one head at a time, so memory stays `(batch, tokens, tokens)`.
+
+    Args:
+        attention: the block (q_proj, k_proj, head_dim, num_key_value_groups, scaling).
+        hidden_states: `(batch, tokens, hidden)` its input (after the layer's input norm).
+        position_embeddings: its RoPE `(cos, sin)`, each `(batch, tokens, head_dim)`.
+        key_mask: `(batch, tokens)` bool, False for padding.
+    Returns:
+        `(batch, tokens, tokens)`; rows of padding queries attend to themselves only.
+    """
+    batch, tokens, _ = hidden_states.shape
+    head_dim = attention.head_dim
+    cos, sin = position_embeddings
+    query = attention.q_proj(hidden_states).view(batch, tokens, -1, head_dim).transpose(1, 2)
+    key = attention.k_proj(hidden_states).view(batch, tokens, -1, head_dim).transpose(1, 2)
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    key = repeat_kv(key, attention.num_key_value_groups)
+    positions = torch.arange(tokens, device=hidden_states.device)
+    allowed = (positions[None, :, None] >= positions[None, None, :]) & key_mask[:, None, :]
+    allowed = allowed | torch.eye(tokens, dtype=torch.bool, device=hidden_states.device)
+    probabilities = torch.zeros(batch, tokens, tokens, device=hidden_states.device, dtype=torch.float32)
+    for head in range(query.shape[1]):
+        scores = query[:, head].float() @ key[:, head].float().transpose(1, 2) * attention.scaling
+        probabilities += torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return probabilities / query.shape[1]
+
+
+def visual_unit_index(visual_mask: torch.Tensor) -> torch.Tensor:
+    """`(batch, tokens)`: which image (0, 1, ...) of its sequence each visual token belongs to, -1 for text."""
+    starts = visual_mask & ~F.pad(visual_mask[:, :-1], (1, 0), value=False)
+    return torch.where(visual_mask, starts.long().cumsum(dim=1) - 1, -1)
+
+
+def llm_stage_scores(
+    probabilities: torch.Tensor, visual_mask: torch.Tensor, key_mask: torch.Tensor, rule: str
+) -> torch.Tensor:
+    """
+    How much each visual token matters to the prompt's text at one layer.
+
+    Args:
+        probabilities: `(batch, tokens, tokens)` head-mean attention of the layer.
+        visual_mask: `(batch, tokens)` True at visual tokens.
+        key_mask: `(batch, tokens)` False at padding.
+        rule: "text_to_image" (mean attention the text after the last image pays the token), "image_to_text" (mean
+            attention the token pays the text before the first image) or "both" (their mean).
+    Returns:
+        `(batch, tokens)` float32 scores, `-inf` outside visual tokens.
+    """
+    positions = torch.arange(visual_mask.shape[1], device=visual_mask.device)
+    visual_positions = torch.where(visual_mask, positions, -1)
+    last_visual = visual_positions.max(dim=1, keepdim=True).values
+    first_visual = torch.where(visual_mask, positions, visual_mask.shape[1]).min(dim=1, keepdim=True).values
+    text = key_mask & ~visual_mask
+    after = (text & (positions > last_visual)).float()
+    before = (text & (positions < first_visual)).float()
+    text_to_image = (probabilities * after[:, :, None]).sum(dim=1) / after.sum(dim=1, keepdim=True).clamp_min(1)
+    image_to_text = (probabilities * before[:, None, :]).sum(dim=2) / before.sum(dim=1, keepdim=True).clamp_min(1)
+    if rule == "both":
+        scores = (text_to_image + image_to_text) / 2
+    else:
+        scores = {"text_to_image": text_to_image, "image_to_text": image_to_text}[rule]
+    return scores.masked_fill(~visual_mask, float("-inf"))
+
+
+def keep_per_image(scores: torch.Tensor, visual_mask: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
+    """
+    `(batch, tokens)` True for text and for the `tokens_per_image` best-scored visual tokens of each image (ties to
+    the earlier token); an image with no more tokens keeps them all.
+    """
+    ids = visual_unit_index(visual_mask)
+    positions = torch.arange(scores.shape[1], device=scores.device)
+    same_image = (ids[:, :, None] == ids[:, None, :]) & visual_mask[:, None, :]
+    better = (scores[:, None, :] > scores[:, :, None]) | (
+        (scores[:, None, :] == scores[:, :, None]) & (positions[None, None, :] < positions[None, :, None])
+    )
+    rank = (same_image & better).sum(dim=-1)
+    return ~visual_mask | (rank < tokens_per_image)
+
+
+def merge_into_kept(
+    hidden_states: torch.Tensor, keep: torch.Tensor, visual_mask: torch.Tensor, iterations: int, update: str
+) -> torch.Tensor:
+    """
+    Merges each dropped visual token into the kept visual token of its image it is most similar to
+    (`h_q . h_k / sqrt(d)`, argmax), `iterations` times, with TGVC's update ("add": a kept token adds the mean of its
+    dropped tokens each iteration; "mean": it becomes the mean of itself and them). Returns `(batch, tokens, hidden)`
+    with only the kept visual tokens changed.
+    """
+    ids = visual_unit_index(visual_mask)
+    dropped, kept = visual_mask & ~keep, visual_mask & keep
+    allowed = dropped[:, :, None] & kept[:, None, :] & (ids[:, :, None] == ids[:, None, :])
+    assigned_rows = allowed.any(dim=-1, keepdim=True).float()
+    states = hidden_states.float()
+    merged, original = states, states
+    scale = 1 / math.sqrt(states.shape[-1])
+    for _ in range(iterations):
+        similarity = (states @ merged.transpose(1, 2) * scale).masked_fill(~allowed, float("-inf"))
+        assignment = F.one_hot(similarity.argmax(dim=-1), states.shape[1]).float() * assigned_rows
+        merged = merge_step(merged, original, assignment, states, update)
+    return torch.where(kept.unsqueeze(-1), merged.to(hidden_states.dtype), hidden_states)
+
+
+def pruned_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The kept positions of each row in order, left-padded to the longest row: `(batch, kept)` indices into the
+    sequence, and `(batch, kept)` True where a slot holds a kept position (False: padding, index 0).
+    """
+    positions = torch.arange(keep.shape[1], device=keep.device)
+    order = torch.sort(torch.where(keep, positions, -1), dim=1).values[:, -int(keep.sum(dim=1).max()) :]
+    return order.clamp_min(0), order >= 0
+
+
+@dataclass
+class LlmStagePruning:
+    """Which prompt positions the layers from `llm_stage_layer` on keep; saved on the cache for the decode steps."""
+
+    index: torch.LongTensor  # (batch, kept): kept prompt positions, left-padded
+    valid: torch.BoolTensor  # (batch, kept): False at padding slots
+    prompt_length: int
+
+
+class LlmStageDecoderMixin:
+    """
+    A Llama-family decoder with VisionTrim's LLM stage (`config.llm_stage_layer` of the VisionTrim config set as
+    `visiontrim_config`): during prefill, the visual tokens are ranked by layer `L-1`'s attention to the prompt's text,
+    `llm_stage_tokens` per image are kept, the others merged into them, and layers >= `L` run on the shorter sequence
+    with the kept tokens' original positions. Their cache holds the short prefix; every later step masks each layer
+    for its own cache length. With the stage off (or no visual token) this is the stock decoder, step for step; a
+    prompt continued on a cache that already holds tokens is not pruned.
+    """
+
+    visiontrim_config: VisionTrimSettings | None = None
+
+    def build_mask(self, inputs_embeds, attention_mask, cache, position_ids, layer_idx=None):
+        mask_function = create_causal_mask
+        if getattr(self.config, "sliding_window", None) is not None:
+            mask_function = create_sliding_window_causal_mask
+        return mask_function(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+            layer_idx=layer_idx,
+        )
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        visual_token_mask: torch.Tensor | None = None,
+        visual_keep_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        visual_token_mask (`torch.Tensor` of shape `(batch, tokens)`, *optional*):
+            True at visual tokens (from `input_ids == image_token_id`); without it nothing is pruned.
+        visual_keep_mask (`torch.Tensor` of shape `(batch, tokens)`, *optional*):
+            Kept positions to use instead of ranking them (to recompute a pruned prefix exactly).
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        stage = (
+            self.visiontrim_config
+            if self.visiontrim_config is not None and self.visiontrim_config.llm_stage_enabled
+            else None
+        )
+        pruning = getattr(cache, "visiontrim_pruning", None) if stage is not None else None
+        # Only a prompt on an empty cache is pruned: its positions are the whole prefix the later layers will see.
+        prune_now = (
+            stage is not None
+            and pruning is None
+            and (cache is None or cache.get_seq_length() == 0)
+            and visual_token_mask is not None
+            and inputs_embeds.shape[1] > 1
+            and bool(visual_token_mask.any())
+        )
+        batch, tokens = inputs_embeds.shape[:2]
+        key_mask = (
+            attention_mask.bool()
+            if attention_mask is not None
+            else torch.ones(batch, tokens, dtype=torch.bool, device=inputs_embeds.device)
+        )
+        causal_mask = self.build_mask(inputs_embeds, attention_mask, cache, position_ids)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        probabilities = None
+
+        for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            if stage is not None and index == stage.llm_stage_layer and (prune_now or pruning is not None):
+                if prune_now:
+                    keep = visual_keep_mask
+                    if keep is None:
+                        scores = llm_stage_scores(probabilities, visual_token_mask, key_mask, stage.llm_stage_score)
+                        keep = keep_per_image(scores, visual_token_mask, stage.llm_stage_tokens)
+                    keep = keep.bool() & key_mask
+                    hidden_states = merge_into_kept(
+                        hidden_states, keep, visual_token_mask, stage.merge_iterations, stage.merge_update
+                    )
+                    kept, valid = pruned_order(keep)
+                    pruning = LlmStagePruning(kept, valid, tokens)
+                    if cache is not None:
+                        cache.visiontrim_pruning = pruning
+                    hidden_states = gather_tokens(hidden_states, kept)
+                    position_ids = position_ids.expand(batch, -1).gather(1, kept)
+                    layer_mask = valid.long()
+                else:  # a decode step: the kept prefix, then every token seen since
+                    seen = cache.get_seq_length(stage.llm_stage_layer) + tokens - pruning.index.shape[1]
+                    tail = (
+                        attention_mask[:, pruning.prompt_length :]
+                        if attention_mask is not None
+                        else torch.ones(batch, seen, dtype=torch.long, device=inputs_embeds.device)
+                    )
+                    layer_mask = torch.cat([pruning.valid.long(), tail.long()], dim=1)
+                causal_mask = self.build_mask(hidden_states, layer_mask, cache, position_ids, stage.llm_stage_layer)
+                position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+            if prune_now and visual_keep_mask is None and index == stage.llm_stage_layer - 1:
+                probabilities = causal_attention_probabilities(
+                    decoder_layer.self_attn,
+                    decoder_layer.input_layernorm(hidden_states),
+                    position_embeddings,
+                    key_mask,
+                )
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+
+
+class VisionTrimLlamaModel(LlmStageDecoderMixin, LlamaModel):
+    """`LlamaModel` (Vicuna: LLaVA-1.5 and 1.6) with VisionTrim's LLM stage; same weights and key names."""
+
+
+class VisionTrimMistralModel(LlmStageDecoderMixin, MistralModel):
+    """`MistralModel` (LLaVA-1.6-Mistral) with VisionTrim's LLM stage; same weights and key names."""
+
+
+LLM_STAGE_DECODERS = {"llama": VisionTrimLlamaModel, "mistral": VisionTrimMistralModel}
+
+
+def build_language_model(config: VisionTrimSettings) -> nn.Module:
+    """The LLM: the LLM-stage decoder for Llama / Mistral (it reads `config` live), the stock one otherwise."""
+    decoder_class = LLM_STAGE_DECODERS.get(config.text_config.model_type)
+    if decoder_class is None:
+        return AutoModel.from_config(config.text_config)
+    decoder = decoder_class._from_config(config.text_config)
+    decoder.visiontrim_config = config
+    return decoder
+
+
+def visual_token_mask(input_ids: torch.LongTensor | None, config: VisionTrimSettings) -> dict[str, torch.Tensor]:
+    """
+    The decoder kwargs the LLM stage needs from a prompt: where its visual tokens are (`input_ids == image_token_id`,
+    or the video token, per row; a video's tokens are one unit, like an image's). Empty while the stage is off.
+    """
+    if not config.llm_stage_enabled or input_ids is None:
+        return {}
+    mask = input_ids == config.image_token_id
+    if (video_token_id := getattr(config, "video_token_id", None)) is not None:
+        mask |= input_ids == video_token_id
+    return {"visual_token_mask": mask}
+
+
+__all__ = [
+    "LlmStageDecoderMixin",
+    "VisionTrimLlamaModel",
+    "VisionTrimMistralModel",
+    "build_language_model",
+    "causal_attention_probabilities",
+    "keep_per_image",
+    "llm_stage_scores",
+    "merge_into_kept",
+    "pruned_order",
+    "visual_token_mask",
+    "visual_unit_index",
+]
