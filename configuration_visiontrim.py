@@ -1,9 +1,10 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """VisionTrim configuration: LLaVA configs plus the vision-token compression settings."""
 
+import functools
 import math
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, fields
+from typing import Any
 
 from transformers import (
     CLIPTextConfig,
@@ -22,6 +23,9 @@ LLM_STAGE_SCORES = ("both", "text_to_image", "image_to_text")
 LLM_STAGE_TEXT_MODELS = ("llama", "mistral")
 MERGE_UPDATES = ("add", "mean")
 EMPTY_GUIDANCE_RULES = ("error", "cls_similarity")
+
+# The published budget: 64 of CLIP ViT-L/14-336's 576 patch tokens per crop (88.9% removed).
+DEFAULT_REDUCTION_RATIO = 1 - 64 / 576
 
 # The text tower of openai/clip-vit-large-patch14-336, whose vision tower LLaVA-1.5 and LLaVA-1.6 use.
 CLIP_L14_TEXT_CONFIG = {
@@ -95,6 +99,20 @@ def vision_attention_layer(
     return layer % (num_layers + 1) - 1
 
 
+@functools.cache
+def settings_fields(config_class: type) -> frozenset[str]:
+    """
+    The names of `config_class`'s VisionTrim settings: the fields of the settings dataclass it derives from
+    (`VisionTrimSettings` or one of its subclasses that is not itself a model config), not the LLaVA fields.
+    """
+    settings_class = next(
+        base
+        for base in config_class.__mro__
+        if issubclass(base, VisionTrimSettings) and not issubclass(base, PreTrainedConfig)
+    )
+    return frozenset(field.name for field in fields(settings_class)) - {"guidance_config"}
+
+
 @dataclass(kw_only=True)
 class VisionTrimSettings:
     """
@@ -136,22 +154,9 @@ class VisionTrimSettings:
             The CLIP text tower that encodes the guidance text; defaults to CLIP ViT-L/14-336's.
     """
 
-    _compression_fields: ClassVar[tuple[str, ...]] = (
-        "reduction_ratio",
-        "dominant_ratio",
-        "dvts_score",
-        "merge_iterations",
-        "merge_update",
-        "empty_guidance",
-        "projection_dim",
-        "llm_stage_layer",
-        "llm_stage_tokens",
-        "llm_stage_score",
-    )
-
     guidance_config: dict | PreTrainedConfig | None = None
     projection_dim: int = 768
-    reduction_ratio: int | float = 1 - 64 / 576
+    reduction_ratio: int | float = DEFAULT_REDUCTION_RATIO
     dominant_ratio: int | float = 0.75
     dvts_score: str = "global_local"
     merge_iterations: int = 3
@@ -169,7 +174,7 @@ class VisionTrimSettings:
 
     def __setattr__(self, name: str, value: Any) -> None:
         # `from_pretrained(..., reduction_ratio=...)` sets fields after construction: check those values too.
-        if name in self._compression_fields and getattr(self, "_post_init_done", False):
+        if name in settings_fields(type(self)) and getattr(self, "_post_init_done", False):
             previous = getattr(self, name)
             super().__setattr__(name, value)
             try:
@@ -326,8 +331,6 @@ class AnyresSettings(VisionTrimSettings):
             Whether the model's `image_newline` embedding follows each crop's tokens. An image of `c` crops then gives
             `c * (visual_tokens + 1)` tokens: base crop first, then the high-res crops in raster order.
     """
-
-    _compression_fields: ClassVar[tuple[str, ...]] = (*VisionTrimSettings._compression_fields, "crop_newline")
 
     crop_newline: bool = True
 

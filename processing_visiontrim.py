@@ -21,15 +21,18 @@ from transformers.image_utils import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     PILImageResampling,
-    get_image_size,
-    to_numpy_array,
 )
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.utils import CONFIG_NAME, cached_file
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import make_batched_videos
 
-from .configuration_visiontrim import check_reduction_ratio, reduction_ratio_for_tokens, visual_tokens_per_crop
+from .configuration_visiontrim import (
+    DEFAULT_REDUCTION_RATIO,
+    check_reduction_ratio,
+    reduction_ratio_for_tokens,
+    visual_tokens_per_crop,
+)
 
 
 # `from_pretrained` arguments that locate files (used to find the model's config.json beside the processor's files).
@@ -169,61 +172,27 @@ class VideoProcessorCheckMixin:
         return super().check_argument_for_proper_class(argument_name, argument)
 
 
+class GuidanceTokenizerAttribute(ProcessorMixin):
+    """
+    Comes after the stock processor class in a VisionTrim processor's bases, so that the stock `__init__`'s call to
+    `ProcessorMixin.__init__` also hands over `guidance_tokenizer` (set on the processor first): a sub-processor of its
+    own, saved in `guidance_tokenizer/`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, guidance_tokenizer=self.guidance_tokenizer, **kwargs)
+
+
 class GuidanceProcessingMixin(VideoProcessorCheckMixin):
     """
     What VisionTrim processors add to the stock LLaVA ones: the CLIP `guidance_tokenizer`, the budget
-    (`reduction_ratio`) and, when there are images, `guidance_input_ids` / `guidance_attention_mask` `(images, text)`:
-    one row per image, the guidance of the prompt the image belongs to.
+    (`reduction_ratio`), placeholders for the kept tokens only and, when there are images (videos),
+    `guidance_input_ids` / `guidance_attention_mask` (`video_guidance_*`) `(images, text)`: one row per image (video),
+    the guidance of the prompt it belongs to. A processor's `__init__` sets the guidance tokenizer, calls the stock
+    `__init__` with its own arguments, then sets the budget.
     """
 
-    def init_processor(
-        self,
-        image_processor,
-        tokenizer,
-        guidance_tokenizer,
-        patch_size: int | None,
-        vision_feature_select_strategy: str | None,
-        chat_template: str | None,
-        image_token: str,
-        num_additional_image_tokens: int,
-        reduction_ratio: float,
-        visual_tokens: int | None,
-        guidance_max_length: int,
-        video_processor=None,
-        video_token: str | None = None,
-    ) -> None:
-        """
-        The stock LLaVA processors' `__init__`, plus the guidance tokenizer and the budget; the video processors also
-        give `video_processor` and `video_token`.
-        """
-        self.check_guidance_tokenizer(guidance_tokenizer)
-        self.guidance_max_length = guidance_max_length
-        self.patch_size = patch_size
-        self.num_additional_image_tokens = num_additional_image_tokens
-        self.vision_feature_select_strategy = vision_feature_select_strategy
-        self.image_token = tokenizer.image_token if hasattr(tokenizer, "image_token") else image_token
-        self.image_token_id = (
-            tokenizer.image_token_id
-            if getattr(tokenizer, "image_token_id", None)
-            else tokenizer.convert_tokens_to_ids(self.image_token)
-        )
-        sub_processors = {
-            "image_processor": image_processor,
-            "tokenizer": tokenizer,
-            "guidance_tokenizer": guidance_tokenizer,
-        }
-        if video_token is not None:
-            self.video_token = tokenizer.video_token if hasattr(tokenizer, "video_token") else video_token
-            self.video_token_id = (
-                tokenizer.video_token_id
-                if getattr(tokenizer, "video_token_id", None)
-                else tokenizer.convert_tokens_to_ids(self.video_token)
-            )
-            sub_processors["video_processor"] = video_processor
-        ProcessorMixin.__init__(self, **sub_processors, chat_template=chat_template)
-        self.init_budget(reduction_ratio, visual_tokens)
-
-    def check_guidance_tokenizer(self, guidance_tokenizer) -> None:
+    def set_guidance_tokenizer(self, guidance_tokenizer, guidance_max_length: int) -> None:
         """Refuses anything but a CLIP tokenizer (Transformers loads the LLM tokenizer if its folder is missing)."""
         if not isinstance(guidance_tokenizer, CLIPTokenizer):
             raise ValueError(
@@ -231,8 +200,10 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
                 "tower the VisionTrim model holds (saved in the `guidance_tokenizer/` folder), got "
                 f"{type(guidance_tokenizer).__name__}."
             )
+        self.guidance_tokenizer = guidance_tokenizer
+        self.guidance_max_length = guidance_max_length
 
-    def init_budget(self, reduction_ratio: float, visual_tokens: int | None) -> None:
+    def set_budget(self, reduction_ratio: float, visual_tokens: int | None) -> None:
         """Sets `reduction_ratio` (from `visual_tokens` when given), checked against the crop's patch count."""
         if visual_tokens is not None:
             reduction_ratio = reduction_ratio_for_tokens(visual_tokens, self.num_patches, type(self).__name__)
@@ -330,26 +301,82 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
             tensor_type=return_tensors,
         )
 
-    def single_crop_image_tokens(self, image_inputs: dict, image_idx: int) -> int:
-        """Placeholders of an image seen as one crop (LLaVA-1.5, Video-LLaVA) when compressing: `visual_tokens`."""
-        height, width = get_image_size(to_numpy_array(image_inputs["pixel_values"][image_idx]))
-        num_patches = (height // self.patch_size) * (width // self.patch_size)
+    def crop_tokens(self, crop_size: tuple[int, int]) -> int:
+        """Tokens kept of one crop (or video frame) of `crop_size` (height, width) when compressing."""
+        crop_height, crop_width = crop_size
+        num_patches = (crop_height // self.patch_size) * (crop_width // self.patch_size)
         return visual_tokens_per_crop(num_patches, self.reduction_ratio)
 
-    def compressed_video_tokens(self, video_inputs: dict, video_idx: int) -> int:
-        """Placeholders of a video when compressing: `frames * visual_tokens` of the frame's patch grid."""
-        frames = video_inputs["pixel_values_videos"][video_idx]
-        height, width = frames.shape[-2:]
-        num_patches = (height // self.patch_size) * (width // self.patch_size)
-        return frames.shape[0] * visual_tokens_per_crop(num_patches, self.reduction_ratio)
+    def compressed_image_tokens(self, image_size: tuple[int, int], crop_size: tuple[int, int]) -> int:
+        """Placeholders of an image when compressing: the tokens of its one crop."""
+        return self.crop_tokens(crop_size)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        if self.reduction_ratio == 0:
+            return super().replace_image_token(image_inputs, image_idx, **kwargs)
+        crop_size = tuple(image_inputs["pixel_values"][image_idx].shape[-2:])
+        image_size = image_inputs["image_sizes"][image_idx] if "image_sizes" in image_inputs else crop_size
+        image_size = image_size.tolist() if hasattr(image_size, "tolist") else image_size
+        return self.image_token * self.compressed_image_tokens(tuple(image_size), crop_size)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        multimodal_data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, **kwargs)
+        if image_sizes is not None and self.reduction_ratio > 0:
+            crop_size = (self.image_processor.crop_size["height"], self.image_processor.crop_size["width"])
+            multimodal_data.num_image_tokens = [
+                self.compressed_image_tokens(tuple(size), crop_size) for size in image_sizes
+            ]
+        return multimodal_data
 
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
         if self.reduction_ratio == 0:
             return super().replace_video_token(video_inputs, video_idx, **kwargs)
-        return self.video_token * self.compressed_video_tokens(video_inputs, video_idx)
+        frames = video_inputs["pixel_values_videos"][video_idx]
+        return self.video_token * frames.shape[0] * self.crop_tokens(frames.shape[-2:])
 
 
-class VisionTrimProcessor(GuidanceProcessingMixin, LlavaProcessor):
+class AnyresProcessingMixin(GuidanceProcessingMixin):
+    """
+    The anyres image counts of the LLaVA-NeXT and LLaVA-NeXT-Video processors: an image becomes `crops *
+    (visual_tokens + crop_newline)` placeholders, its crops (the base view plus the high-res grid chosen from
+    `image_grid_pinpoints`) following from its size alone. Loading checks the pinpoints against the model's config.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`ProcessorMixin.from_pretrained`, then the pinpoints check against the `config.json` beside the files."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+        config_file = cached_file(
+            pretrained_model_name_or_path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+        )
+        if config_file is not None:
+            with open(config_file, encoding="utf-8") as reader:
+                model_pinpoints = json.load(reader).get("image_grid_pinpoints")
+            processor.check_pinpoints(model_pinpoints)
+        return processor
+
+    def check_pinpoints(self, model_pinpoints: list[list[int]] | None) -> None:
+        """Raises a `ValueError` unless the image processor's `image_grid_pinpoints` equal the model config's."""
+        processor_pinpoints = [list(pinpoint) for pinpoint in self.image_processor.image_grid_pinpoints]
+        if model_pinpoints is not None and processor_pinpoints != [list(pinpoint) for pinpoint in model_pinpoints]:
+            raise ValueError(
+                f"The image processor's image_grid_pinpoints {processor_pinpoints} differ from the model config's "
+                f"{model_pinpoints}: the processor would count other crops than the model encodes. Make "
+                "`image_grid_pinpoints` equal in processor_config.json (image_processor) and config.json."
+            )
+
+    def num_crops(self, image_size: tuple[int, int], crop_size: tuple[int, int]) -> int:
+        """Crops of an image of `image_size`: the base view plus the grid of its best pinpoint resolution."""
+        best_height, best_width = select_best_resolution(list(image_size), self.image_processor.image_grid_pinpoints)
+        return (best_height // crop_size[0]) * (best_width // crop_size[1]) + 1
+
+    def compressed_image_tokens(self, image_size: tuple[int, int], crop_size: tuple[int, int]) -> int:
+        """Placeholders of an image when compressing: `crops * (visual_tokens + crop_newline)`."""
+        return self.num_crops(image_size, crop_size) * (self.crop_tokens(crop_size) + int(self.crop_newline))
+
+
+class VisionTrimProcessor(GuidanceProcessingMixin, LlavaProcessor, GuidanceTokenizerAttribute):
     r"""
     A LLaVA processor for VisionTrim models. It expands each `<image>` into the number of tokens the model keeps per
     image (`visual_tokens`, from `reduction_ratio`) and adds each image's guidance text, CLIP-tokenised, as
@@ -380,38 +407,25 @@ class VisionTrimProcessor(GuidanceProcessingMixin, LlavaProcessor):
         chat_template=None,
         image_token="<image>",
         num_additional_image_tokens=0,
-        reduction_ratio=1 - 64 / 576,
+        reduction_ratio=DEFAULT_REDUCTION_RATIO,
         visual_tokens=None,
         guidance_max_length=77,
         **kwargs,
     ):
-        self.init_processor(
-            image_processor,
-            tokenizer,
-            guidance_tokenizer,
-            patch_size,
-            vision_feature_select_strategy,
-            chat_template,
-            image_token,
-            num_additional_image_tokens,
-            reduction_ratio,
-            visual_tokens,
-            guidance_max_length,
+        self.set_guidance_tokenizer(guidance_tokenizer, guidance_max_length)
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            num_additional_image_tokens=num_additional_image_tokens,
         )
-
-    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        if self.reduction_ratio == 0:
-            return super().replace_image_token(image_inputs, image_idx, **kwargs)
-        return self.image_token * self.single_crop_image_tokens(image_inputs, image_idx)
-
-    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
-        multimodal_data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, **kwargs)
-        if image_sizes is not None and self.reduction_ratio > 0:
-            multimodal_data.num_image_tokens = [self.visual_tokens] * len(image_sizes)
-        return multimodal_data
+        self.set_budget(reduction_ratio, visual_tokens)
 
 
-class VisionTrimLlavaNextProcessor(GuidanceProcessingMixin, LlavaNextProcessor):
+class VisionTrimLlavaNextProcessor(AnyresProcessingMixin, LlavaNextProcessor, GuidanceTokenizerAttribute):
     r"""
     A LLaVA-NeXT (anyres) processor for VisionTrim models. Each `<image>` becomes `crops * (visual_tokens +
     crop_newline)` placeholders, where `crops` (the base view plus the high-res grid chosen from
@@ -437,80 +451,27 @@ class VisionTrimLlavaNextProcessor(GuidanceProcessingMixin, LlavaNextProcessor):
         chat_template=None,
         image_token="<image>",
         num_additional_image_tokens=0,
-        reduction_ratio=1 - 64 / 576,
+        reduction_ratio=DEFAULT_REDUCTION_RATIO,
         visual_tokens=None,
         guidance_max_length=77,
         crop_newline=True,
         **kwargs,
     ):
         self.crop_newline = crop_newline
-        self.init_processor(
-            image_processor,
-            tokenizer,
-            guidance_tokenizer,
-            patch_size,
-            vision_feature_select_strategy,
-            chat_template,
-            image_token,
-            num_additional_image_tokens,
-            reduction_ratio,
-            visual_tokens,
-            guidance_max_length,
+        self.set_guidance_tokenizer(guidance_tokenizer, guidance_max_length)
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            num_additional_image_tokens=num_additional_image_tokens,
         )
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """`ProcessorMixin.from_pretrained`, then the pinpoints check against the `config.json` beside the files."""
-        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-        config_file = cached_file(
-            pretrained_model_name_or_path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
-        )
-        if config_file is not None:
-            with open(config_file, encoding="utf-8") as reader:
-                model_pinpoints = json.load(reader).get("image_grid_pinpoints")
-            processor.check_pinpoints(model_pinpoints)
-        return processor
-
-    def check_pinpoints(self, model_pinpoints: list[list[int]] | None) -> None:
-        """Raises a `ValueError` unless the image processor's `image_grid_pinpoints` equal the model config's."""
-        processor_pinpoints = [list(pinpoint) for pinpoint in self.image_processor.image_grid_pinpoints]
-        if model_pinpoints is not None and processor_pinpoints != [list(pinpoint) for pinpoint in model_pinpoints]:
-            raise ValueError(
-                f"The image processor's image_grid_pinpoints {processor_pinpoints} differ from the model config's "
-                f"{model_pinpoints}: the processor would count other crops than the model encodes. Make "
-                "`image_grid_pinpoints` equal in processor_config.json (image_processor) and config.json."
-            )
-
-    def num_crops(self, height: int, width: int, crop_height: int, crop_width: int) -> int:
-        """Crops of an image of `height` x `width`: the base view plus the grid of its best pinpoint resolution."""
-        best_height, best_width = select_best_resolution([height, width], self.image_processor.image_grid_pinpoints)
-        return (best_height // crop_height) * (best_width // crop_width) + 1
-
-    def compressed_image_tokens(self, height: int, width: int, crop_height: int, crop_width: int) -> int:
-        """Placeholders of an image when compressing: `crops * (visual_tokens + crop_newline)`."""
-        return self.num_crops(height, width, crop_height, crop_width) * (self.visual_tokens + int(self.crop_newline))
-
-    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        if self.reduction_ratio == 0:
-            return super().replace_image_token(image_inputs, image_idx, **kwargs)
-        image_size = image_inputs["image_sizes"][image_idx]
-        height, width = image_size.tolist() if hasattr(image_size, "tolist") else image_size
-        crop_height, crop_width = image_inputs["pixel_values"][0][0].shape[-2:]
-        return self.image_token * self.compressed_image_tokens(height, width, crop_height, crop_width)
-
-    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
-        multimodal_data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, **kwargs)
-        if image_sizes is not None and self.reduction_ratio > 0:
-            crop = self.image_processor.crop_size
-            multimodal_data.num_image_tokens = [
-                self.compressed_image_tokens(height, width, crop["height"], crop["width"])
-                for height, width in image_sizes
-            ]
-        return multimodal_data
+        self.set_budget(reduction_ratio, visual_tokens)
 
 
-class VisionTrimVideoLlavaProcessor(GuidanceProcessingMixin, VideoLlavaProcessor):
+class VisionTrimVideoLlavaProcessor(GuidanceProcessingMixin, VideoLlavaProcessor, GuidanceTokenizerAttribute):
     r"""
     A Video-LLaVA processor for VisionTrim models: each `<image>` becomes `visual_tokens` placeholders and each
     `<video>` `frames * visual_tokens` (stock: 256 and `frames * 257`); the guidance of each image and each video is
@@ -540,42 +501,35 @@ class VisionTrimVideoLlavaProcessor(GuidanceProcessingMixin, VideoLlavaProcessor
         image_token="<image>",
         video_token="<video>",
         num_additional_image_tokens=1,
-        reduction_ratio=1 - 64 / 576,
+        reduction_ratio=DEFAULT_REDUCTION_RATIO,
         visual_tokens=None,
         guidance_max_length=77,
         **kwargs,
     ):
-        self.init_processor(
-            image_processor,
-            tokenizer,
-            guidance_tokenizer,
-            patch_size,
-            vision_feature_select_strategy,
-            chat_template,
-            image_token,
-            num_additional_image_tokens,
-            reduction_ratio,
-            visual_tokens,
-            guidance_max_length,
-            video_processor,
-            video_token,
+        self.set_guidance_tokenizer(guidance_tokenizer, guidance_max_length)
+        super().__init__(
+            image_processor=image_processor,
+            video_processor=video_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            video_token=video_token,
+            num_additional_image_tokens=num_additional_image_tokens,
         )
-
-    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        if self.reduction_ratio == 0:
-            return super().replace_image_token(image_inputs, image_idx, **kwargs)
-        return self.image_token * self.single_crop_image_tokens(image_inputs, image_idx)
+        self.set_budget(reduction_ratio, visual_tokens)
 
 
-class VisionTrimLlavaNextVideoProcessor(VisionTrimLlavaNextProcessor, LlavaNextVideoProcessor):
+class VisionTrimLlavaNextVideoProcessor(AnyresProcessingMixin, LlavaNextVideoProcessor, GuidanceTokenizerAttribute):
     r"""
     A LLaVA-NeXT-Video processor for VisionTrim models: each `<image>` becomes `crops * (visual_tokens +
     crop_newline)` placeholders as in [`VisionTrimLlavaNextProcessor`], and each `<video>` `frames * visual_tokens`
     (the frames' full patch grids compressed, unpooled; stock: `frames * 144`).
 
     Args:
-        image_processor: the LLaVA-NeXT image processor.
         video_processor ([`VisionTrimVideoProcessor`] or LLaVA-NeXT-Video's): turns sampled frames into pixels.
+        image_processor: the LLaVA-NeXT image processor.
         tokenizer, guidance_tokenizer, reduction_ratio, visual_tokens, guidance_max_length, crop_newline:
             as in [`VisionTrimLlavaNextProcessor`]; `visual_tokens` is per crop and per frame.
         patch_size, vision_feature_select_strategy, chat_template, image_token, video_token,
@@ -584,8 +538,8 @@ class VisionTrimLlavaNextVideoProcessor(VisionTrimLlavaNextProcessor, LlavaNextV
 
     def __init__(
         self,
-        image_processor=None,
         video_processor=None,
+        image_processor=None,
         tokenizer=None,
         guidance_tokenizer=None,
         patch_size=None,
@@ -594,28 +548,26 @@ class VisionTrimLlavaNextVideoProcessor(VisionTrimLlavaNextProcessor, LlavaNextV
         image_token="<image>",
         video_token="<video>",
         num_additional_image_tokens=0,
-        reduction_ratio=1 - 64 / 576,
+        reduction_ratio=DEFAULT_REDUCTION_RATIO,
         visual_tokens=None,
         guidance_max_length=77,
         crop_newline=True,
         **kwargs,
     ):
         self.crop_newline = crop_newline
-        self.init_processor(
-            image_processor,
-            tokenizer,
-            guidance_tokenizer,
-            patch_size,
-            vision_feature_select_strategy,
-            chat_template,
-            image_token,
-            num_additional_image_tokens,
-            reduction_ratio,
-            visual_tokens,
-            guidance_max_length,
-            video_processor,
-            video_token,
+        self.set_guidance_tokenizer(guidance_tokenizer, guidance_max_length)
+        super().__init__(
+            video_processor=video_processor,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            video_token=video_token,
+            num_additional_image_tokens=num_additional_image_tokens,
         )
+        self.set_budget(reduction_ratio, visual_tokens)
 
 
 for processor_class in (
@@ -628,7 +580,9 @@ for processor_class in (
 VisionTrimVideoProcessor.register_for_auto_class("AutoVideoProcessor")
 
 __all__ = [
+    "AnyresProcessingMixin",
     "GuidanceProcessingMixin",
+    "GuidanceTokenizerAttribute",
     "VisionTrimLlavaNextProcessor",
     "VisionTrimLlavaNextVideoProcessor",
     "VisionTrimProcessor",
