@@ -6,6 +6,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from visiontrim.tools.build import build_config, build_model, build_processor
@@ -49,3 +50,12 @@ def load_remote(folder: Path, **overrides):
         model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, **overrides)
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True, **processor_overrides)
     return model.eval(), processor
+
+
+def assert_plot(path: Path, size: tuple[int, int]) -> None:
+    """`path` is a PNG of `size` (width, height) pixels that holds a drawing: dark and light pixels, many colours."""
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == size, (image.format, image.size)
+        darkest, lightest = image.convert("L").getextrema()
+        assert lightest - darkest > 100, (darkest, lightest)
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 24)) > 16

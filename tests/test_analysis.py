@@ -21,7 +21,7 @@ from visiontrim.tools.analysis import (
 )
 from visiontrim.tools.build import stock_llava_with_same_weights, stock_processor
 
-from helpers import load_remote, save_checkpoint
+from helpers import assert_plot, load_remote, save_checkpoint
 
 
 def test_centre_of_mass_by_hand():
@@ -139,11 +139,11 @@ def test_command_line_on_a_three_item_file(checkpoint, photos, tmp_path):
             assert len(model[kind]["entropy"]) == 2 and len(model[kind]["centre_of_mass"]) == 2
             assert model[kind]["centre_of_mass_shift"][0] is None and model[kind]["distance_to_box"] is not None
     for index in range(3):
-        assert (output / f"{index:05d}.png").stat().st_size > 1000
+        assert_plot(output / f"{index:05d}.png", (600, 600))  # 2 models x 2 layers
         for name in ("VisionTrim", "stock"):
             arrays = numpy.load(output / f"{index:05d}-{name}.npz")
             assert arrays["visual_attention"].shape[-1] == (64 if name == "VisionTrim" else 576)
-    assert (output / "layers.png").stat().st_size > 1000
+    assert_plot(output / "layers.png", (900, 600))
     with pytest.raises(SystemExit, match=r"--layers must be within 0..1"):
         main(
             [

@@ -9,6 +9,8 @@ from visiontrim.__main__ import main
 from visiontrim.tools.bench import prefill_flops
 from visiontrim.tools.build import Shapes
 
+from helpers import assert_plot
+
 
 ROW_FIELDS = {
     "name", "tokens_per_crop", "dominant_ratio", "llm_stage_tokens", "llm_stage_layer",
@@ -68,7 +70,7 @@ def test_toy_benchmark_writes_every_field(tmp_path, capsys, arch, tokens):
         ]
     )
     report = json.loads((tmp_path / f"bench-{arch}.json").read_text())
-    assert (tmp_path / f"bench-{arch}.png").stat().st_size > 1000
+    assert_plot(tmp_path / f"bench-{arch}.png", (720, 480))
     assert set(report) == {
         "model",
         "arch",

@@ -277,8 +277,15 @@ def test_llava_hf_checkpoint_converts_to_a_loadable_repository_equal_to_stock(tm
     for key, tensor in clip.text_model.state_dict().items():
         assert torch.equal(weights[f"model.guidance_encoder.text_model.{key}"], tensor), key
 
+    # At 64 tokens, the converted model is the stock LLaVA(-NeXT) fed the compressed image tokens.
     inputs = converted_inputs(processor, photos)
-    assert model(**inputs).logits.shape[0] == 2  # the 64-token budget runs
+    compressed = model(**inputs)
+    assert compressed.logits.shape == (*inputs["input_ids"].shape, model.config.text_config.vocab_size)
+    newline = int(arch == "llava-next")
+    assert [len(tokens) % (64 + newline) for tokens in compressed.image_outputs.pooler_output] == [0, 0]
+    text = {key: inputs[key] for key in ("input_ids", "attention_mask")}
+    fed = stock(**text, mm_encoder_outputs={"image": compressed.image_outputs})
+    torch.testing.assert_close(compressed.logits, fed.logits, rtol=0, atol=1e-5)
     off, off_processor = load_remote(output, reduction_ratio=0)
     off_inputs = converted_inputs(off_processor, photos)
     stock_inputs = {key: value for key, value in off_inputs.items() if not key.startswith("guidance_")}

@@ -1,6 +1,10 @@
 """The user's path: a VisionTrim folder loaded by Auto classes with `trust_remote_code=True`, generate, pipeline."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +19,7 @@ REMOTE_CODE_FILES = (
     "modeling_visiontrim_llava.py",
     "processing_visiontrim.py",
     "compression_visiontrim.py",
+    "llm_stage_visiontrim.py",
 )
 
 
@@ -123,10 +128,63 @@ def test_attention_implementation_choice_reaches_every_tower(checkpoint, name):
     assert inner.language_model.config._attn_implementation == name
 
 
+def test_flash_attention_2_without_flash_attn_fails_with_transformers_own_error(checkpoint):
+    # flash-attn is an optional extra, never imported by the remote code: without it, asking for it fails at load with
+    # Transformers' own message, not with one of ours or a NameError from inside the model.
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ImportError, match="FlashAttention2 has been toggled on.*package for FlashAttention2"):
+        load_remote(checkpoint, attn_implementation="flash_attention_2")
+
+
 def test_flash_attention_2_is_requested_like_any_transformers_model(checkpoint):
-    # flash-attn is an optional extra: without it, loading fails with Transformers' own clear error, never with ours.
     pytest.importorskip("flash_attn", reason="flash-attn is not installed (optional extra, needs CUDA)")
     model, _ = load_remote(
         checkpoint, attn_implementation="flash_attention_2", dtype=torch.bfloat16, device_map="cuda"
     )
     assert model.model.vision_tower.config._attn_implementation == "flash_attention_2"
+
+
+# Loads a folder and runs one prompt in a fresh interpreter in which `import visiontrim` fails: only the folder's copy
+# of the code can run.
+WITHOUT_PACKAGE = """
+import sys
+from importlib.abc import MetaPathFinder
+
+
+class NoVisionTrim(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "visiontrim" or name.startswith("visiontrim."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+
+sys.meta_path.insert(0, NoVisionTrim())
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+folder, photo = sys.argv[1:]
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+inputs = processor(images=Image.open(photo), text="USER: <image>\\nWhat is it? ASSISTANT:", return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=2, return_dict_in_generate=True)
+print(type(model).__module__, int(inputs["input_ids"].shape[1]), int(output.sequences.shape[1]))
+"""
+
+
+def test_a_saved_folder_runs_with_the_package_unimportable(tmp_path):
+    from visiontrim.tools.demo import sample_photo
+
+    folder = save_checkpoint(tmp_path / "checkpoint", llm_stage_layer=1, llm_stage_tokens=8)
+    environment = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf")}
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PACKAGE, str(folder), str(sample_photo("chelsea.jpg"))],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=environment,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, prompt_length, generated_length = result.stdout.split()
+    assert module.startswith("transformers_modules.") and generated_length == str(int(prompt_length) + 2)
