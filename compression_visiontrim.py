@@ -21,9 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPTextModelWithProjection
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import logging
 
 from .configuration_visiontrim import VisionTrimSettings
 
+
+logger = logging.get_logger(__name__)
 
 # The LTAM weights of the paper: kappa_ij = -||x_i - x_j||^2 / (w1 var(X)) + w3 * (-||p_i - p_j||^2 / (w2 var(P))).
 LTAM_W1 = 1.0
@@ -359,6 +362,10 @@ def add_class_guidance(
     has_text = text_mask.any(dim=-1)
     if bool(has_text.all()):
         return text_embeds, text_mask
+    logger.warning_once(
+        "An image or video has no question (an image-only prompt): TGVC ranks its tokens by their similarity to its "
+        "own CLS token (config.empty_guidance='cls_similarity'); set empty_guidance='error' to refuse such prompts."
+    )
     class_embeds = F.normalize(visual_projection(class_tokens).float(), dim=-1).to(text_embeds.device)
     text_embeds = torch.cat([class_embeds.unsqueeze(1), text_embeds], dim=1)
     text_mask = torch.cat([~has_text.unsqueeze(-1), text_mask], dim=1)

@@ -78,6 +78,21 @@ def reduction_ratio_for_tokens(visual_tokens: Any, num_patches: int, owner: str)
     return 1 - visual_tokens / num_patches
 
 
+def check_budgets_agree(visual_tokens: Any, reduction_ratio: Any, num_patches: int, owner: str) -> None:
+    """
+    Raises a `ValueError` naming both when `visual_tokens` and a `reduction_ratio` other than the default ask for
+    different budgets (a default ratio is taken as not given).
+    """
+    if reduction_ratio in (None, DEFAULT_REDUCTION_RATIO) or not isinstance(reduction_ratio, (int, float)):
+        return
+    kept = visual_tokens_per_crop(num_patches, reduction_ratio)
+    if kept != visual_tokens:
+        raise ValueError(
+            f"{owner}: visual_tokens={visual_tokens} and reduction_ratio={reduction_ratio} (which keeps {kept} of "
+            f"{num_patches} tokens per crop) ask for different budgets: give only one of them."
+        )
+
+
 def vision_attention_layer(
     vision_feature_layer: Any, vision_feature_select_strategy: str, num_layers: int, owner: str
 ) -> int:
@@ -145,9 +160,9 @@ class VisionTrimSettings:
             How the LLM stage ranks a visual token at layer `llm_stage_layer - 1`: `"text_to_image"` (the attention the
             text after the image pays it), `"image_to_text"` (the attention it pays the text before it, all a causal
             LLM lets it see) or `"both"` (their mean).
-        empty_guidance (`str`, defaults to `"error"`):
-            What TGVC does for an image whose guidance text is empty: `"error"` raises, `"cls_similarity"` guides it by
-            the image's own CLS token instead of text.
+        empty_guidance (`str`, defaults to `"cls_similarity"`):
+            What TGVC does for an image whose guidance text is empty (an image-only prompt): `"cls_similarity"` guides
+            it by the image's own CLS token instead of text (logged once), `"error"` raises.
         projection_dim (`int`, defaults to 768):
             Width of the CLIP joint embedding space (`visual_projection` output, `guidance_config.projection_dim`).
         guidance_config (`CLIPTextConfig` or `dict`, *optional*):
@@ -161,7 +176,7 @@ class VisionTrimSettings:
     dvts_score: str = "global_local"
     merge_iterations: int = 3
     merge_update: str = "add"
-    empty_guidance: str = "error"
+    empty_guidance: str = "cls_similarity"
     llm_stage_layer: int | None = None
     llm_stage_tokens: int | None = None
     llm_stage_score: str = "both"
@@ -169,6 +184,7 @@ class VisionTrimSettings:
     def __post_init__(self, visual_tokens: int | None = None, **kwargs):
         super().__post_init__(**kwargs)
         if visual_tokens is not None:
+            check_budgets_agree(visual_tokens, self.reduction_ratio, self.num_patches, type(self).__name__)
             self.reduction_ratio = reduction_ratio_for_tokens(visual_tokens, self.num_patches, type(self).__name__)
         self.check_compression_settings()
 
@@ -187,10 +203,16 @@ class VisionTrimSettings:
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
-        if (visual_tokens := kwargs.pop("visual_tokens", None)) is not None:
+        """
+        `PreTrainedConfig.from_dict`, with the VisionTrim settings among `kwargs` (the overrides of
+        `from_pretrained(path, llm_stage_layer=2, llm_stage_tokens=32)`) applied together before the config is built,
+        so they are checked once, all in place, whatever their order. `visual_tokens=K` replaces the stored ratio.
+        """
+        names = (*settings_fields(cls), "guidance_config", "visual_tokens")
+        overrides = {name: kwargs.pop(name) for name in names if name in kwargs}
+        if overrides.get("visual_tokens") is not None:
             config_dict = {key: value for key, value in config_dict.items() if key != "reduction_ratio"}
-            config_dict["visual_tokens"] = visual_tokens
-        return super().from_dict(config_dict, **kwargs)
+        return super().from_dict({**config_dict, **overrides}, **kwargs)
 
     @property
     def num_patches(self) -> int:
@@ -341,12 +363,15 @@ class AnyresSettings(VisionTrimSettings):
 
     @property
     def min_visual_tokens_per_image(self) -> int:
-        """The fewest visual tokens an image brings into the LLM: the smallest crop grid plus the base view."""
+        """
+        The fewest visual tokens an image brings into the LLM: the smallest crop grid plus the base view, its
+        `image_newline` tokens not counted (they are layout: the LLM stage keeps them all).
+        """
         if not self.compression_enabled:
             return self.num_patches  # at least the base view's
         crop = self.vision_config.image_size
         fewest_crops = 1 + min((height // crop) * (width // crop) for height, width in self.image_grid_pinpoints)
-        return fewest_crops * (self.visual_tokens + int(self.crop_newline))
+        return fewest_crops * self.visual_tokens
 
     def describe_budget(self) -> str:
         newline = " plus one image_newline" if self.crop_newline else ", no image_newline"

@@ -32,16 +32,19 @@ def causal_attention_probabilities(
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     key_mask: torch.Tensor,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """
-    What eager attention computes in a Llama-style block (RoPE, grouped key/value heads, causal, padding masked),
-    averaged over heads, in float32; one head at a time, so memory stays `(batch, tokens, tokens)`.
+    What eager attention computes in a Llama-style block (RoPE, grouped key/value heads, causal, padding masked, and
+    the sliding window of a Mistral decoder), averaged over heads, in float32; one head at a time, so memory stays
+    `(batch, tokens, tokens)`.
 
     Args:
         attention: the block (q_proj, k_proj, head_dim, num_key_value_groups, scaling).
         hidden_states: `(batch, tokens, hidden)` its input (after the layer's input norm).
         position_embeddings: its RoPE `(cos, sin)`, each `(batch, tokens, head_dim)`.
         key_mask: `(batch, tokens)` bool, False for padding.
+        sliding_window: a query sees only the keys fewer than this many positions back (None: all of them).
     Returns:
         `(batch, tokens, tokens)`; rows of padding queries attend to themselves only.
     """
@@ -53,7 +56,9 @@ def causal_attention_probabilities(
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     key = repeat_kv(key, attention.num_key_value_groups)
     positions = torch.arange(tokens, device=hidden_states.device)
-    allowed = (positions[None, :, None] >= positions[None, None, :]) & key_mask[:, None, :]
+    distance = positions[:, None] - positions[None, :]
+    seen = (distance >= 0) if sliding_window is None else (distance >= 0) & (distance < sliding_window)
+    allowed = seen[None] & key_mask[:, None, :]
     allowed = allowed | torch.eye(tokens, dtype=torch.bool, device=hidden_states.device)
     probabilities = torch.zeros(batch, tokens, tokens, device=hidden_states.device, dtype=torch.float32)
     for head in range(query.shape[1]):
@@ -99,32 +104,45 @@ def llm_stage_scores(
     return scores.masked_fill(~visual_mask, float("-inf"))
 
 
-def keep_per_image(scores: torch.Tensor, visual_mask: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
+def keep_per_image(
+    scores: torch.Tensor,
+    visual_mask: torch.Tensor,
+    tokens_per_image: int,
+    layout_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """
     `(batch, tokens)` True for text and for the `tokens_per_image` best-scored visual tokens of each image (ties to
-    the earlier token); an image with no more tokens keeps them all.
+    the earlier token); an image with no more tokens keeps them all. Layout tokens (`layout_mask`, e.g. LLaVA-NeXT's
+    `image_newline`) are kept and not counted.
     """
     ids = visual_unit_index(visual_mask)
+    content = visual_mask if layout_mask is None else visual_mask & ~layout_mask
     positions = torch.arange(scores.shape[1], device=scores.device)
-    same_image = (ids[:, :, None] == ids[:, None, :]) & visual_mask[:, None, :]
+    same_image = (ids[:, :, None] == ids[:, None, :]) & content[:, None, :]
     better = (scores[:, None, :] > scores[:, :, None]) | (
         (scores[:, None, :] == scores[:, :, None]) & (positions[None, None, :] < positions[None, :, None])
     )
     rank = (same_image & better).sum(dim=-1)
-    return ~visual_mask | (rank < tokens_per_image)
+    return ~content | (rank < tokens_per_image)
 
 
 def merge_into_kept(
-    hidden_states: torch.Tensor, keep: torch.Tensor, visual_mask: torch.Tensor, iterations: int, update: str
+    hidden_states: torch.Tensor,
+    keep: torch.Tensor,
+    visual_mask: torch.Tensor,
+    iterations: int,
+    update: str,
+    layout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Merges each dropped visual token into the kept visual token of its image it is most similar to
     (`h_q . h_k / sqrt(d)`, argmax), `iterations` times, with TGVC's update ("add": a kept token adds the mean of its
-    dropped tokens each iteration; "mean": it becomes the mean of itself and them). Returns `(batch, tokens, hidden)`
-    with only the kept visual tokens changed.
+    dropped tokens each iteration; "mean": it becomes the mean of itself and them). Layout tokens (`layout_mask`)
+    neither merge nor take merges. Returns `(batch, tokens, hidden)` with only the kept visual tokens changed.
     """
     ids = visual_unit_index(visual_mask)
-    dropped, kept = visual_mask & ~keep, visual_mask & keep
+    content = visual_mask if layout_mask is None else visual_mask & ~layout_mask
+    dropped, kept = content & ~keep, content & keep
     allowed = dropped[:, :, None] & kept[:, None, :] & (ids[:, :, None] == ids[:, None, :])
     assigned_rows = allowed.any(dim=-1, keepdim=True).float()
     states = hidden_states.float()
@@ -194,6 +212,8 @@ class LlmStageDecoderMixin:
         use_cache: bool | None = None,
         visual_token_mask: torch.Tensor | None = None,
         visual_keep_mask: torch.Tensor | None = None,
+        layout_token_mask: torch.Tensor | None = None,
+        llm_stage_prompt_length: int | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
@@ -201,6 +221,13 @@ class LlmStageDecoderMixin:
             True at visual tokens (from `input_ids == image_token_id`); without it nothing is pruned.
         visual_keep_mask (`torch.Tensor` of shape `(batch, tokens)`, *optional*):
             Kept positions to use instead of ranking them (to recompute a pruned prefix exactly).
+        layout_token_mask (`torch.Tensor` of shape `(batch, tokens)`, *optional*):
+            True at visual tokens that are layout, not content (LLaVA-NeXT's `image_newline`): always kept, never
+            ranked or merged, not counted in `llm_stage_tokens`.
+        llm_stage_prompt_length (`int`, *optional*):
+            How many leading positions are the prompt, when the sequence also holds generated tokens (`generate`
+            with `use_cache=False` recomputes it whole at every step): only the prompt's text ranks the visual
+            tokens, so every step keeps what the first one kept. Default: all positions.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -244,11 +271,18 @@ class LlmStageDecoderMixin:
                 if prune_now:
                     keep = visual_keep_mask
                     if keep is None:
-                        scores = llm_stage_scores(probabilities, visual_token_mask, key_mask, stage.llm_stage_score)
-                        keep = keep_per_image(scores, visual_token_mask, stage.llm_stage_tokens)
+                        prompt = key_mask.clone()
+                        prompt[:, llm_stage_prompt_length or tokens :] = False
+                        scores = llm_stage_scores(probabilities, visual_token_mask, prompt, stage.llm_stage_score)
+                        keep = keep_per_image(scores, visual_token_mask, stage.llm_stage_tokens, layout_token_mask)
                     keep = keep.bool() & key_mask
                     hidden_states = merge_into_kept(
-                        hidden_states, keep, visual_token_mask, stage.merge_iterations, stage.merge_update
+                        hidden_states,
+                        keep,
+                        visual_token_mask,
+                        stage.merge_iterations,
+                        stage.merge_update,
+                        layout_token_mask,
                     )
                     kept, valid = pruned_order(keep)
                     pruning = LlmStagePruning(kept, valid, tokens)
@@ -273,6 +307,7 @@ class LlmStageDecoderMixin:
                     decoder_layer.input_layernorm(hidden_states),
                     position_embeddings,
                     key_mask,
+                    getattr(self.config, "sliding_window", None),
                 )
             hidden_states = decoder_layer(
                 hidden_states,
@@ -308,17 +343,40 @@ def build_language_model(config: VisionTrimSettings) -> nn.Module:
     return decoder
 
 
-def visual_token_mask(input_ids: torch.LongTensor | None, config: VisionTrimSettings) -> dict[str, torch.Tensor]:
+def llm_stage_inputs(
+    input_ids: torch.LongTensor | None,
+    inputs_embeds: torch.Tensor | None,
+    image_features: torch.Tensor | None,
+    image_newline: torch.Tensor | None,
+    config: VisionTrimSettings,
+) -> dict[str, torch.Tensor]:
     """
-    The decoder kwargs the LLM stage needs from a prompt: where its visual tokens are (`input_ids == image_token_id`,
-    or the video token, per row; a video's tokens are one unit, like an image's). Empty while the stage is off.
+    The decoder kwargs the LLM stage needs from a prompt (none while the stage is off): where its visual tokens are
+    (`input_ids == image_token_id`, or the video token, per row; a video's tokens are one unit, like an image's) and,
+    for LLaVA-NeXT, which of them are `image_newline` layout tokens (the image features equal to `image_newline`).
+
+    Args:
+        image_features: `(image tokens, text_hidden)` the features placed at the image tokens, in order.
     """
-    if not config.llm_stage_enabled or input_ids is None:
+    if not config.llm_stage_enabled:
         return {}
-    mask = input_ids == config.image_token_id
+    if input_ids is None:
+        if inputs_embeds is None:
+            return {}
+        raise ValueError(
+            "The LLM stage finds the visual tokens from `input_ids` (the image placeholders); it cannot find them in "
+            "`inputs_embeds`: pass `input_ids`, or set `config.llm_stage_layer=None`."
+        )
+    is_image = input_ids == config.image_token_id
+    inputs = {"visual_token_mask": is_image.clone()}
     if (video_token_id := getattr(config, "video_token_id", None)) is not None:
-        mask |= input_ids == video_token_id
-    return {"visual_token_mask": mask}
+        inputs["visual_token_mask"] |= input_ids == video_token_id
+    if image_newline is not None and image_features is not None and image_features.shape[0] == int(is_image.sum()):
+        is_newline = (image_features == image_newline.to(image_features)).all(dim=-1)
+        inputs["layout_token_mask"] = torch.zeros_like(is_image).masked_scatter(
+            is_image, is_newline.to(is_image.device)
+        )
+    return inputs
 
 
 __all__ = [
@@ -331,6 +389,6 @@ __all__ = [
     "llm_stage_scores",
     "merge_into_kept",
     "pruned_order",
-    "visual_token_mask",
+    "llm_stage_inputs",
     "visual_unit_index",
 ]

@@ -54,7 +54,7 @@ from .configuration_visiontrim import (
     VisionTrimVideoLlavaConfig,
     vision_attention_layer,
 )
-from .llm_stage_visiontrim import build_language_model, visual_token_mask
+from .llm_stage_visiontrim import build_language_model, llm_stage_inputs
 
 
 # CLIP's initial temperature, log(1 / 0.07); trained CLIP checkpoints bring their own value.
@@ -246,7 +246,8 @@ class VisionTrimModelMixin:
         The stock `forward`, with the images and videos encoded first, as `generate()` encodes them: each
         `get_*_features` is given the inputs its signature names (pixels, sizes, feature layer and guidance), so the
         guidance reaches the vision stage and never the LLM. With the LLM stage on, the decoder also gets the
-        positions of the visual tokens. Pixels of no image (an empty batch) are handed over as they are.
+        positions of the visual tokens (`llm_stage_inputs`). Pixels of no image (an empty batch) are handed over as
+        they are.
         """
         stock_forward = super().forward
         inputs = inspect.signature(stock_forward).bind(*args, **kwargs).arguments
@@ -264,16 +265,35 @@ class VisionTrimModelMixin:
             inputs[pixels_name] = None
         if encoded:
             inputs["mm_encoder_outputs"] = encoded
-        return stock_forward(**inputs, **visual_token_mask(inputs.get("input_ids"), self.config))
+        newline = getattr(self, "image_newline", None)
+        image_features = None
+        if newline is not None and self.config.llm_stage_enabled and encoded.get("image") is not None:
+            image_features = torch.cat(list(encoded["image"].pooler_output))
+        stage_inputs = llm_stage_inputs(
+            inputs.get("input_ids"), inputs.get("inputs_embeds"), image_features, newline, self.config
+        )
+        return stock_forward(**inputs, **stage_inputs)
 
     def check_placeholder_count(
-        self, input_ids: torch.LongTensor, features: torch.Tensor | None, hidden_size: int, modality: str
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        features: torch.Tensor | None,
+        modality: str,
     ) -> None:
-        """Raises a `ValueError` naming the budget unless the prompts hold one `modality` placeholder per feature."""
-        if input_ids is None or features is None:
+        """
+        Raises a `ValueError` naming the budget unless the prompts hold one `modality` placeholder per feature (found
+        in `input_ids`, or without them as the placeholder's embedding in `inputs_embeds`).
+        """
+        if features is None:
             return
         token_id = getattr(self.config, f"{modality}_token_id")
-        num_placeholders, num_features = int((input_ids == token_id).sum()), features.numel() // hidden_size
+        if input_ids is not None:
+            is_placeholder = input_ids == token_id
+        else:
+            placeholder = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+            is_placeholder = (inputs_embeds == placeholder.to(inputs_embeds.dtype)).all(dim=-1)
+        num_placeholders, num_features = int(is_placeholder.sum()), features.numel() // inputs_embeds.shape[-1]
         if num_placeholders != num_features:
             budget = (
                 f"{self.config.visual_tokens} per video frame"
@@ -295,8 +315,8 @@ class VisionTrimModelMixin:
         video_features: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The stock placeholder mask(s), after checking the counts (`video_features` only for the video models)."""
-        self.check_placeholder_count(input_ids, image_features, inputs_embeds.shape[-1], "image")
-        self.check_placeholder_count(input_ids, video_features, inputs_embeds.shape[-1], "video")
+        self.check_placeholder_count(input_ids, inputs_embeds, image_features, "image")
+        self.check_placeholder_count(input_ids, inputs_embeds, video_features, "video")
         if video_features is None:
             return super().get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
         return super().get_placeholder_mask(
@@ -450,6 +470,21 @@ class VisionTrimGenerationMixin:
         self.model = self.base_model_class(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    def _update_model_kwargs_for_generation(
+        self, outputs, model_kwargs: dict, is_encoder_decoder: bool = False, num_new_tokens: int = 1
+    ) -> dict:
+        """
+        `GenerationMixin`'s update, plus the prompt's length for the LLM stage (`llm_stage_prompt_length`, taken from
+        the attention mask after the first step): `generate(use_cache=False)` recomputes the whole sequence at every
+        step, and the generated tokens must not rank the visual tokens (decode steps never re-prune).
+        """
+        attention_mask = model_kwargs.get("attention_mask")
+        if self.config.llm_stage_enabled and attention_mask is not None:
+            model_kwargs.setdefault("llm_stage_prompt_length", attention_mask.shape[1])
+        return super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
 
 
 def with_guidance_inputs(forward: Callable, *modalities: str) -> Callable:

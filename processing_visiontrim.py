@@ -23,17 +23,20 @@ from transformers.image_utils import (
     PILImageResampling,
 )
 from transformers.processing_utils import MultiModalData, ProcessorMixin
-from transformers.utils import CONFIG_NAME, cached_file
+from transformers.utils import CONFIG_NAME, cached_file, logging
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import make_batched_videos
 
 from .configuration_visiontrim import (
     DEFAULT_REDUCTION_RATIO,
+    check_budgets_agree,
     check_reduction_ratio,
     reduction_ratio_for_tokens,
     visual_tokens_per_crop,
 )
 
+
+logger = logging.get_logger(__name__)
 
 # `from_pretrained` arguments that locate files (used to find the model's config.json beside the processor's files).
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
@@ -74,6 +77,31 @@ def guidance_from_prompt(prompt: str, *media_tokens: str) -> str:
     for token in media_tokens:
         turn = turn.replace(token, " ")
     return " ".join(turn.split())
+
+
+def to_8_bit(images):
+    """
+    `images` (one image or nested lists of them) with 16-bit grayscale Pillow images (modes `I;16*`, or `I` with
+    values above 255, as PNG loaders give) scaled to 8 bits over their full range [0, 65535]: Pillow's own RGB
+    conversion clips every value above 255 to white. Float (`F`) images and values outside 16 bits are refused.
+    """
+    if isinstance(images, (list, tuple)):
+        return [to_8_bit(image) for image in images]
+    mode = getattr(images, "mode", None)
+    if mode is None or not (mode.startswith("I") or mode == "F"):
+        return images
+    import numpy
+    from PIL import Image
+
+    values = numpy.asarray(images)
+    if mode == "F" or values.min() < 0 or values.max() > 65535:
+        raise ValueError(
+            f"A {mode} image with values in [{values.min()}, {values.max()}]: convert it to 8-bit RGB first (the "
+            "processor reads 8-bit images, and 16-bit grayscale ones scaled from [0, 65535])."
+        )
+    if mode == "I" and values.max() <= 255:
+        return images  # 8-bit values: Pillow converts them as they are
+    return Image.fromarray((values.astype(numpy.uint32) * 255 // 65535).astype(numpy.uint8))
 
 
 class VisionTrimVideoProcessor(VideoProcessorMixin):
@@ -203,9 +231,20 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
         self.guidance_tokenizer = guidance_tokenizer
         self.guidance_max_length = guidance_max_length
 
-    def set_budget(self, reduction_ratio: float, visual_tokens: int | None) -> None:
-        """Sets `reduction_ratio` (from `visual_tokens` when given), checked against the crop's patch count."""
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`ProcessorMixin.from_pretrained`; a `visual_tokens=K` override replaces the stored `reduction_ratio`."""
+        if kwargs.get("visual_tokens") is not None:
+            kwargs.setdefault("reduction_ratio", None)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def set_budget(self, reduction_ratio: float | None, visual_tokens: int | None) -> None:
+        """
+        Sets `reduction_ratio` (from `visual_tokens` when given), checked against the crop's patch count; a
+        `reduction_ratio` and `visual_tokens` that ask for different budgets are refused.
+        """
         if visual_tokens is not None:
+            check_budgets_agree(visual_tokens, reduction_ratio, self.num_patches, type(self).__name__)
             reduction_ratio = reduction_ratio_for_tokens(visual_tokens, self.num_patches, type(self).__name__)
         check_reduction_ratio(reduction_ratio, self.num_patches, type(self).__name__)
         self.reduction_ratio = reduction_ratio
@@ -248,7 +287,7 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
             without media markers and role tags). An empty text gives an all-zero mask row (see the model's
             `config.empty_guidance`).
         """
-        encoding = super().__call__(images=images, text=text, videos=videos, **kwargs)
+        encoding = super().__call__(images=to_8_bit(images), text=text, videos=videos, **kwargs)
         prompts = [text] if isinstance(text, str) else list(text or [])
         if isinstance(guidance_text, str):
             guidance_text = [guidance_text]
@@ -288,10 +327,20 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
         ]
 
     def tokenize_guidance(self, rows: list[str], input_name: str, return_tensors: str | None) -> BatchFeature:
-        """`{input_name}_input_ids` / `{input_name}_attention_mask` of `rows`; an empty row gets an all-zero mask."""
-        guidance = self.guidance_tokenizer(
-            rows, padding="longest", truncation=True, max_length=self.guidance_max_length, padding_side="right"
-        )
+        """
+        `{input_name}_input_ids` / `{input_name}_attention_mask` of `rows`; an empty row gets an all-zero mask. A row
+        longer than `guidance_max_length` CLIP tokens (the text tower's positions) keeps its start, with a warning.
+        """
+        guidance = self.guidance_tokenizer(rows, padding="longest", padding_side="right")
+        if len(guidance["input_ids"][0]) > self.guidance_max_length:
+            logger.warning_once(
+                f"A guidance text is longer than {self.guidance_max_length} CLIP tokens, the CLIP text tower's "
+                "positions: TGVC is guided by its first ones only. Put the question first, or pass a shorter "
+                "`guidance_text=`."
+            )
+            guidance = self.guidance_tokenizer(
+                rows, padding="longest", truncation=True, max_length=self.guidance_max_length, padding_side="right"
+            )
         masks = [
             mask if row.strip() else [0] * len(mask)
             for row, mask in zip(rows, guidance["attention_mask"], strict=True)
@@ -590,4 +639,5 @@ __all__ = [
     "VisionTrimVideoProcessor",
     "VideoProcessorCheckMixin",
     "guidance_from_prompt",
+    "to_8_bit",
 ]

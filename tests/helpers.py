@@ -20,7 +20,7 @@ NON_DEFAULT_SETTINGS = {
     "dvts_score": "received_attention",
     "merge_iterations": 2,
     "merge_update": "mean",
-    "empty_guidance": "cls_similarity",
+    "empty_guidance": "error",
 }
 
 

@@ -4,11 +4,12 @@ import json
 import re
 
 import pytest
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from visiontrim import VisionTrimLlavaConfig
 from visiontrim.tools.build import build_config
 
-from helpers import NON_DEFAULT_SETTINGS
+from helpers import NON_DEFAULT_SETTINGS, load_remote, save_checkpoint, working_directory
 
 
 def test_defaults_are_the_papers_headline_setting():
@@ -17,7 +18,7 @@ def test_defaults_are_the_papers_headline_setting():
     assert (config.visual_tokens, config.dominant_tokens, config.complement_tokens) == (64, 48, 16)
     assert config.reduction_ratio == pytest.approx(0.889, abs=5e-4)
     assert config.dvts_score == "global_local"
-    assert (config.merge_iterations, config.merge_update, config.empty_guidance) == (3, "add", "error")
+    assert (config.merge_iterations, config.merge_update, config.empty_guidance) == (3, "add", "cls_similarity")
     assert config.guidance_config.model_type == "clip_text_model"
     assert (config.guidance_config.hidden_size, config.projection_dim) == (768, 768)
     assert config.tgvc_enabled
@@ -130,3 +131,42 @@ def test_budget_override_at_load(tmp_path):
         VisionTrimLlavaConfig.from_pretrained(tmp_path, reduction_ratio=1.2)
     with pytest.raises(ValueError, match=r"visual_tokens must be an integer in \[1, 576\]"):
         VisionTrimLlavaConfig.from_pretrained(tmp_path, visual_tokens=1000)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"llm_stage_layer": 1, "llm_stage_tokens": 32},
+        {"llm_stage_tokens": 32, "llm_stage_layer": 1},
+        {"llm_stage_layer": 1, "llm_stage_tokens": 100, "visual_tokens": 128},  # 100 fits only the new budget
+        {"dominant_ratio": 1.0, "empty_guidance": "error", "reduction_ratio": 1 - 16 / 576},
+    ],
+)
+def test_overrides_at_load_are_checked_together_whatever_their_order(checkpoint, overrides):
+    model, processor = load_remote(checkpoint, **overrides)
+    for name, value in overrides.items():
+        assert getattr(model.config, name) == value, name
+    assert processor.visual_tokens == model.config.visual_tokens
+
+
+def test_two_budgets_that_disagree_are_refused_on_both_sides(checkpoint, tmp_path):
+    message = (
+        r"visual_tokens=64 and reduction_ratio=0.5 \(which keeps 288 of 576 tokens per crop\) ask for different "
+        r"budgets: give only one of them"
+    )
+    with pytest.raises(ValueError, match=message):
+        VisionTrimLlavaConfig(visual_tokens=64, reduction_ratio=0.5)
+    with working_directory(tmp_path):
+        with pytest.raises(ValueError, match=message):
+            AutoModelForImageTextToText.from_pretrained(
+                checkpoint, trust_remote_code=True, visual_tokens=64, reduction_ratio=0.5
+            )
+        with pytest.raises(ValueError, match=message):
+            AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True, visual_tokens=64, reduction_ratio=0.5)
+    model, processor = load_remote(checkpoint, visual_tokens=288, reduction_ratio=0.5)  # the same budget twice
+    assert model.config.visual_tokens == processor.visual_tokens == 288
+
+
+def test_visual_tokens_at_load_replace_a_stored_budget_on_both_sides(tmp_path):
+    model, processor = load_remote(save_checkpoint(tmp_path, visual_tokens=128), visual_tokens=192)
+    assert model.config.visual_tokens == processor.visual_tokens == 192

@@ -6,7 +6,7 @@ per-layer cache lengths, parity when off, save/load, errors.
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaModel
+from transformers import LlamaConfig, LlamaModel, MistralConfig, MistralModel
 
 from visiontrim import VisionTrimLlavaConfig
 from visiontrim.llm_stage_visiontrim import (
@@ -107,6 +107,29 @@ def test_attention_probabilities_equal_eager():
     torch.testing.assert_close(recorded["probabilities"][1, 3:, 3:], eager[1].mean(0)[3:, 3:], rtol=1e-5, atol=1e-6)
 
 
+def test_attention_probabilities_follow_a_mistral_sliding_window():
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=3, attn_implementation="eager",
+    )  # fmt: skip
+    model = MistralModel(config).eval()
+    input_ids = torch.randint(0, 50, (1, 9))
+    recorded = {}
+
+    def hook(module, args, kwargs):
+        recorded["probabilities"] = causal_attention_probabilities(
+            module, kwargs["hidden_states"], kwargs["position_embeddings"], torch.ones(1, 9, dtype=torch.bool), 3
+        )
+
+    handle = model.layers[1].self_attn.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        eager = model(input_ids=input_ids, output_attentions=True).attentions[1]
+    handle.remove()
+    assert bool((eager[0, :, 8, :6] == 0).all())  # the window: the last query sees its last 3 keys only
+    torch.testing.assert_close(recorded["probabilities"][0], eager[0].mean(0), rtol=1e-5, atol=1e-6)
+
+
 # ---- on models
 
 
@@ -188,11 +211,24 @@ def test_batch_with_different_image_positions_equals_single_runs(stage_checkpoin
         )
 
 
+@pytest.mark.parametrize("score", ["text_to_image", "both"])
+def test_generation_without_a_cache_equals_cached_generation(stage_checkpoint, photos, score):
+    # Without a cache every step recomputes the whole sequence: the generated tokens must not re-rank the visual
+    # tokens, so each step keeps what the prompt kept, as the cached decode steps do.
+    model, processor = load_remote(stage_checkpoint, llm_stage_score=score)
+    inputs = processor(images=photos, text=[QUESTION_PROMPT, OTHER_PROMPT], padding=True, return_tensors="pt")
+    settings = {"max_new_tokens": 8, "do_sample": False, "return_dict_in_generate": True, "output_logits": True}
+    cached = model.generate(**inputs, use_cache=True, **settings)
+    uncached = model.generate(**inputs, use_cache=False, **settings)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for step, (with_cache, without_cache) in enumerate(zip(cached.logits, uncached.logits, strict=True)):
+        torch.testing.assert_close(without_cache, with_cache, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+
+
 def test_generation_modes_work_with_the_stage(stage_checkpoint, photos):
     model, processor = load_remote(stage_checkpoint)
     inputs = processor(images=photos[1], text=OTHER_PROMPT, return_tensors="pt")
     prompt = inputs["input_ids"].shape[1]
-    assert model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False).shape == (1, prompt + 3)
     beams = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
     assert beams.shape == (2, prompt + 3)
     result = model.generate(
@@ -271,9 +307,17 @@ def test_llava_next_with_the_stage(tmp_path, photos):
         )
     )
     inputs = processor(images=photos, text=[QUESTION_PROMPT, OTHER_PROMPT], padding=True, return_tensors="pt")
-    cache = model(**inputs, use_cache=True).cache
-    kept_visual = inputs["input_ids"].gather(1, cache.visiontrim_pruning.index) == model.config.image_token_id
-    assert ((kept_visual & cache.visiontrim_pruning.valid).sum(dim=1) == 100).all()  # per image, whatever its crops
+    output = model(**inputs, use_cache=True)
+    pruning = output.cache.visiontrim_pruning
+    kept = torch.zeros_like(inputs["input_ids"], dtype=torch.bool).scatter(1, pruning.index, pruning.valid)
+    is_image = inputs["input_ids"] == model.config.image_token_id
+    features = torch.cat(output.image_outputs.pooler_output)
+    is_newline = (features == model.model.image_newline).all(dim=-1)
+    newline = torch.zeros_like(is_image).masked_scatter(is_image, is_newline)
+    # The image_newline after each crop is layout: every one is kept, and the 100 kept per image are content.
+    crops = sum(model.model.media_crops("image", inputs["pixel_values"], inputs["image_sizes"])[1])
+    assert newline.sum() == crops and bool(kept[newline].all())
+    assert ((kept & is_image & ~newline).sum(dim=1) == 100).all()  # per image, whatever its crops
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert generated.shape == (2, inputs["input_ids"].shape[1] + 3)
 
@@ -288,3 +332,11 @@ def test_a_prompt_continued_on_a_filled_cache_is_not_pruned(stage_checkpoint, ph
     total = first["input_ids"].shape[1] + second["input_ids"].shape[1]
     assert getattr(output.cache, "visiontrim_pruning", None) is None
     assert [output.cache.get_seq_length(layer) for layer in range(3)] == [total] * 3
+
+
+def test_inputs_embeds_without_input_ids_are_refused_while_the_stage_is_on(stage_checkpoint, photos):
+    model, processor = load_remote(stage_checkpoint)
+    inputs = processor(images=photos[0], text=QUESTION_PROMPT, return_tensors="pt")
+    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
+    with pytest.raises(ValueError, match=r"finds the visual tokens from `input_ids`.*llm_stage_layer=None"):
+        model(**inputs, inputs_embeds=embeds)

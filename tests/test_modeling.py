@@ -285,6 +285,35 @@ def test_half_precision_keeps_the_fp32_tokens(remote, checkpoint, photos, dtype,
     assert (last - expected_last).norm() / expected_last.norm() < 2 * tolerance
 
 
+def test_output_attentions_never_reach_the_vision_tower(remote, photos):
+    # Only the scored layer's queries and keys are recorded: the tower keeps its fast attention and no attention map.
+    model, processor = remote
+    inputs = processor(images=photos[0], text=QUESTION_PROMPT, return_tensors="pt")
+    output = model(**inputs, output_attentions=True, output_hidden_states=True)
+    assert output.image_outputs.attentions is None
+    kept_layers = [index for index, state in enumerate(output.image_outputs.hidden_states) if state is not None]
+    assert kept_layers == [len(output.image_outputs.hidden_states) + model.config.vision_feature_layer]
+
+
+def test_image_only_prompts_work_by_default(remote, photos):
+    model, processor = remote
+    assert model.config.empty_guidance == "cls_similarity"
+    for prompt in ("USER: <image>\n ASSISTANT:", "<image>"):
+        inputs = processor(images=photos[0], text=prompt, return_tensors="pt")
+        assert inputs["guidance_attention_mask"].sum() == 0
+        generated = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert generated.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+def test_placeholder_count_is_checked_with_inputs_embeds_too(checkpoint, photos):
+    model, _ = load_remote(checkpoint)
+    _, processor = load_remote(checkpoint, visual_tokens=128)
+    inputs = processor(images=photos[0], text=QUESTION_PROMPT, return_tensors="pt")
+    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
+    with pytest.raises(ValueError, match=r"hold 128 image placeholder tokens but the images give 64 visual tokens"):
+        model(**inputs, inputs_embeds=embeds)
+
+
 def test_budget_mismatch_between_processor_and_model_names_both_numbers(checkpoint, photos):
     model, _ = load_remote(checkpoint)
     _, processor = load_remote(checkpoint, visual_tokens=128)
@@ -314,7 +343,7 @@ def test_guidance_rows_must_match_images(remote, photos):
 
 
 def test_empty_guidance_raises_or_falls_back_to_cls_similarity(checkpoint, photos):
-    model, processor = load_remote(checkpoint)
+    model, processor = load_remote(checkpoint, empty_guidance="error")
     inputs = processor(
         images=photos,
         text=[QUESTION_PROMPT, OTHER_PROMPT],
@@ -328,7 +357,7 @@ def test_empty_guidance_raises_or_falls_back_to_cls_similarity(checkpoint, photo
     ):
         model(**inputs)
 
-    fallback, _ = load_remote(checkpoint, empty_guidance="cls_similarity")
+    fallback, _ = load_remote(checkpoint)  # the default
     output = image_output(fallback, inputs)
     # Image 0 is guided by its own CLS token: the seeds are the remaining tokens most similar to it.
     inner = fallback.model

@@ -1,5 +1,9 @@
 """VisionTrimProcessor: placeholder counts, the guidance text it extracts and tokenises, errors, save and reload."""
 
+import sys
+from unittest import mock
+
+import numpy
 import pytest
 import torch
 from PIL import Image
@@ -186,3 +190,30 @@ def test_small_and_odd_sized_photos_are_cropped_to_the_tower_grid(processor):
     inputs = processor(images=[tiny, tall], text=[QUESTION_PROMPT, QUESTION_PROMPT], padding=True, return_tensors="pt")
     assert inputs["pixel_values"].shape == (2, 3, 336, 336)
     assert (inputs["input_ids"] == processor.image_token_id).sum(dim=1).tolist() == [64, 64]
+
+
+def test_16_bit_grayscale_images_keep_their_range(processor):
+    # Pillow's own RGB conversion clips 16-bit values to white; the processor scales them to 8 bits first.
+    values = numpy.linspace(0, 65535, 336 * 336).reshape(336, 336).astype(numpy.uint16)
+    wide = Image.fromarray(values)
+    assert wide.mode == "I;16"
+    eight_bit = Image.fromarray((values // 257).astype(numpy.uint8))
+    pixels = processor(images=wide, text=QUESTION_PROMPT, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(
+        pixels, processor(images=eight_bit, text=QUESTION_PROMPT, return_tensors="pt")["pixel_values"]
+    )
+    assert pixels.std() > 0.5  # a gradient, not a white square
+    with pytest.raises(ValueError, match=r"A F image with values in .*convert it to 8-bit RGB first"):
+        processor(images=Image.fromarray(values.astype(numpy.float32)), text=QUESTION_PROMPT)
+
+
+def test_a_guidance_text_cut_to_77_clip_tokens_is_warned_about(processor):
+    logger = sys.modules[type(processor).__module__].logger
+    long_question = "USER: <image>\n" + "Is the cat on the left of the red sofa? " * 12 + "ASSISTANT:"
+    image = Image.new("RGB", (336, 336))
+    with mock.patch.object(logger, "warning_once") as warning:
+        short = processor(images=image, text=QUESTION_PROMPT, return_tensors="pt")
+        assert not warning.called
+        long = processor(images=image, text=long_question, return_tensors="pt")
+    assert warning.call_count == 1 and "longer than 77 CLIP tokens" in warning.call_args[0][0]
+    assert long["guidance_input_ids"].shape[1] == 77 and short["guidance_input_ids"].shape[1] < 77
