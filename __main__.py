@@ -11,6 +11,7 @@ import logging
 import sys
 
 from .tools import analysis, bench, demo
+from .tools.arguments import UsageError
 from .tools.evaluation import cli as evaluation
 
 
@@ -46,8 +47,12 @@ def main(argv: list[str] | None = None) -> None:
             + ".",
         )
     module.add_arguments(parser)
+    arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    module.run(parser.parse_args(argv))
+    try:
+        module.run(arguments)
+    except UsageError as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

@@ -44,9 +44,9 @@ from transformers import (
     GenerationConfig,
     LlamaConfig,
     LlavaForConditionalGeneration,
-    LlavaImageProcessor,
+    LlavaImageProcessorPil,
     LlavaNextForConditionalGeneration,
-    LlavaNextImageProcessor,
+    LlavaNextImageProcessorPil,
     LlavaNextVideoForConditionalGeneration,
     MistralConfig,
     PreTrainedModel,
@@ -71,6 +71,7 @@ from visiontrim import (
     VisionTrimVideoProcessor,
     __version__,
 )
+from visiontrim.tools.arguments import folder_or_hub_id, positive_int
 
 
 logger = logging.getLogger("visiontrim.convert")
@@ -369,12 +370,12 @@ def read_original(folder: Path, config: dict, arch: str, name: str, clip: ClipSo
     }
     if arch == "llava-next":
         settings["image_grid_pinpoints"] = config["image_grid_pinpoints"]
-        image_processor = LlavaNextImageProcessor(
+        image_processor = LlavaNextImageProcessorPil(
             size=size, crop_size=crop_size, image_grid_pinpoints=config["image_grid_pinpoints"], **clip_image_settings
         )
     else:
         # LLaVA-1.5 pads images to a square of the mean colour ("image_aspect_ratio": "pad").
-        image_processor = LlavaImageProcessor(
+        image_processor = LlavaImageProcessorPil(
             size=size, crop_size=crop_size, do_pad=config.get("image_aspect_ratio") == "pad", **clip_image_settings
         )
     generation_config = GenerationConfig(
@@ -539,6 +540,15 @@ def build_processor(llava: LlavaSource, clip: ClipSource, config: VisionTrimSett
     )
 
 
+def source_dtype(llava: LlavaSource) -> torch.dtype:
+    """The dtype most of the LLaVA checkpoint's floating-point weights are stored in (`--dtype auto`)."""
+    sizes: dict[torch.dtype, int] = {}
+    for tensor in llava.weights.values():
+        if tensor.is_floating_point():
+            sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
+    return max(sizes, key=sizes.get)
+
+
 def build_model(config: VisionTrimSettings, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> PreTrainedModel:
     """The VisionTrim model holding exactly `weights` (no weight left random); refuses missing or extra keys."""
     model_class = next(classes[3] for classes in ARCHITECTURE_CLASSES.values() if isinstance(config, classes[2]))
@@ -694,7 +704,7 @@ def convert(args: argparse.Namespace) -> Path:
         config = build_config(llava, clip, budget)
     except ValueError as error:
         raise ConversionError(str(error)) from error
-    model = build_model(config, weights, DTYPES[args.dtype])
+    model = build_model(config, weights, source_dtype(llava) if args.dtype == "auto" else DTYPES[args.dtype])
     model.generation_config = llava.generation_config
     processor = build_processor(llava, clip, config)
     revision = f"visiontrim-{__version__}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
@@ -724,13 +734,21 @@ def convert(args: argparse.Namespace) -> Path:
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="visiontrim-convert", description=__doc__.split("\n\n")[0].strip())
     parser.add_argument(
-        "--llava", required=True, help="LLaVA checkpoint: local folder or Hub id (llava-hf or original layout)"
+        "--llava",
+        type=folder_or_hub_id,
+        required=True,
+        help="LLaVA checkpoint: local folder or Hub id (llava-hf or original layout)",
     )
     parser.add_argument(
-        "--clip", required=True, help="CLIP model of its vision tower, e.g. openai/clip-vit-large-patch14-336"
+        "--clip",
+        type=folder_or_hub_id,
+        required=True,
+        help="CLIP model of its vision tower, e.g. openai/clip-vit-large-patch14-336",
     )
     parser.add_argument(
-        "--image-clip", help="Video-LLaVA only: CLIP model of the image tower (default: --clip), for its projection"
+        "--image-clip",
+        type=folder_or_hub_id,
+        help="Video-LLaVA only: CLIP model of the image tower (default: --clip), for its projection",
     )
     parser.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
     parser.add_argument("--arch", choices=ARCHITECTURES, help="checked against the checkpoint (default: inferred)")
@@ -738,9 +756,16 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     budget.add_argument(
         "--reduction-ratio", type=float, help="share of each crop's (or frame's) tokens removed (default 0.889)"
     )
-    budget.add_argument("--tokens", type=int, help="tokens kept per crop or video frame (default: 1 - 0.889 of it)")
+    budget.add_argument(
+        "--tokens", type=positive_int, help="tokens kept per crop or video frame (default: 1 - 0.889 of it)"
+    )
     parser.add_argument("--dvts-ratio", type=float, help="share of kept tokens chosen by DVTS (default 0.75)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float16")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="stored precision (default auto: the LLaVA checkpoint's own, so nothing is rounded)",
+    )
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     parser.add_argument("--license", default="llama2", help="license tag of the model card (default llama2)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")

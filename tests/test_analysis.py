@@ -106,7 +106,7 @@ def test_sample_measurements_for_visiontrim_and_stock(tmp_path, photos, arch):
             assert sample["cells"][:576, 0].tolist() == [0] * 576 and (~on_grid).sum() > 0  # row newlines
 
 
-def test_command_line_on_a_three_item_file(checkpoint, photos, tmp_path):
+def test_command_line_on_a_three_item_file(checkpoint, photos, tmp_path, capsys):
     for name, photo in zip(("cat.jpg", "cup.jpg"), photos, strict=True):
         photo.save(tmp_path / name)
     rows = [{"image": "cat.jpg", "question": "What animal is this?", "box": [100, 20, 300, 280]},
@@ -144,7 +144,7 @@ def test_command_line_on_a_three_item_file(checkpoint, photos, tmp_path):
             arrays = numpy.load(output / f"{index:05d}-{name}.npz")
             assert arrays["visual_attention"].shape[-1] == (64 if name == "VisionTrim" else 576)
     assert_plot(output / "layers.png", (900, 600))
-    with pytest.raises(SystemExit, match=r"--layers must be within 0..1"):
+    with pytest.raises(SystemExit) as exit_info:
         main(
             [
                 "analyze",
@@ -158,3 +158,5 @@ def test_command_line_on_a_three_item_file(checkpoint, photos, tmp_path):
                 str(output),
             ]
         )
+    assert exit_info.value.code == 2
+    assert "argument --layers: must be within 0..1 (the LLM's layers), got [0, 5]" in capsys.readouterr().err

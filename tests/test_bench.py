@@ -1,11 +1,14 @@
 """The benchmark at a toy size: every field of its JSON, the analytic numbers against hand computation; no timing."""
 
 import json
+import logging
+import sys
 
 import pytest
 from transformers import LlamaConfig
 
 from visiontrim.__main__ import main
+from visiontrim.tools import plots
 from visiontrim.tools.bench import prefill_flops
 from visiontrim.tools.build import Shapes
 
@@ -110,3 +113,15 @@ def test_toy_benchmark_writes_every_field(tmp_path, capsys, arch, tokens):
     assert all(row["compression"] is not None for row in rows[1:])
     table = capsys.readouterr().out
     assert all(row["name"] in table for row in rows)
+
+
+def test_without_matplotlib_the_benchmark_finishes_and_says_how_to_plot(tmp_path, caplog, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails, as where it is not installed
+    plots.warn_missing_matplotlib.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        main(["bench", "--toy", "--warmup", "0", "--repeats", "1", "--new-tokens", "2", "--output-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "bench-llava.json").read_text())
+    assert len(report["rows"]) == 7 and not (tmp_path / "bench-llava.png").exists()
+    assert "matplotlib is not installed: the PNG plots are not drawn" in caplog.text
+    assert 'pip install "visiontrim[tools]"' in caplog.text
+    assert "Timings on a shared machine are noisy" in caplog.text

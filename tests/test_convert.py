@@ -546,3 +546,18 @@ def test_command_line_script_and_refusal_exit_code(tmp_path, clip_folder):
         [*arguments, "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300
     )
     assert refused.returncode == 2 and "conversion refused:" in refused.stderr and "--overwrite" in refused.stderr
+
+
+def test_the_default_dtype_is_the_sources_so_fp32_is_not_rounded(tmp_path, clip_folder):
+    stock = llava_hf_source(tmp_path / "source", "llava")
+    arguments = parse_arguments(
+        ["--llava", str(tmp_path / "source"), "--clip", str(clip_folder), "--output", str(tmp_path / "out")]
+    )
+    assert arguments.dtype == "auto"
+    output = convert(arguments)
+    with safe_open(output / "model.safetensors", "pt") as weights:
+        names = list(weights.keys())
+        dtypes = {weights.get_tensor(name).dtype for name in names}
+        embeddings = weights.get_tensor(next(name for name in names if name.endswith("embed_tokens.weight")))
+    assert dtypes == {torch.float32}
+    assert torch.equal(embeddings, stock.model.language_model.embed_tokens.weight)

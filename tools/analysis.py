@@ -30,6 +30,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaNextPr
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from ..llm_stage_visiontrim import causal_attention_probabilities
+from . import plots
+from .arguments import UsageError, existing_file, existing_folder, existing_path, model_folder, positive_int
 from .build import stock_llava_with_same_weights, stock_processor
 from .demo import first_crop_image
 from .evaluation.data import DataError, Question, column_names, load_local_dataset, read_json_lines
@@ -261,18 +263,14 @@ def aggregate(samples: list[dict]) -> dict:
 # ---- figures
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    return pyplot
-
-
-def save_overlays(samples: dict[str, dict], path: Path, title: str) -> None:
-    """For each model, the question's attention on the first crop at the first, middle and last recorded layers."""
-    pyplot = _pyplot()
+def save_overlays(samples: dict[str, dict], path: Path, title: str) -> bool:
+    """
+    For each model, the question's attention on the first crop at the first, middle and last recorded layers; False
+    when matplotlib is missing (nothing drawn).
+    """
+    pyplot = plots.pyplot()
+    if pyplot is None:
+        return False
     names = list(samples)
     layer_count = len(samples[names[0]]["layers"])
     picks = sorted({0, layer_count // 2, layer_count - 1})
@@ -298,11 +296,17 @@ def save_overlays(samples: dict[str, dict], path: Path, title: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
+    return True
 
 
-def save_curves(summaries: dict[str, dict], path: Path, top_k: int) -> None:
-    """Per-layer curves of every model: entropy, top-k share, visual mass, centre-of-mass row."""
-    pyplot = _pyplot()
+def save_curves(summaries: dict[str, dict], path: Path, top_k: int) -> bool:
+    """
+    Per-layer curves of every model: entropy, top-k share, visual mass, centre-of-mass row; False when matplotlib is
+    missing (nothing drawn).
+    """
+    pyplot = plots.pyplot()
+    if pyplot is None:
+        return False
     panels = [
         ("normalised_entropy", "normalised entropy"),
         ("top_k_share", f"top-{top_k} share"),
@@ -323,6 +327,7 @@ def save_curves(summaries: dict[str, dict], path: Path, top_k: int) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
+    return True
 
 
 # ---- inputs and the command line
@@ -381,9 +386,9 @@ def run(args: argparse.Namespace) -> dict:
         items = read_items(Path(args.data), Path(args.images) if args.images else None)
     items = items[: args.limit]
     layer_count = model.config.text_config.num_hidden_layers
-    layers = list(range(layer_count)) if args.layers == "all" else [int(layer) for layer in args.layers.split(",")]
+    layers = list(range(layer_count)) if args.layers == "all" else args.layers
     if not all(0 <= layer < layer_count for layer in layers):
-        raise SystemExit(f"error: --layers must be within 0..{layer_count - 1} (the LLM's layers), got {args.layers}.")
+        raise UsageError(f"argument --layers: must be within 0..{layer_count - 1} (the LLM's layers), got {layers}")
 
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -399,25 +404,39 @@ def run(args: argparse.Namespace) -> dict:
     summaries = {name: aggregate(samples) for name, samples in results.items()}
     report = {"model": args.model, "top_k": args.top_k, "models": summaries}
     (output / "summary.json").write_text(json.dumps(report, indent=2))
-    save_curves(summaries, output / "layers.png", args.top_k)
-    print(
-        f"{len(items)} samples, layers {layers[0]}..{layers[-1]}: {output / 'summary.json'}, {output / 'layers.png'}"
-    )
+    written = [output / "summary.json"]
+    if save_curves(summaries, output / "layers.png", args.top_k):
+        written.append(output / "layers.png")
+    print(f"{len(items)} samples, layers {layers[0]}..{layers[-1]}: {', '.join(map(str, written))}")
     return report
 
 
+def layer_list(text: str) -> str | list[int]:
+    """`all`, or comma-separated LLM layer indices."""
+    if text == "all":
+        return text
+    try:
+        return [int(layer) for layer in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'all' or layer numbers such as 0,8,16, got {text!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder: stock LLaVA or VisionTrim")
+    parser.add_argument("--model", type=model_folder, required=True, help="model folder: stock LLaVA or VisionTrim")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help=".jsonl of {image, question[, box]}")
-    source.add_argument("--dataset", help="a local datasets dataset with image, question[, box] columns")
-    parser.add_argument("--images", help="image folder of --data (default: the file's folder)")
+    source.add_argument("--data", type=existing_file, help=".jsonl of {image, question[, box]}")
+    source.add_argument(
+        "--dataset", type=existing_path, help="a local datasets dataset with image, question[, box] columns"
+    )
+    parser.add_argument("--images", type=existing_folder, help="image folder of --data (default: the file's folder)")
     parser.add_argument("--split", help="dataset split (default: the first)")
     parser.add_argument("--column", action="append", help="map a field to a dataset column: question=prompt")
-    parser.add_argument("--layers", default="all", help="LLM layers to record: all, or e.g. 0,8,16,31")
-    parser.add_argument("--top-k", type=int, default=16, help="k of the top-k attention share (default 16)")
+    parser.add_argument(
+        "--layers", type=layer_list, default="all", help="LLM layers to record: all, or e.g. 0,8,16,31"
+    )
+    parser.add_argument("--top-k", type=positive_int, default=16, help="k of the top-k attention share (default 16)")
     parser.add_argument("--with-stock", action="store_true", help="also run stock LLaVA with the same weights")
-    parser.add_argument("--limit", type=int, help="only the first N samples")
+    parser.add_argument("--limit", type=positive_int, help="only the first N samples")
     parser.add_argument("--output-dir", default="analysis-results")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

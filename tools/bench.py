@@ -26,9 +26,12 @@ import numpy as np
 import torch
 import transformers
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..compression_visiontrim import compress_crops, encode_guidance, run_vision_tower
 from ..configuration_visiontrim import vision_attention_layer
+from . import plots
+from .arguments import existing_file, image_file, model_folder, non_empty_text, non_negative_int, positive_int
 from .build import LLAVA_15_SHAPES, Shapes, stock_llava_with_same_weights, stock_processor
 from .demo import ARCH_NAMES, DEFAULT_QUESTION, encoder, load_or_build, prefiller, sample_photo
 from .evaluation.video import sample_frames
@@ -357,13 +360,14 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], path: Path, title: str) -> None:
-    """Prefill speed-up and ideal (FLOPs) speed-up against the visual tokens kept, for the VisionTrim rows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
+def plot(rows: list[Row], path: Path, title: str) -> bool:
+    """
+    Prefill speed-up and ideal (FLOPs) speed-up against the visual tokens kept, for the VisionTrim rows; False when
+    matplotlib is missing (nothing drawn).
+    """
+    pyplot = plots.pyplot()
+    if pyplot is None:
+        return False
     budget_rows = sorted((row for row in rows[1:] if row.name.startswith("VisionTrim")), key=lambda r: r.visual_tokens)
     tokens = [row.visual_tokens for row in budget_rows]
     figure, axes = pyplot.subplots(figsize=(6, 4), dpi=120)
@@ -378,6 +382,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     figure.tight_layout()
     figure.savefig(path)
     pyplot.close(figure)
+    return True
 
 
 def bench_video(video_path: str | None) -> np.ndarray:
@@ -419,10 +424,16 @@ def run(args: argparse.Namespace) -> dict:
         prompt = f"USER: {processor.image_token}\n{args.question} ASSISTANT:"
         pixels_key = "pixel_values"
 
+    logger.warning(
+        "Timings on a shared machine are noisy: every row runs in this process with the same weights, so compare the "
+        "ratios within this run (min of %d runs after %d warm-up; medians in the JSON).",
+        args.repeats,
+        args.warmup,
+    )
     rows = []
     with torch.inference_mode():
         stage_layer = min(LLM_STAGE_LAYER, model.config.text_config.num_hidden_layers - 1)
-        for name, tokens_per_crop, dominant_ratio, llm_tokens in ROWS[arch]:
+        for name, tokens_per_crop, dominant_ratio, llm_tokens in tqdm(ROWS[arch], desc="bench", unit="row"):
             row = Row(name, tokens_per_crop, dominant_ratio, llm_tokens, stage_layer if llm_tokens else None)
             if llm_tokens is not None:
                 row.name = f"{name}@{stage_layer}"
@@ -433,7 +444,6 @@ def run(args: argparse.Namespace) -> dict:
                 net, row_processor = model, processor
             inputs = row_processor(text=prompt, return_tensors="pt", **media).to(device)
             inputs[pixels_key] = inputs[pixels_key].to(dtype)
-            logger.info("measuring %s", name)
             measure_row(row, net, inputs, args, device)
             rows.append(row)
     add_ratios(rows)
@@ -458,29 +468,36 @@ def run(args: argparse.Namespace) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{arch}"
     (output / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    plot(rows, output / f"{stem}.png", f"{description}\n{report['machine']['cpu']}, {args.dtype}")
+    plotted = plot(rows, output / f"{stem}.png", f"{description}\n{report['machine']['cpu']}, {args.dtype}")
     machine = report["machine"]
     print(
         f"{description}; {machine['cpu']}; {args.device}, {args.dtype}, {machine['torch_threads']} threads; "
         f"min of {args.repeats} runs after {args.warmup} warm-up"
     )
     print(table(rows))
-    print(f"written: {output / (stem + '.json')}, {output / (stem + '.png')}")
+    written = [output / f"{stem}.json"] + ([output / f"{stem}.png"] if plotted else [])
+    print(f"written: {', '.join(map(str, written))}")
     return report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=list(ROWS), default="llava", help="shape of the random model")
-    parser.add_argument("--model", help="a converted VisionTrim checkpoint folder instead of a random model")
-    parser.add_argument("--llm-layers", type=int, default=LLAVA_15_SHAPES.llm_layers)
-    parser.add_argument("--llm-hidden", type=int, default=LLAVA_15_SHAPES.llm_hidden)
+    parser.add_argument(
+        "--model", type=model_folder, help="a converted VisionTrim checkpoint folder instead of a random model"
+    )
+    parser.add_argument("--llm-layers", type=positive_int, default=LLAVA_15_SHAPES.llm_layers)
+    parser.add_argument("--llm-hidden", type=positive_int, default=LLAVA_15_SHAPES.llm_hidden)
     parser.add_argument("--toy", action="store_true", help="tiny widths everywhere (for tests); the grid stays 24x24")
-    parser.add_argument("--image", help="photo to run (default: a bundled photo)")
-    parser.add_argument("--video", help="video-llava: video to sample 8 frames from (default: a pan over a photo)")
-    parser.add_argument("--question", default=DEFAULT_QUESTION)
-    parser.add_argument("--new-tokens", type=int, default=16, help="fixed answer length for the end-to-end time")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--image", type=image_file, help="photo to run (default: a bundled photo)")
+    parser.add_argument(
+        "--video", type=existing_file, help="video-llava: video to sample 8 frames from (default: a pan over a photo)"
+    )
+    parser.add_argument("--question", type=non_empty_text, default=DEFAULT_QUESTION)
+    parser.add_argument(
+        "--new-tokens", type=positive_int, default=16, help="fixed answer length for the end-to-end time"
+    )
+    parser.add_argument("--warmup", type=non_negative_int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--output-dir", default="benchmark-results")

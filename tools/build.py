@@ -96,6 +96,11 @@ class Shapes:
     llm_kv_heads: int = 2
     llm_intermediate: int = 128
 
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens of a crop."""
+        return (self.image_size // self.patch_size) ** 2
+
 
 # CLIP ViT-L/14-336 as in LLaVA-1.5, with a small LLM.
 LLAVA_15_SHAPES = Shapes(

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 from transformers import (
+    AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
     BatchFeature,
@@ -25,6 +26,15 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..modeling_visiontrim_llava import VisionTrimEncoderOutput
+from .arguments import (
+    UsageError,
+    image_file,
+    model_folder,
+    non_empty_text,
+    non_negative_int,
+    positive_int,
+    writable_file,
+)
 from .build import (
     LLAVA_15_SHAPES,
     Shapes,
@@ -105,6 +115,8 @@ def load_or_build(
     model_path: str | None, arch: str, tokens: int | None, shapes: Shapes, dtype: torch.dtype, device: str
 ) -> tuple[LlavaForConditionalGeneration | LlavaNextForConditionalGeneration, ProcessorMixin]:
     if model_path is None:
+        if tokens is not None and not tokens <= shapes.num_patches:
+            raise UsageError(f"argument --tokens: {tokens} is more than the {shapes.num_patches} patches of a crop")
         logger.info(
             "Building a random %s-shaped VisionTrim model (CLIP ViT-L/14 towers at %d px, small LLM)",
             ARCH_NAMES[arch],
@@ -113,6 +125,10 @@ def load_or_build(
         config = build_config(shapes, arch=arch, visual_tokens=tokens or 64)
         return build_model(config).to(device=device, dtype=dtype), build_processor(config)
     overrides = {} if tokens is None else {"visual_tokens": tokens}
+    try:
+        AutoConfig.from_pretrained(model_path, trust_remote_code=True, **overrides)
+    except ValueError as error:
+        raise UsageError(f"argument --tokens: {error}") from None
     model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=dtype, **overrides)
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True, **overrides)
     return model.to(device).eval(), processor
@@ -220,17 +236,23 @@ def run(args: argparse.Namespace) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="a converted VisionTrim checkpoint folder (default: build a random one)")
+    parser.add_argument(
+        "--model", type=model_folder, help="a converted VisionTrim checkpoint folder (default: build a random one)"
+    )
     parser.add_argument(
         "--arch", choices=IMAGE_ARCHS, default="llava", help="shape of the random model (without --model)"
     )
-    parser.add_argument("--image", help="photo to run (default: the bundled chelsea.jpg)")
-    parser.add_argument("--question", default=DEFAULT_QUESTION)
-    parser.add_argument("--tokens", type=int, help="visual tokens kept per crop (default: 64, or the checkpoint's)")
-    parser.add_argument("--save", help="write a PNG overlay of the kept cells to this path")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up (default: 2)")
-    parser.add_argument("--llm-layers", type=int, default=LLAVA_15_SHAPES.llm_layers)
-    parser.add_argument("--llm-hidden", type=int, default=LLAVA_15_SHAPES.llm_hidden)
-    parser.add_argument("--max-new-tokens", type=int, default=0, help="also generate an answer from both models")
+    parser.add_argument("--image", type=image_file, help="photo to run (default: the bundled chelsea.jpg)")
+    parser.add_argument("--question", type=non_empty_text, default=DEFAULT_QUESTION)
+    parser.add_argument(
+        "--tokens", type=positive_int, help="visual tokens kept per crop (default: 64, or the checkpoint's)"
+    )
+    parser.add_argument("--save", type=writable_file, help="write a PNG overlay of the kept cells to this path")
+    parser.add_argument("--repeats", type=positive_int, default=2, help="timed runs after one warm-up (default: 2)")
+    parser.add_argument("--llm-layers", type=positive_int, default=LLAVA_15_SHAPES.llm_layers)
+    parser.add_argument("--llm-hidden", type=positive_int, default=LLAVA_15_SHAPES.llm_hidden)
+    parser.add_argument(
+        "--max-new-tokens", type=non_negative_int, default=0, help="also generate an answer from both models"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

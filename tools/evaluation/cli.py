@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from ..arguments import existing_file, existing_folder, existing_path, model_folder, positive_int
 from .data import (
     TASKS,
     DataError,
@@ -135,11 +136,13 @@ def run(args: argparse.Namespace) -> None:
 
 
 def add_model_arguments(sub: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    sub.add_argument("--model", required=True, help="model folder: stock or VisionTrim")
-    sub.add_argument("--visual-tokens", type=int, help="override a VisionTrim model's budget per crop (or frame)")
-    sub.add_argument("--batch-size", type=int, default=1)
-    sub.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    sub.add_argument("--limit", type=int, help="only the first N questions")
+    sub.add_argument("--model", type=model_folder, required=True, help="model folder: stock or VisionTrim")
+    sub.add_argument(
+        "--visual-tokens", type=positive_int, help="override a VisionTrim model's budget per crop (or frame)"
+    )
+    sub.add_argument("--batch-size", type=positive_int, default=1)
+    sub.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
+    sub.add_argument("--limit", type=positive_int, help="only the first N questions")
     sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     sub.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
 
@@ -150,14 +153,23 @@ def add_video_arguments(actions) -> None:
         ("video-score", "exact-match score of a video answers file"),
     ):
         sub = actions.add_parser(action, help=help_text)
-        sub.add_argument("--answers", required=True, help="answers JSON (Video-ChatGPT's scorer format)")
+        sub.add_argument(
+            "--answers",
+            type=existing_file if action == "video-score" else str,
+            required=True,
+            help="answers JSON (Video-ChatGPT's scorer format)",
+        )
         sub.add_argument("--output", help="scores JSON (video-run default: next to the answers)")
         sub.add_argument("--task", default="msvd_qa", choices=VIDEO_TASKS)
         if action == "video-run":
-            sub.add_argument("--questions", required=True, help="question JSON, e.g. test_q.json")
-            sub.add_argument("--gt-answers", required=True, help="answer JSON, e.g. test_a.json")
-            sub.add_argument("--videos", required=True, help="folder of <video_name>.<ext> videos")
-            sub.add_argument("--frames", type=int, default=8, help="frames sampled uniformly per video (default 8)")
+            sub.add_argument("--questions", type=existing_file, required=True, help="question JSON, e.g. test_q.json")
+            sub.add_argument("--gt-answers", type=existing_file, required=True, help="answer JSON, e.g. test_a.json")
+            sub.add_argument(
+                "--videos", type=existing_folder, required=True, help="folder of <video_name>.<ext> videos"
+            )
+            sub.add_argument(
+                "--frames", type=positive_int, default=8, help="frames sampled uniformly per video (default 8)"
+            )
             add_model_arguments(sub, max_new_tokens=32)
 
 
@@ -171,13 +183,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub = actions.add_parser(action, help=help_text)
         sub.add_argument("--task", required=True, choices=TASKS)
         source = sub.add_mutually_exclusive_group(required=True)
-        source.add_argument("--questions", help="LLaVA question .jsonl / .json, or MMBench .tsv")
-        source.add_argument("--dataset", help="a local datasets dataset (folder, parquet, json, jsonl, csv)")
+        source.add_argument("--questions", type=existing_file, help="LLaVA question .jsonl / .json, or MMBench .tsv")
+        source.add_argument(
+            "--dataset", type=existing_path, help="a local datasets dataset (folder, parquet, json, jsonl, csv)"
+        )
         sub.add_argument("--split", help="dataset split (default: the first)")
         sub.add_argument("--column", action="append", help="map a field to a dataset column: question=prompt_text")
-        sub.add_argument("--annotations", help="the benchmark's annotations (POPE: the coco_pope_*.json folder)")
-        sub.add_argument("--answers", required=True, help="LLaVA answers .jsonl (written by run, read by score)")
+        sub.add_argument(
+            "--annotations", type=existing_path, help="the benchmark's annotations (POPE: the coco_pope_*.json folder)"
+        )
+        sub.add_argument(
+            "--answers",
+            type=existing_file if action == "score" else str,
+            required=True,
+            help="LLaVA answers .jsonl (written by run, read by score)",
+        )
         sub.add_argument("--output", help="scores JSON (run default: next to the answers)")
         if action == "run":
-            sub.add_argument("--images", help="image folder of a LLaVA question file")
+            sub.add_argument("--images", type=existing_folder, help="image folder of a LLaVA question file")
             add_model_arguments(sub, max_new_tokens=16)
