@@ -3,14 +3,16 @@
 `python -m visiontrim [options]`: the main job (stock LLaVA vs VisionTrim on one photo);
 `python -m visiontrim bench [options]`: the benchmark;
 `python -m visiontrim eval run|score [options]`: the evaluation runner;
-`python -m visiontrim analyze [options]`: attention analysis. `--help` after any lists its options.
+`python -m visiontrim analyze [options]`: attention analysis;
+`python -m visiontrim verify PATH`: check a converted folder against its SHA-256 checksums. `--help` after any lists
+its options.
 """
 
 import argparse
 import logging
 import sys
 
-from .tools import analysis, bench, demo
+from .tools import analysis, bench, checksums, demo
 from .tools.arguments import UsageError
 from .tools.evaluation import cli as evaluation
 
@@ -27,6 +29,10 @@ COMMANDS = {
     "analyze": (
         analysis,
         "Attention shift and dispersion of the LLM over the visual tokens, layer by layer (stock and VisionTrim).",
+    ),
+    "verify": (
+        checksums,
+        "Check a converted model folder against the SHA-256 checksums visiontrim-convert wrote (checksums.sha256).",
     ),
 }
 

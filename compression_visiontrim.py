@@ -11,6 +11,7 @@ Everything is batched over crops, free of Python loops over tokens or crops, det
 argmax, one-hot matmuls instead of scatter-adds) and computes scores in float32 whatever the model dtype.
 """
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -301,9 +302,10 @@ def encode_guidance(
     num_units: int,
     empty_guidance: str,
     input_name: str = "guidance",
+    cache: "GuidanceEmbeddingCache | None" = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    Encodes the guidance text of each image (or video) with the CLIP text tower.
+    Encodes the guidance text of each image (or video) with the CLIP text tower (or takes it from `cache`).
 
     Args:
         guidance_input_ids: `(units, text)` CLIP token ids, one row per image (or video).
@@ -311,6 +313,7 @@ def encode_guidance(
         num_units: how many images (or videos) there are.
         empty_guidance: `config.empty_guidance`; `"error"` refuses an empty guidance text.
         input_name: the inputs' name prefix in error messages ("guidance", or "video_guidance" for videos).
+        cache: recent texts' embeddings (`GuidanceEmbeddingCache`), used without gradients; None runs the tower.
     Returns:
         L2-normalised float32 token embeddings `(units, text, projection_dim)` and their validity mask
         `(units, text)` (bool; all False for an empty guidance text).
@@ -341,11 +344,65 @@ def encode_guidance(
             "a non-empty `guidance_text=` to the processor, or set `config.empty_guidance='cls_similarity'` to "
             f"guide those {unit}s by their own CLS token."
         )
-    # Rows without text still run on their special tokens, so no attention row is fully masked; they are ignored.
-    encoder_mask = torch.where(has_text.unsqueeze(-1), text_mask, torch.ones_like(text_mask))
+    if cache is None or torch.is_grad_enabled():
+        return run_text_tower(text_encoder, input_ids, text_mask), text_mask
+    return cache.embed(text_encoder, input_ids, text_mask), text_mask
+
+
+def run_text_tower(
+    text_encoder: CLIPTextModelWithProjection, input_ids: torch.LongTensor, text_mask: torch.Tensor
+) -> torch.Tensor:
+    """
+    The L2-normalised float32 `(rows, text, projection_dim)` token embeddings of `(rows, text)` guidance ids. Rows
+    without text (an all-False `text_mask` row) run on their special tokens, so no attention row is fully masked;
+    their embeddings are to be ignored.
+    """
+    has_text = text_mask.any(dim=-1, keepdim=True)
+    encoder_mask = torch.where(has_text, text_mask, torch.ones_like(text_mask))
     hidden_states = text_encoder.text_model(input_ids=input_ids, attention_mask=encoder_mask.long())
-    text_embeds = F.normalize(text_encoder.text_projection(hidden_states.last_hidden_state).float(), dim=-1)
-    return text_embeds, text_mask
+    return F.normalize(text_encoder.text_projection(hidden_states.last_hidden_state).float(), dim=-1)
+
+
+class GuidanceEmbeddingCache:
+    """
+    The CLIP text tower's embeddings of recent guidance texts, keyed by their token ids (least recently used out
+    first, at most `capacity` texts): a repeated question (POPE's template over many images, a serving system's fixed
+    question) costs no text-tower run. Padding does not change a text's embeddings (right padding, causal attention),
+    so each is stored unpadded. Entries are dropped whenever the tower's weights, device or dtype change; the cache is
+    used only without gradients. Its capacity is `config.guidance_cache_size`, read live.
+    """
+
+    def __init__(self, config: VisionTrimSettings):
+        self.config = config
+        self.entries: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self.weights_stamp: tuple | None = None
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def embed(
+        self, text_encoder: CLIPTextModelWithProjection, input_ids: torch.LongTensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """`run_text_tower`'s embeddings of `(rows, text)` ids; the texts not cached run through the tower at once."""
+        stamp = tuple((weight.data_ptr(), weight._version, weight.dtype) for weight in text_encoder.parameters())
+        if stamp != self.weights_stamp:
+            self.entries.clear()
+            self.weights_stamp = stamp
+        keys = [tuple(ids[mask].tolist()) for ids, mask in zip(input_ids, text_mask, strict=True)]
+        missing = sorted({row for row, key in enumerate(keys) if key and key not in self.entries})
+        if missing:
+            fresh = run_text_tower(text_encoder, input_ids[missing], text_mask[missing])
+            for embeds, row in zip(fresh, missing, strict=True):
+                self.entries[keys[row]] = embeds[: len(keys[row])]
+        empty = torch.zeros(0, text_encoder.config.projection_dim, device=input_ids.device)
+        rows = [self.entries[key] if key else empty for key in keys]  # an empty text's row is ignored downstream
+        for key in keys:
+            if key:
+                self.entries.move_to_end(key)
+        while len(self.entries) > self.config.guidance_cache_size:
+            self.entries.popitem(last=False)
+        text_embeds = nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        return F.pad(text_embeds, (0, 0, 0, input_ids.shape[1] - text_embeds.shape[1]))
 
 
 def add_class_guidance(
@@ -382,6 +439,7 @@ def compress_crops(
     guidance_attention_mask: torch.Tensor | None,
     crops_per_unit: list[int],
     input_name: str = "guidance",
+    guidance_cache: GuidanceEmbeddingCache | None = None,
 ) -> CompressedCrops:
     """
     DVTS then TGVC on a batch of crops, all at once: each crop keeps `config.dominant_tokens` DVTS tokens followed by
@@ -395,6 +453,7 @@ def compress_crops(
         crops_per_unit: how many consecutive crops (or frames) each image (or video) has; the crops of a unit share
             its guidance.
         input_name: the guidance inputs' name prefix in error messages ("guidance" or "video_guidance").
+        guidance_cache: recent guidance texts' embeddings, to skip the text tower for a repeated question.
     """
     class_tokens, patches = run.features[:, 0], run.features[:, 1:]
     num_crops, num_patches, _ = patches.shape
@@ -422,6 +481,7 @@ def compress_crops(
         len(crops_per_unit),
         config.empty_guidance,
         input_name,
+        guidance_cache,
     )
     repeats = torch.tensor(crops_per_unit, device=text_embeds.device)
     text_embeds = text_embeds.repeat_interleave(repeats, dim=0).to(patches.device)
@@ -451,6 +511,7 @@ def compress_crops(
 
 __all__ = [
     "CompressedCrops",
+    "GuidanceEmbeddingCache",
     "VisionTowerRun",
     "compress_crops",
     "dominant_token_scores",

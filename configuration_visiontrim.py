@@ -163,6 +163,9 @@ class VisionTrimSettings:
         empty_guidance (`str`, defaults to `"cls_similarity"`):
             What TGVC does for an image whose guidance text is empty (an image-only prompt): `"cls_similarity"` guides
             it by the image's own CLS token instead of text (logged once), `"error"` raises.
+        guidance_cache_size (`int`, defaults to 256):
+            How many recent guidance texts' CLIP text-tower embeddings the model keeps (keyed by their token ids), so
+            a repeated question runs no text tower; 0 switches the cache off.
         projection_dim (`int`, defaults to 768):
             Width of the CLIP joint embedding space (`visual_projection` output, `guidance_config.projection_dim`).
         guidance_config (`CLIPTextConfig` or `dict`, *optional*):
@@ -177,6 +180,7 @@ class VisionTrimSettings:
     merge_iterations: int = 3
     merge_update: str = "add"
     empty_guidance: str = "cls_similarity"
+    guidance_cache_size: int = 256
     llm_stage_layer: int | None = None
     llm_stage_tokens: int | None = None
     llm_stage_score: str = "both"
@@ -277,9 +281,10 @@ class VisionTrimSettings:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{owner}.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
-        merge_iterations = self.merge_iterations
-        if isinstance(merge_iterations, bool) or not isinstance(merge_iterations, int) or merge_iterations < 0:
-            raise ValueError(f"{owner}.merge_iterations must be an integer >= 0, got {merge_iterations!r}.")
+        for name in ("merge_iterations", "guidance_cache_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{owner}.{name} must be an integer >= 0, got {value!r}.")
         if self.guidance_config.projection_dim != self.projection_dim:
             raise ValueError(
                 f"{owner}.projection_dim ({self.projection_dim}) must equal guidance_config.projection_dim "

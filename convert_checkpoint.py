@@ -72,6 +72,7 @@ from visiontrim import (
     __version__,
 )
 from visiontrim.tools.arguments import folder_or_hub_id, positive_int
+from visiontrim.tools.checksums import folder_checksums, write_manifest
 
 
 logger = logging.getLogger("visiontrim.convert")
@@ -620,8 +621,9 @@ def render_card(
     license_name: str,
     repo_id: str | None,
     image_clip: ClipSource | None = None,
+    weight_checksums: dict[str, str] | None = None,
 ) -> str:
-    """The repository's README.md, from `hub_cards/model_card.md`."""
+    """The repository's README.md, from `hub_cards/model_card.md`, with the SHA-256 of each weight file."""
     cards = resources.files("visiontrim") / "hub_cards"
     template = string.Template((cards / CARD_TEMPLATE).read_text())
     budget, short_budget = describe_budget(llava.arch, config)
@@ -653,6 +655,7 @@ def render_card(
         clip_provenance=clip_provenance,
         vision_provenance=provenance,
         video_usage=VIDEO_USAGE if llava.arch in VIDEO_ARCHITECTURES else "",
+        checksums="\n".join(f"| `{name}` | `{digest}` |" for name, digest in (weight_checksums or {}).items()),
     )
 
 
@@ -708,7 +711,6 @@ def convert(args: argparse.Namespace) -> Path:
     model.generation_config = llava.generation_config
     processor = build_processor(llava, clip, config)
     revision = f"visiontrim-{__version__}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
-    card = render_card(llava, clip, config, provenance, revision, args.license, args.push_to_hub, image_clip)
 
     # Written beside the output and moved into place only when complete: a failure leaves nothing behind.
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -716,7 +718,12 @@ def convert(args: argparse.Namespace) -> Path:
     try:
         model.save_pretrained(staging, max_shard_size=args.max_shard_size)
         processor.save_pretrained(staging)
+        weight_checksums = folder_checksums(staging, "*.safetensors")
+        card = render_card(
+            llava, clip, config, provenance, revision, args.license, args.push_to_hub, image_clip, weight_checksums
+        )
         (staging / "README.md").write_text(card)
+        write_manifest(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

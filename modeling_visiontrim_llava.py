@@ -15,6 +15,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,7 +45,13 @@ from transformers.models.video_llava.modeling_video_llava import VideoLlavaMulti
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import select_hidden_states
 
-from .compression_visiontrim import CompressedCrops, VisionTowerRun, compress_crops, run_vision_tower
+from .compression_visiontrim import (
+    CompressedCrops,
+    GuidanceEmbeddingCache,
+    VisionTowerRun,
+    compress_crops,
+    run_vision_tower,
+)
 from .configuration_visiontrim import (
     AnyresSettings,
     VisionTrimLlavaConfig,
@@ -111,6 +118,7 @@ class VisionTrimModelMixin:
         self.guidance_encoder = CLIPTextModelWithProjection(config.guidance_config)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(CLIP_LOGIT_SCALE_INIT))
+        self.guidance_cache = GuidanceEmbeddingCache(config)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -175,6 +183,7 @@ class VisionTrimModelMixin:
             guidance_attention_mask,
             crops_per_unit,
             "guidance" if modality == "image" else "video_guidance",
+            self.guidance_cache if self.config.guidance_cache_size > 0 else None,
         )
         return run, compressed
 
@@ -470,6 +479,27 @@ class VisionTrimGenerationMixin:
         self.model = self.base_model_class(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a weight file that cannot be read is named in the error."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except SafetensorError as error:
+            damaged = []
+            for path in sorted(Path(pretrained_model_name_or_path).glob("*.safetensors")):
+                try:
+                    with safe_open(path, "pt") as weights:
+                        weights.keys()
+                except SafetensorError:
+                    damaged.append(str(path))
+            where = ", ".join(damaged) or f"a weight file of {pretrained_model_name_or_path}"
+            raise OSError(
+                f"{where} cannot be read as safetensors ({error}): the file is damaged or incomplete. Download or "
+                "copy it again; `python -m visiontrim verify FOLDER` checks a converted folder's files."
+            ) from error
 
     def _update_model_kwargs_for_generation(
         self, outputs, model_kwargs: dict, is_encoder_decoder: bool = False, num_new_tokens: int = 1

@@ -18,13 +18,14 @@ from helpers import assert_plot
 ROW_FIELDS = {
     "name", "tokens_per_crop", "dominant_ratio", "llm_stage_tokens", "llm_stage_layer",
     "prompt_tokens_after_llm_stage", "visual_tokens", "prompt_tokens", "vision_encoding", "compression",
+    "compression_repeated_question",
     "guidance_encoding", "vision_tower", "prefill", "decode_per_token", "end_to_end", "prefill_flops",
     "kv_cache_bytes", "peak_prefill_memory_bytes", "ratios",
 }  # fmt: skip
 RATIO_FIELDS = {
     "visual_tokens", "vision_encoding_time", "prefill_time", "prefill_flops", "decode_time_per_token",
     "end_to_end_time", "kv_cache_bytes", "peak_prefill_memory", "compression_share_of_tower",
-    "guidance_encoding_share_of_tower", "prefill_speedup_over_ideal",
+    "repeated_question_compression_share_of_tower", "guidance_encoding_share_of_tower", "prefill_speedup_over_ideal",
 }  # fmt: skip
 
 
@@ -109,6 +110,7 @@ def test_toy_benchmark_writes_every_field(tmp_path, capsys, arch, tokens):
         assert row["ratios"]["prefill_flops"] == pytest.approx(row["prefill_flops"] / rows[0]["prefill_flops"])
         tgvc = row["tokens_per_crop"] is not None and row["dominant_ratio"] < 1
         assert (row["guidance_encoding"] is not None) == tgvc
+        assert (row["compression_repeated_question"] is not None) == tgvc
     assert rows[0]["compression"] is None and rows[0]["ratios"]["compression_share_of_tower"] is None
     assert all(row["compression"] is not None for row in rows[1:])
     table = capsys.readouterr().out

@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from visiontrim import convert_checkpoint
+from visiontrim.__main__ import main
 from visiontrim.convert_checkpoint import ConversionError, convert, parse_arguments
 from visiontrim.tools.build import (
     LLAVA_NEXT_PINPOINTS,
@@ -561,3 +562,31 @@ def test_the_default_dtype_is_the_sources_so_fp32_is_not_rounded(tmp_path, clip_
         embeddings = weights.get_tensor(next(name for name in names if name.endswith("embed_tokens.weight")))
     assert dtypes == {torch.float32}
     assert torch.equal(embeddings, stock.model.language_model.embed_tokens.weight)
+
+
+def test_checksums_are_written_and_verify_names_a_damaged_file(tmp_path, clip_folder, capsys):
+    llava_hf_source(tmp_path / "source", "llava")
+    output = run_convert(tmp_path / "source", clip_folder, tmp_path / "out", "--max-shard-size", "300KB")
+    manifest = dict(reversed(line.split("  ", 1)) for line in (output / "checksums.sha256").read_text().splitlines())
+    files = sorted(path.relative_to(output).as_posix() for path in output.rglob("*") if path.is_file())
+    assert sorted(manifest) == [name for name in files if name != "checksums.sha256"]
+    assert "README.md" in manifest and "guidance_tokenizer/tokenizer.json" in manifest
+    shards = sorted(name for name in manifest if name.endswith(".safetensors"))
+    card = (output / "README.md").read_text()
+    assert len(shards) > 1 and all(f"| `{name}` | `{manifest[name]}` |" in card for name in shards)
+
+    main(["verify", str(output)])
+    assert f"all {len(manifest)} files match" in capsys.readouterr().out
+    damaged = output / shards[0]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte flipped mid-file: the file still loads
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match=rf"1 of {len(manifest)} files do not match .*\['{shards[0]}'\]"):
+        main(["verify", str(output)])
+    assert f"{shards[0]}: FAILED" in capsys.readouterr().out
+
+
+def test_verify_without_a_manifest_is_an_argument_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verify", str(tmp_path)])
+    assert exit_info.value.code == 2 and "holds no checksums.sha256" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from visiontrim.__main__ import main
-from visiontrim.tools.demo import DOMINANT_COLOUR, SEED_COLOUR
+from visiontrim.tools.demo import DOMINANT_COLOUR, LEGEND_HEIGHT, SEED_COLOUR
 
 from helpers import save_checkpoint
 
@@ -43,7 +43,10 @@ def test_report_and_overlay_for_a_converted_checkpoint(checkpoint, tmp_path, cap
     assert "answer, stock:" in report and "answer, VisionTrim:" in report
 
     image = Image.open(overlay)
-    assert image.format == "PNG" and image.size == (336, 336)
+    assert image.format == "PNG" and image.size == (336, 336 + LEGEND_HEIGHT)
+    legend = numpy.asarray(image.convert("RGB"))[336:].astype(int)
+    assert (legend == DOMINANT_COLOUR[:3]).all(-1).any() and (legend == SEED_COLOUR[:3]).all(-1).any()
+    assert (legend < 100).all(-1).sum() > 50  # the legend's text
     pixels = numpy.asarray(image.convert("RGB")).astype(int)
     for index, cell in enumerate(cells):
         row, col = divmod(index, 24)

@@ -394,3 +394,42 @@ def test_guidance_tokenizer_is_checked():
             patch_size=14,
         )
     assert build_guidance_tokenizer().model_max_length == 77
+
+
+def count_text_tower_runs(model) -> list[int]:
+    """A list that grows by the batch size of each run of the model's CLIP text tower."""
+    runs = []
+    model.model.guidance_encoder.text_model.register_forward_hook(lambda module, args, output: runs.append(1))
+    return runs
+
+
+def test_a_repeated_question_runs_no_text_tower_and_gives_the_same_tokens(checkpoint, photos):
+    model, processor = load_remote(checkpoint)
+    uncached, _ = load_remote(checkpoint, guidance_cache_size=0)
+    runs, uncached_runs = count_text_tower_runs(model), count_text_tower_runs(uncached)
+    questions = [QUESTION_PROMPT, OTHER_PROMPT]
+    first = processor(images=photos, text=questions, padding=True, return_tensors="pt")
+    again = processor(images=photos[::-1], text=questions[::-1], padding=True, return_tensors="pt")
+    outputs = [image_output(model, first), image_output(model, again)]
+    assert len(runs) == 1  # the second batch asks the same two questions
+    assert len(model.model.guidance_cache.entries) == 2
+    for inputs, output in zip((first, again), outputs, strict=True):
+        expected = image_output(uncached, inputs)
+        assert torch.equal(output.complement_seed_indices, expected.complement_seed_indices)
+        for tokens, expected_tokens in zip(output.pooler_output, expected.pooler_output, strict=True):
+            torch.testing.assert_close(tokens, expected_tokens, rtol=1e-5, atol=1e-6)
+    assert len(uncached_runs) == 2 and not uncached.model.guidance_cache.entries
+
+
+def test_the_question_cache_is_bounded_and_follows_the_weights(checkpoint, photos):
+    model, processor = load_remote(checkpoint, guidance_cache_size=2)
+    runs = count_text_tower_runs(model)
+    for question in ("a cat?", "a cup?", "a dog?", "a cup?"):
+        image_output(
+            model, processor(images=photos[0], text=f"USER: <image>\n{question} ASSISTANT:", return_tensors="pt")
+        )
+    assert len(runs) == 3 and len(model.model.guidance_cache.entries) == 2  # "a cat?" went first
+    with torch.no_grad():
+        model.model.guidance_encoder.text_projection.weight.mul_(2)  # new weights: nothing cached is valid
+    image_output(model, processor(images=photos[0], text="USER: <image>\na cup? ASSISTANT:", return_tensors="pt"))
+    assert len(runs) == 4

@@ -188,3 +188,11 @@ def test_a_saved_folder_runs_with_the_package_unimportable(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     module, prompt_length, generated_length = result.stdout.split()
     assert module.startswith("transformers_modules.") and generated_length == str(int(prompt_length) + 2)
+
+
+def test_a_damaged_weight_file_is_named_at_load(tmp_path):
+    folder = save_checkpoint(tmp_path / "checkpoint")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])  # cut short: a broken download
+    with pytest.raises(OSError, match=rf"{weights} cannot be read as safetensors .*damaged or incomplete"):
+        load_remote(folder)

@@ -266,8 +266,10 @@ def test_video_qa_files_that_do_not_match_are_refused(tmp_path):
     (tmp_path / "videos").mkdir()
     (tmp_path / "q.json").write_text(json.dumps([{"video_name": "a", "question": "q?", "question_id": 1}]))
     (tmp_path / "a.json").write_text(json.dumps([{"answer": "x", "question_id": 2}]))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # never loaded: the files are refused first
     with pytest.raises(SystemExit, match="entry 0 answers question_id 2 but .* entry 0 is 1"):
-        main(["eval", "video-run", "--model", "unused", "--questions", str(tmp_path / "q.json"),
+        main(["eval", "video-run", "--model", str(tmp_path / "model"), "--questions", str(tmp_path / "q.json"),
               "--gt-answers", str(tmp_path / "a.json"), "--videos", str(tmp_path / "videos"),
               "--answers", str(tmp_path / "out.json")])  # fmt: skip
 

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_QUESTION = "What animal is in the picture, and what is it lying on?"
 DOMINANT_MARK, SEED_MARK, MERGED_MARK = "D", "S", "."
 DOMINANT_COLOUR, SEED_COLOUR = (230, 30, 30, 255), (40, 90, 255, 255)
+LEGEND_HEIGHT = 24
 STOCK, VISIONTRIM = "stock", "VisionTrim"
 ARCH_NAMES = {"llava": "LLaVA-1.5", "llava-next": "LLaVA-NeXT", "video-llava": "Video-LLaVA"}
 IMAGE_ARCHS = ("llava", "llava-next")
@@ -79,7 +80,10 @@ def first_crop_image(pixel_values: torch.Tensor, image_mean: list[float], image_
 
 
 def save_overlay(crop: Image.Image, output: VisionTrimEncoderOutput, grid_size: int, path: Path) -> None:
-    """Writes `crop` with its DVTS cells boxed in red and its TGVC seeds filled in blue, as PNG."""
+    """
+    Writes `crop` with its DVTS cells boxed in red and its TGVC seeds filled in blue, as PNG, with a legend strip of
+    `LEGEND_HEIGHT` pixels below the image.
+    """
     canvas = crop.convert("RGBA")
     layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
@@ -93,7 +97,17 @@ def save_overlay(crop: Image.Image, output: VisionTrimEncoderOutput, grid_size: 
         draw.rectangle(box(index), outline=DOMINANT_COLOUR, width=2)
     for index in output.complement_seed_indices[0].tolist():
         draw.rectangle(box(index), fill=SEED_COLOUR[:3] + (140,), outline=SEED_COLOUR, width=2)
-    Image.alpha_composite(canvas, layer).convert("RGB").save(path, format="PNG")
+    overlay = Image.alpha_composite(canvas, layer).convert("RGB")
+    figure = Image.new("RGB", (overlay.width, overlay.height + LEGEND_HEIGHT), "white")
+    figure.paste(overlay)
+    legend = ImageDraw.Draw(figure)
+    top = overlay.height + 6
+    legend.rectangle((6, top, 18, top + 12), outline=DOMINANT_COLOUR, width=2)
+    legend.text((24, top), f"kept by DVTS ({len(output.dominant_indices[0])})", fill="black")
+    left = figure.width // 2
+    legend.rectangle((left, top, left + 12, top + 12), fill=SEED_COLOUR[:3], outline=SEED_COLOUR, width=2)
+    legend.text((left + 18, top), f"TGVC seed ({len(output.complement_seed_indices[0])}); rest merged", fill="black")
+    figure.save(path, format="PNG")
 
 
 def timings(function: Callable[[], object], repeats: int) -> list[float]:
