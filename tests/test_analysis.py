@@ -1,7 +1,9 @@
 """Attention analysis: measurements on hand-built maps, recorded rows equal to eager attention, shapes and masses."""
 
 import json
+import logging
 import math
+import sys
 
 import numpy
 import pytest
@@ -10,6 +12,7 @@ from PIL import Image
 from transformers import LlamaConfig, LlamaModel
 
 from visiontrim.__main__ import main
+from visiontrim.tools import plots
 from visiontrim.tools.analysis import (
     GRID,
     analyze_sample,
@@ -160,3 +163,21 @@ def test_command_line_on_a_three_item_file(checkpoint, photos, tmp_path, capsys)
         )
     assert exit_info.value.code == 2
     assert "argument --layers: must be within 0..1 (the LLM's layers), got [0, 5]" in capsys.readouterr().err
+
+
+def test_without_matplotlib_the_analysis_finishes_and_says_how_to_plot(
+    checkpoint, photos, tmp_path, caplog, monkeypatch
+):
+    photos[0].save(tmp_path / "cat.jpg")
+    (tmp_path / "items.jsonl").write_text(json.dumps({"image": "cat.jpg", "question": "What animal is this?"}) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails, as where it is not installed
+    plots.warn_missing_matplotlib.cache_clear()
+    output = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        main(["analyze", "--model", str(checkpoint), "--data", str(tmp_path / "items.jsonl"), "--output-dir",
+              str(output), "--device", "cpu"])  # fmt: skip
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["models"]["VisionTrim"]["samples"] == 1
+    assert (output / "00000-VisionTrim.npz").is_file() and not list(output.glob("*.png"))
+    assert "matplotlib is not installed: the PNG plots are not drawn" in caplog.text
+    assert caplog.text.count("matplotlib is not installed") == 1  # said once, not once per plot

@@ -8,7 +8,10 @@ import base64
 import csv
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -24,6 +27,7 @@ from visiontrim.tools.evaluation.data import (
     pair_answers,
     read_answers,
     read_dataset,
+    read_json_lines,
     read_llava_questions,
     read_mmbench,
 )
@@ -436,3 +440,62 @@ def test_lmms_eval_plugin_loads_and_answers_one_item(checkpoint, photos):
     )
     [(log_probability, greedy)] = lm.loglikelihood([likelihood])
     assert log_probability < 0 and isinstance(greedy, bool)
+
+
+def test_lmms_eval_plugin_names_every_argument_it_accepts(checkpoint):
+    with pytest.raises(ValueError, match=r"unknown model_args \['bogus'\]; it accepts pretrained, device, dtype, "
+                       r"batch_size, visual_tokens, max_new_tokens\."):  # fmt: skip
+        get_model("visiontrim")(pretrained=str(checkpoint), bogus=1)
+
+
+def run_lmms_eval(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    """lmms-eval's own command line, `python -m lmms_eval`, offline, in a fresh interpreter."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "lmms_eval", *arguments],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=environment,
+        timeout=600,
+    )
+
+
+def test_lmms_eval_command_line_runs_the_shipped_pope_task_offline(checkpoint, photos, tmp_path):
+    # The task: real POPE questions and labels (tests/data/pope) on two bundled photos saved under their COCO names.
+    images = tmp_path / "val2014"
+    images.mkdir()
+    names = sorted({row["image"] for _, row in read_json_lines(POPE / "llava_pope_test.jsonl")})
+    for index, name in enumerate(names):
+        photos[index % 2].save(images / name)
+    main(["eval", "lmms-task", "--questions", str(POPE / "llava_pope_test.jsonl"), "--images", str(images),
+          "--annotations", str(POPE / "coco"), "--output", str(tmp_path / "task"), "--limit", "8"])  # fmt: skip
+    assert (tmp_path / "task" / "visiontrim_pope.yaml").is_file()
+
+    task = ["--tasks", "visiontrim_pope", "--include_path", str(tmp_path / "task")]
+    result = run_lmms_eval(
+        "--model", "visiontrim", "--model_args", f"pretrained={checkpoint},visual_tokens=64", *task,
+        "--batch_size", "1", "--output_path", str(tmp_path / "results"), "--log_samples", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    [results_file] = (tmp_path / "results").rglob("*_results.json")
+    results = json.loads(results_file.read_text())
+    assert results["n-samples"]["visiontrim_pope"] == {"original": 8, "effective": 8}
+    metrics = results["results"]["visiontrim_pope"]
+    for metric in ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio"):
+        assert 0 <= metrics[f"{metric},none"] <= 1, metric
+    [samples_file] = (tmp_path / "results").rglob("*_samples_visiontrim_pope.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert len(samples) == 8 and samples[0]["target"] in ("yes", "no")
+    assert (
+        samples[0]["input"] == "Is there a snowboard in the image?\nAnswer the question using a single word or phrase."
+    )
+    assert samples[0]["pope_accuracy"]["prediction"] == samples[0]["filtered_resps"].lower().strip()
+
+    # lmms-eval 0.7.3 logs an error raised during the evaluation and exits 0; --verbosity DEBUG makes it fail.
+    bad = ("--model", "visiontrim", "--model_args", f"pretrained={checkpoint},bogus=1", *task)
+    quiet = run_lmms_eval(*bad, "--output_path", str(tmp_path / "quiet"), cwd=tmp_path)
+    assert quiet.returncode == 0 and "unknown model_args ['bogus']" in quiet.stderr
+    assert not (tmp_path / "quiet").exists()  # what tells the failure: no results file
+    loud = run_lmms_eval(*bad, "--output_path", str(tmp_path / "loud"), "--verbosity", "DEBUG", cwd=tmp_path)
+    assert loud.returncode != 0 and "unknown model_args ['bogus']" in loud.stderr

@@ -196,3 +196,11 @@ def test_a_damaged_weight_file_is_named_at_load(tmp_path):
     weights.write_bytes(weights.read_bytes()[:50])  # cut short: a broken download
     with pytest.raises(OSError, match=rf"{weights} cannot be read as safetensors .*damaged or incomplete"):
         load_remote(folder)
+
+
+def test_pipeline_chat_with_only_an_image(checkpoint, photos, tmp_path):
+    with working_directory(tmp_path):
+        pipe = pipeline("image-text-to-text", model=str(checkpoint), trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image", "image": photos[0]}]}]
+    reply = pipe(text=messages, max_new_tokens=3, do_sample=False)
+    assert reply[0]["generated_text"][-1]["role"] == "assistant"

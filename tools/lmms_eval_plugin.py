@@ -5,8 +5,12 @@ The `visiontrim` model type of lmms-eval (registered through the `lmms_eval.mode
     python -m lmms_eval --model visiontrim --model_args pretrained=PATH,visual_tokens=64 --tasks pope --batch_size 1
 
 It loads any VisionTrim folder (or a stock LLaVA one) with `trust_remote_code=True`. The prompt goes through the
-processor, which extracts the question, instructions included, as TGVC's guidance text.
+processor, which extracts the question, instructions included, as TGVC's guidance text. Its errors are raised, never
+turned into empty answers; lmms-eval 0.7.3 itself logs an error raised during an evaluation and exits with status 0
+unless given `--verbosity DEBUG`, so check that the results file was written (see the README).
 """
+
+import inspect
 
 import torch
 from lmms_eval.api.instance import Instance
@@ -39,8 +43,9 @@ class VisionTrimLmms(lmms):
     ) -> None:
         super().__init__()
         if kwargs:
+            accepted = [name for name in inspect.signature(VisionTrimLmms.__init__).parameters if name != "self"]
             raise ValueError(
-                f"visiontrim: unknown model_args {sorted(kwargs)}; use pretrained, device, dtype, visual_tokens."
+                f"visiontrim: unknown model_args {sorted(kwargs)}; it accepts {', '.join(accepted[:-1])}."
             )
         overrides = {"visual_tokens": int(visual_tokens)} if visual_tokens else {}
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)

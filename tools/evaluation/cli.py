@@ -25,6 +25,7 @@ from .data import (
     read_llava_questions,
     read_mmbench,
 )
+from .lmms_task import TASK_NAME, write_pope_task
 from .runner import generate_answers
 from .scoring import SCORERS, mmvet_answers
 from .video import VIDEO_TASKS, exact_match_accuracy, generate_video_answers, read_video_answers, read_video_qa
@@ -104,6 +105,15 @@ def run_video(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     try:
+        if args.action == "lmms-task":
+            count = write_pope_task(
+                Path(args.questions), Path(args.images), Path(args.annotations), Path(args.output), args.limit
+            )
+            print(
+                f"{count} POPE questions written to {args.output}: run them with python -m lmms_eval --model "
+                f"visiontrim --model_args pretrained=PATH --tasks {TASK_NAME} --include_path {args.output}"
+            )
+            return
         if args.action in ("video-run", "video-score"):
             run_video(args)
             return
@@ -176,6 +186,14 @@ def add_video_arguments(actions) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True)
     add_video_arguments(actions)
+    task = actions.add_parser("lmms-task", help="write a local POPE task (data + YAML) for lmms-eval's command line")
+    task.add_argument("--questions", type=existing_file, required=True, help="LLaVA's llava_pope_test.jsonl")
+    task.add_argument("--images", type=existing_folder, required=True, help="the COCO val2014 images it names")
+    task.add_argument(
+        "--annotations", type=existing_folder, required=True, help="the folder of coco_pope_{adversarial,...}.json"
+    )
+    task.add_argument("--output", required=True, help="folder to write the task to (pass it as --include_path)")
+    task.add_argument("--limit", type=positive_int, help="only the first N questions")
     for action, help_text in (
         ("run", "answer the questions with a model, then score"),
         ("score", "score an answers file"),
