@@ -536,6 +536,7 @@ def build_processor(llava: LlavaSource, clip: ClipSource, config: VisionTrimSett
         num_additional_image_tokens=1,
         chat_template=llava.chat_template,
         reduction_ratio=config.reduction_ratio,
+        empty_guidance=config.empty_guidance,
         guidance_max_length=min(clip.tokenizer.model_max_length, config.guidance_config.max_position_embeddings),
         **extra,
     )

@@ -29,6 +29,7 @@ from transformers.video_utils import make_batched_videos
 
 from .configuration_visiontrim import (
     DEFAULT_REDUCTION_RATIO,
+    EMPTY_GUIDANCE_RULES,
     check_budgets_agree,
     check_reduction_ratio,
     reduction_ratio_for_tokens,
@@ -220,8 +221,16 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
     `__init__` with its own arguments, then sets the budget.
     """
 
-    def set_guidance_tokenizer(self, guidance_tokenizer, guidance_max_length: int) -> None:
-        """Refuses anything but a CLIP tokenizer (Transformers loads the LLM tokenizer if its folder is missing)."""
+    def set_guidance_tokenizer(self, guidance_tokenizer, guidance_max_length: int, empty_guidance: str) -> None:
+        """
+        Sets the guidance settings; refuses anything but a CLIP tokenizer (Transformers loads the LLM tokenizer if
+        its folder is missing) and an unknown `empty_guidance`.
+        """
+        if empty_guidance not in EMPTY_GUIDANCE_RULES:
+            raise ValueError(
+                f"{type(self).__name__}.empty_guidance must be one of {EMPTY_GUIDANCE_RULES}, got {empty_guidance!r}."
+            )
+        self.empty_guidance = empty_guidance
         if not isinstance(guidance_tokenizer, CLIPTokenizer):
             raise ValueError(
                 f"{type(self).__name__} needs `guidance_tokenizer`: the CLIPTokenizer of the CLIP model whose text "
@@ -299,6 +308,7 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
         for pixels_name, token, input_name in media:
             if pixels_name in encoding:
                 rows = self.guidance_rows(prompts, guidance_text, token, len(encoding[pixels_name]))
+                self.check_empty_guidance(rows, token)
                 encoding.update(self.tokenize_guidance(rows, input_name, return_tensors))
         return encoding
 
@@ -325,6 +335,17 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
         return [
             guidance for guidance, count in zip(guidance_text, items_per_prompt, strict=True) for _ in range(count)
         ]
+
+    def check_empty_guidance(self, rows: list[str], token: str) -> None:
+        """With `empty_guidance="error"`, refuses images (videos, `token`) whose guidance text is empty."""
+        empty = [index for index, row in enumerate(rows) if not row.strip()]
+        if self.empty_guidance == "error" and empty:
+            unit = "video" if token == getattr(self, "video_token", None) else "image"
+            raise ValueError(
+                f"{unit.capitalize()}(s) {empty} have no question (an image-only prompt), and this processor has "
+                "empty_guidance='error': add a question to the prompt, pass `guidance_text=`, or load model and "
+                "processor with empty_guidance='cls_similarity' (each such image is then guided by its CLS token)."
+            )
 
     def tokenize_guidance(self, rows: list[str], input_name: str, return_tensors: str | None) -> BatchFeature:
         """
@@ -444,6 +465,9 @@ class VisionTrimProcessor(GuidanceProcessingMixin, LlavaProcessor, GuidanceToken
             Tokens kept per image, instead of `reduction_ratio` (stored as the ratio).
         guidance_max_length (`int`, defaults to 77):
             Guidance texts are truncated to this many CLIP tokens (the CLIP text tower's positions).
+        empty_guidance (`str`, defaults to `"cls_similarity"`):
+            The model's `config.empty_guidance`: with `"error"`, an image-only prompt is refused here, before the model
+            runs.
     """
 
     def __init__(
@@ -459,9 +483,10 @@ class VisionTrimProcessor(GuidanceProcessingMixin, LlavaProcessor, GuidanceToken
         reduction_ratio=DEFAULT_REDUCTION_RATIO,
         visual_tokens=None,
         guidance_max_length=77,
+        empty_guidance="cls_similarity",
         **kwargs,
     ):
-        self.set_guidance_tokenizer(guidance_tokenizer, guidance_max_length)
+        self.set_guidance_tokenizer(guidance_tokenizer, guidance_max_length, empty_guidance)
         super().__init__(
             image_processor=image_processor,
             tokenizer=tokenizer,
@@ -482,7 +507,7 @@ class VisionTrimLlavaNextProcessor(AnyresProcessingMixin, LlavaNextProcessor, Gu
 
     Args:
         image_processor: the LLaVA-NeXT image processor (its `image_grid_pinpoints` must equal the model config's).
-        tokenizer, guidance_tokenizer, reduction_ratio, visual_tokens, guidance_max_length:
+        tokenizer, guidance_tokenizer, reduction_ratio, visual_tokens, guidance_max_length, empty_guidance:
             as in [`VisionTrimProcessor`]; `visual_tokens` is per crop.
         patch_size, vision_feature_select_strategy, chat_template, image_token, num_additional_image_tokens:
             as in [`LlavaNextProcessor`].
@@ -503,11 +528,12 @@ class VisionTrimLlavaNextProcessor(AnyresProcessingMixin, LlavaNextProcessor, Gu
         reduction_ratio=DEFAULT_REDUCTION_RATIO,
         visual_tokens=None,
         guidance_max_length=77,
+        empty_guidance="cls_similarity",
         crop_newline=True,
         **kwargs,
     ):
         self.crop_newline = crop_newline
-        self.set_guidance_tokenizer(guidance_tokenizer, guidance_max_length)
+        self.set_guidance_tokenizer(guidance_tokenizer, guidance_max_length, empty_guidance)
         super().__init__(
             image_processor=image_processor,
             tokenizer=tokenizer,
@@ -529,7 +555,7 @@ class VisionTrimVideoLlavaProcessor(GuidanceProcessingMixin, VideoLlavaProcessor
     Args:
         image_processor: the Video-LLaVA image processor.
         video_processor ([`VisionTrimVideoProcessor`] or Video-LLaVA's): turns sampled frames into pixels.
-        tokenizer, guidance_tokenizer, reduction_ratio, visual_tokens, guidance_max_length:
+        tokenizer, guidance_tokenizer, reduction_ratio, visual_tokens, guidance_max_length, empty_guidance:
             as in [`VisionTrimProcessor`]; `visual_tokens` is per image and per frame.
         patch_size, vision_feature_select_strategy, chat_template, image_token, video_token,
         num_additional_image_tokens: as in [`VideoLlavaProcessor`].
@@ -553,9 +579,10 @@ class VisionTrimVideoLlavaProcessor(GuidanceProcessingMixin, VideoLlavaProcessor
         reduction_ratio=DEFAULT_REDUCTION_RATIO,
         visual_tokens=None,
         guidance_max_length=77,
+        empty_guidance="cls_similarity",
         **kwargs,
     ):
-        self.set_guidance_tokenizer(guidance_tokenizer, guidance_max_length)
+        self.set_guidance_tokenizer(guidance_tokenizer, guidance_max_length, empty_guidance)
         super().__init__(
             image_processor=image_processor,
             video_processor=video_processor,
@@ -579,7 +606,8 @@ class VisionTrimLlavaNextVideoProcessor(AnyresProcessingMixin, LlavaNextVideoPro
     Args:
         video_processor ([`VisionTrimVideoProcessor`] or LLaVA-NeXT-Video's): turns sampled frames into pixels.
         image_processor: the LLaVA-NeXT image processor.
-        tokenizer, guidance_tokenizer, reduction_ratio, visual_tokens, guidance_max_length, crop_newline:
+        tokenizer, guidance_tokenizer, reduction_ratio, visual_tokens, guidance_max_length, empty_guidance,
+        crop_newline:
             as in [`VisionTrimLlavaNextProcessor`]; `visual_tokens` is per crop and per frame.
         patch_size, vision_feature_select_strategy, chat_template, image_token, video_token,
         num_additional_image_tokens: as in [`LlavaNextVideoProcessor`].
@@ -600,11 +628,12 @@ class VisionTrimLlavaNextVideoProcessor(AnyresProcessingMixin, LlavaNextVideoPro
         reduction_ratio=DEFAULT_REDUCTION_RATIO,
         visual_tokens=None,
         guidance_max_length=77,
+        empty_guidance="cls_similarity",
         crop_newline=True,
         **kwargs,
     ):
         self.crop_newline = crop_newline
-        self.set_guidance_tokenizer(guidance_tokenizer, guidance_max_length)
+        self.set_guidance_tokenizer(guidance_tokenizer, guidance_max_length, empty_guidance)
         super().__init__(
             video_processor=video_processor,
             image_processor=image_processor,

@@ -44,7 +44,7 @@ def save_checkpoint(folder: Path, seed: int = 0, **compression) -> Path:
 
 def load_remote(folder: Path, **overrides):
     """Loads model and processor from `folder` with `trust_remote_code=True`, from another working directory."""
-    processor_settings = ("visual_tokens", "reduction_ratio", "crop_newline")
+    processor_settings = ("visual_tokens", "reduction_ratio", "crop_newline", "empty_guidance")
     processor_overrides = {key: value for key, value in overrides.items() if key in processor_settings}
     with working_directory(Path(tempfile.mkdtemp(prefix="visiontrim-user-"))):
         model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, **overrides)

@@ -343,16 +343,15 @@ def test_guidance_rows_must_match_images(remote, photos):
 
 
 def test_empty_guidance_raises_or_falls_back_to_cls_similarity(checkpoint, photos):
-    model, processor = load_remote(checkpoint, empty_guidance="error")
-    inputs = processor(
-        images=photos,
-        text=[QUESTION_PROMPT, OTHER_PROMPT],
-        guidance_text=["", "a cup"],
-        padding=True,
-        return_tensors="pt",
-    )
+    model, refusing_processor = load_remote(checkpoint, empty_guidance="error")
+    arguments = {"images": photos, "text": [QUESTION_PROMPT, OTHER_PROMPT], "guidance_text": ["", "a cup"]}
+    # The processor loaded with the same setting refuses the prompt before the model runs.
+    with pytest.raises(ValueError, match=r"Image\(s\) \[0\] have no question .*empty_guidance='error'"):
+        refusing_processor(**arguments, padding=True, return_tensors="pt")
+    _, processor = load_remote(checkpoint)
+    inputs = processor(**arguments, padding=True, return_tensors="pt")
     assert inputs["guidance_attention_mask"][0].sum() == 0 and inputs["guidance_attention_mask"][1].sum() > 0
-    with pytest.raises(
+    with pytest.raises(  # the model's own check, for inputs built otherwise
         ValueError, match=r"guidance text of image\(s\) \[0\] is empty.*empty_guidance='cls_similarity'"
     ):
         model(**inputs)

@@ -284,6 +284,7 @@ def build_processor(config: VisionTrimSettings):
         "num_additional_image_tokens": 1,
         "chat_template": LLAVA_CHAT_TEMPLATE,
         "reduction_ratio": config.reduction_ratio,
+        "empty_guidance": config.empty_guidance,
     }
     if is_video_model(config):
         common["video_processor"] = VisionTrimVideoProcessor(**image_processor_settings)
