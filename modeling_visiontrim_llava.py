@@ -81,6 +81,12 @@ GUIDANCE_DOCSTRING = r"""
 """
 
 
+@functools.cache
+def signature_of(function: Callable) -> inspect.Signature:
+    """`inspect.signature(function)`, cached: a base model reads its stock methods' signatures at every call."""
+    return inspect.signature(function)
+
+
 def guidance_docstring(*modalities: str) -> str:
     return "".join(
         GUIDANCE_DOCSTRING.format(ids=ids, mask=mask, unit=m) for m in modalities for ids, mask in [GUIDANCE_INPUTS[m]]
@@ -259,7 +265,8 @@ class VisionTrimModelMixin:
         they are.
         """
         stock_forward = super().forward
-        inputs = inspect.signature(stock_forward).bind(*args, **kwargs).arguments
+        inputs = signature_of(stock_forward.__func__).bind(self, *args, **kwargs).arguments
+        inputs.pop("self")
         inputs.update(inputs.pop("kwargs", {}))
         guidance = {name: inputs.pop(name) for names in GUIDANCE_INPUTS.values() for name in names if name in inputs}
         encoded = dict(inputs.get("mm_encoder_outputs") or {})
@@ -269,7 +276,7 @@ class VisionTrimModelMixin:
                 continue
             encoder = getattr(self, f"get_{modality}_features")
             available = {**inputs, **guidance}
-            names = [name for name in inspect.signature(encoder).parameters if name in available]
+            names = [name for name in signature_of(encoder.__func__).parameters if name in available]
             encoded[modality] = encoder(**{name: available[name] for name in names}, return_dict=True)
             inputs[pixels_name] = None
         if encoded:
