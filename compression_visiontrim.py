@@ -388,7 +388,8 @@ class GuidanceEmbeddingCache:
         if stamp != self.weights_stamp:
             self.entries.clear()
             self.weights_stamp = stamp
-        keys = [tuple(ids[mask].tolist()) for ids, mask in zip(input_ids, text_mask, strict=True)]
+        host_ids, host_mask = input_ids.cpu(), text_mask.cpu()  # one transfer for all rows
+        keys = [tuple(ids[mask].tolist()) for ids, mask in zip(host_ids, host_mask, strict=True)]
         missing = sorted({row for row, key in enumerate(keys) if key and key not in self.entries})
         if missing:
             fresh = run_text_tower(text_encoder, input_ids[missing], text_mask[missing])
