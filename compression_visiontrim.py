@@ -258,6 +258,7 @@ class CompressedCrops:
     features: torch.Tensor  # (crops, visual_tokens, vision_hidden): DVTS tokens, then the merged TGVC seeds
     dominant_indices: torch.LongTensor  # (crops, dominant_tokens): raster indices in the crop's patch grid
     complement_seed_indices: torch.LongTensor  # (crops, complement_tokens)
+    crops_per_unit: list[int]  # consecutive crops (frames) of each image (video)
 
 
 def scored_attention_block(tower: nn.Module, layer_index: int) -> nn.Module:
@@ -473,7 +474,7 @@ def compress_crops(
         dominant_indices = torch.empty(num_crops, 0, dtype=torch.long, device=patches.device)
     dominant = gather_tokens(patches, dominant_indices)
     if not config.tgvc_enabled:
-        return CompressedCrops(dominant, dominant_indices, dominant_indices[:, :0])
+        return CompressedCrops(dominant, dominant_indices, dominant_indices[:, :0], crops_per_unit)
 
     text_embeds, text_mask = encode_guidance(
         text_encoder,
@@ -506,7 +507,10 @@ def compress_crops(
         config.merge_update,
     )
     return CompressedCrops(
-        torch.cat([dominant, merged], dim=1), dominant_indices, remaining_indices.gather(1, seed_positions)
+        torch.cat([dominant, merged], dim=1),
+        dominant_indices,
+        remaining_indices.gather(1, seed_positions),
+        crops_per_unit,
     )
 
 

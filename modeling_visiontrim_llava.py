@@ -421,8 +421,8 @@ class AnyresModelMixin(VisionTrimModelMixin):
         if self.config.crop_newline:
             newline = self.image_newline.to(features)[None, None].expand(features.shape[0], 1, -1)
             features = torch.cat([features, newline], dim=1)
-        crops_per_image = self.media_crops("image", pixel_values, image_sizes)[1]
-        per_image = torch.split(features.flatten(0, 1), [crops * features.shape[1] for crops in crops_per_image])
+        tokens_per_image = [crops * features.shape[1] for crops in compressed.crops_per_unit]
+        per_image = torch.split(features.flatten(0, 1), tokens_per_image)
         return self.encoder_output(run, compressed, list(per_image))
 
 
