@@ -724,7 +724,7 @@ def convert(args: argparse.Namespace) -> Path:
             llava, clip, config, provenance, revision, args.license, args.push_to_hub, image_clip, weight_checksums
         )
         (staging / "README.md").write_text(card)
-        write_manifest(staging)
+        write_manifest(staging, known=weight_checksums)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

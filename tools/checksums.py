@@ -23,15 +23,20 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def folder_checksums(folder: Path, pattern: str = "**/*") -> dict[str, str]:
-    """`{relative path: SHA-256}` of the files of `folder` matching `pattern`, the manifest itself left out."""
+def folder_checksums(folder: Path, pattern: str = "**/*", known: dict[str, str] | None = None) -> dict[str, str]:
+    """
+    `{relative path: SHA-256}` of the files of `folder` matching `pattern`, the manifest itself left out; the files in
+    `known` (already hashed: weight files are large) are not read again.
+    """
+    known = known or {}
     files = sorted(path for path in folder.glob(pattern) if path.is_file() and path.name != MANIFEST)
-    return {path.relative_to(folder).as_posix(): sha256_of(path) for path in files}
+    names = [path.relative_to(folder).as_posix() for path in files]
+    return {name: known.get(name) or sha256_of(path) for name, path in zip(names, files, strict=True)}
 
 
-def write_manifest(folder: Path) -> dict[str, str]:
-    """Writes `checksums.sha256` for every file of `folder`; returns what it wrote."""
-    checksums = folder_checksums(folder)
+def write_manifest(folder: Path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """Writes `checksums.sha256` for every file of `folder` (reusing the `known` checksums); returns what it wrote."""
+    checksums = folder_checksums(folder, known=known)
     (folder / MANIFEST).write_text("".join(f"{digest}  {name}\n" for name, digest in checksums.items()))
     return checksums
 
