@@ -455,7 +455,7 @@ class VideoModelMixin(VisionTrimModelMixin):
         """
         if not self.config.compression_enabled:
             stock = super().get_video_features
-            if "vision_feature_select_strategy" in inspect.signature(stock).parameters:
+            if "vision_feature_select_strategy" in signature_of(stock.__func__).parameters:
                 kwargs["vision_feature_select_strategy"] = vision_feature_select_strategy
             return stock(pixel_values_videos, vision_feature_layer=vision_feature_layer, **kwargs)
         run, compressed = self.compress(
