@@ -1,51 +1,57 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
-"""VisionTrim: training-free vision token compression (DVTS + TGVC) for LLaVA models in Hugging Face Transformers."""
+"""
+VisionTrim: training-free vision token compression (DVTS + TGVC) for LLaVA models in Hugging Face Transformers.
 
-from .configuration_visiontrim import (
-    VisionTrimLlavaConfig,
-    VisionTrimLlavaNextConfig,
-    VisionTrimLlavaNextVideoConfig,
-    VisionTrimSettings,
-    VisionTrimVideoLlavaConfig,
-)
-from .modeling_visiontrim_llava import (
-    VisionTrimLlavaForConditionalGeneration,
-    VisionTrimLlavaModel,
-    VisionTrimLlavaNextForConditionalGeneration,
-    VisionTrimLlavaNextModel,
-    VisionTrimLlavaNextVideoForConditionalGeneration,
-    VisionTrimLlavaNextVideoModel,
-    VisionTrimVideoLlavaForConditionalGeneration,
-    VisionTrimVideoLlavaModel,
-)
-from .processing_visiontrim import (
-    VisionTrimLlavaNextProcessor,
-    VisionTrimLlavaNextVideoProcessor,
-    VisionTrimProcessor,
-    VisionTrimVideoLlavaProcessor,
-    VisionTrimVideoProcessor,
-)
+The public classes are imported on first use, as Transformers does with its own: `import visiontrim` alone imports no
+model code, so the vLLM plugin (`visiontrim.serving`) can use the configuration, processing and compression modules
+under vLLM's pinned Transformers without the Transformers model classes.
+"""
+
+import importlib
+from typing import Any
 
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "VisionTrimLlavaConfig",
-    "VisionTrimLlavaForConditionalGeneration",
-    "VisionTrimLlavaModel",
-    "VisionTrimLlavaNextConfig",
-    "VisionTrimLlavaNextForConditionalGeneration",
-    "VisionTrimLlavaNextModel",
-    "VisionTrimLlavaNextProcessor",
-    "VisionTrimLlavaNextVideoConfig",
-    "VisionTrimLlavaNextVideoForConditionalGeneration",
-    "VisionTrimLlavaNextVideoModel",
-    "VisionTrimLlavaNextVideoProcessor",
-    "VisionTrimProcessor",
-    "VisionTrimSettings",
-    "VisionTrimVideoLlavaConfig",
-    "VisionTrimVideoLlavaForConditionalGeneration",
-    "VisionTrimVideoLlavaModel",
-    "VisionTrimVideoLlavaProcessor",
-    "VisionTrimVideoProcessor",
-]
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "configuration_visiontrim": (
+        "VisionTrimLlavaConfig",
+        "VisionTrimLlavaNextConfig",
+        "VisionTrimLlavaNextVideoConfig",
+        "VisionTrimSettings",
+        "VisionTrimVideoLlavaConfig",
+    ),
+    "modeling_visiontrim_llava": (
+        "VisionTrimLlavaForConditionalGeneration",
+        "VisionTrimLlavaModel",
+        "VisionTrimLlavaNextForConditionalGeneration",
+        "VisionTrimLlavaNextModel",
+        "VisionTrimLlavaNextVideoForConditionalGeneration",
+        "VisionTrimLlavaNextVideoModel",
+        "VisionTrimVideoLlavaForConditionalGeneration",
+        "VisionTrimVideoLlavaModel",
+    ),
+    "processing_visiontrim": (
+        "VisionTrimLlavaNextProcessor",
+        "VisionTrimLlavaNextVideoProcessor",
+        "VisionTrimProcessor",
+        "VisionTrimVideoLlavaProcessor",
+        "VisionTrimVideoProcessor",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

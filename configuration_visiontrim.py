@@ -14,7 +14,12 @@ from transformers import (
     PreTrainedConfig,
     VideoLlavaConfig,
 )
-from transformers.configuration_utils import SubConfigSpec
+
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # Transformers < 5.20 (vLLM's pin): sub-configs are declared by class in `sub_configs`
+    SubConfigSpec = None
 
 
 DVTS_SCORES = ("global_local", "received_attention")
@@ -35,9 +40,6 @@ CLIP_L14_TEXT_CONFIG = {
     "num_hidden_layers": 12,
     "projection_dim": 768,
 }
-
-# The default guidance text tower of every VisionTrim config: CLIP ViT-L/14's.
-GUIDANCE_SUB_CONFIG = SubConfigSpec(config_class=CLIPTextConfig, init_kwargs=CLIP_L14_TEXT_CONFIG)
 
 
 def round_half_up(value: float) -> int:
@@ -185,7 +187,19 @@ class VisionTrimSettings:
     llm_stage_tokens: int | None = None
     llm_stage_score: str = "both"
 
+    def __init_subclass__(cls, **kwargs):
+        """Declares `guidance_config` a sub-config (a `CLIPTextConfig`, by default CLIP ViT-L/14's text tower)."""
+        if "model_type" in cls.__dict__:  # a model config, not a settings mixin
+            if SubConfigSpec is not None:
+                guidance = SubConfigSpec(config_class=CLIPTextConfig, init_kwargs=CLIP_L14_TEXT_CONFIG)
+                cls.sub_configs_defaults = {**cls.sub_configs_defaults, "guidance_config": guidance}
+            else:
+                cls.sub_configs = {**cls.sub_configs, "guidance_config": CLIPTextConfig}
+        super().__init_subclass__(**kwargs)
+
     def __post_init__(self, visual_tokens: int | None = None, **kwargs):
+        if SubConfigSpec is None and not isinstance(self.guidance_config, CLIPTextConfig):
+            self.guidance_config = CLIPTextConfig(**(self.guidance_config or CLIP_L14_TEXT_CONFIG))
         super().__post_init__(**kwargs)
         if visual_tokens is not None:
             check_budgets_agree(visual_tokens, self.reduction_ratio, self.num_patches, type(self).__name__)
@@ -341,10 +355,6 @@ class VisionTrimLlavaConfig(VisionTrimSettings, LlavaConfig):
     ```"""
 
     model_type = "visiontrim_llava"
-    sub_configs_defaults = {
-        **LlavaConfig.sub_configs_defaults,
-        "guidance_config": GUIDANCE_SUB_CONFIG,
-    }
 
 
 @dataclass(kw_only=True)
@@ -395,10 +405,6 @@ class VisionTrimLlavaNextConfig(AnyresSettings, LlavaNextConfig):
     ```"""
 
     model_type = "visiontrim_llava_next"
-    sub_configs_defaults = {
-        **LlavaNextConfig.sub_configs_defaults,
-        "guidance_config": GUIDANCE_SUB_CONFIG,
-    }
 
 
 class VisionTrimVideoLlavaConfig(VisionTrimSettings, VideoLlavaConfig):
@@ -415,10 +421,6 @@ class VisionTrimVideoLlavaConfig(VisionTrimSettings, VideoLlavaConfig):
     ```"""
 
     model_type = "visiontrim_video_llava"
-    sub_configs_defaults = {
-        **VideoLlavaConfig.sub_configs_defaults,
-        "guidance_config": GUIDANCE_SUB_CONFIG,
-    }
 
 
 class VisionTrimLlavaNextVideoConfig(AnyresSettings, LlavaNextVideoConfig):
@@ -436,10 +438,6 @@ class VisionTrimLlavaNextVideoConfig(AnyresSettings, LlavaNextVideoConfig):
     ```"""
 
     model_type = "visiontrim_llava_next_video"
-    sub_configs_defaults = {
-        **LlavaNextVideoConfig.sub_configs_defaults,
-        "guidance_config": GUIDANCE_SUB_CONFIG,
-    }
 
 
 VisionTrimLlavaConfig.register_for_auto_class()

@@ -300,7 +300,9 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
         prompts = [text] if isinstance(text, str) else list(text or [])
         if isinstance(guidance_text, str):
             guidance_text = [guidance_text]
-        merged_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        merged_kwargs = self._merge_kwargs(
+            self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
         return_tensors = merged_kwargs["text_kwargs"].get("return_tensors")
         media = [("pixel_values", self.image_token, "guidance")]
         if hasattr(self, "video_processor"):
