@@ -1,0 +1,1 @@
+"""Serving engines for VisionTrim folders: the vLLM plugin (`vllm_plugin`, registered with vLLM by entry point)."""

@@ -1,0 +1,221 @@
+# Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
+"""
+VisionTrim LLaVA in vLLM: vLLM's own LLaVA (its CLIP tower, projector and LLM, with their fast kernels and
+tensor-parallel layers) with DVTS + TGVC run on each image by the functions of `compression_visiontrim`, the same ones
+the Transformers classes call.
+
+The question reaches TGVC from an ordinary request: the multimodal processor reads the question out of the prompt (its
+last user turn, as `VisionTrimProcessor` does) and hands it to the folder's VisionTrim processor, which tokenises it
+for the CLIP text tower. vLLM keys its processor and encoder caches by a hash of each image and of the processor
+options; the question is one of those options, so the same image asked a different question is encoded again, and
+asked the same question is not. `mm_processor_kwargs={"guidance_text": ...}` chooses another guidance text.
+"""
+
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+
+import torch
+from torch import nn
+from transformers import BatchFeature, CLIPTextModelWithProjection
+from vllm.config import VllmConfig
+from vllm.distributed import tensor_model_parallel_all_gather
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
+from vllm.model_executor.models.utils import AutoWeightsLoader
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.processing import ProcessorInputs, TimingContext
+
+from ..compression_visiontrim import (
+    CompressedCrops,
+    GuidanceEmbeddingCache,
+    VisionTowerRun,
+    compress_crops,
+    record_outputs,
+)
+from ..configuration_visiontrim import vision_attention_layer
+from ..processing_visiontrim import guidance_from_prompt
+from .weight_names import vllm_weight_name
+
+
+# What a dummy (memory-profiling) prompt asks, so that profiling runs TGVC's text path like a real request.
+PROFILING_QUESTION = "What is shown in the image?"
+GUIDANCE_FIELDS = ("guidance_input_ids", "guidance_attention_mask")
+
+
+def padded_guidance(
+    input_ids: torch.Tensor | list[torch.Tensor], attention_mask: torch.Tensor | list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The guidance rows of a batch of images as `(images, text)` tensors: vLLM stacks the rows of images from one request
+    (same length) and gives a list of `(text,)` rows when requests' questions differ in length.
+    """
+    if isinstance(input_ids, torch.Tensor):
+        return input_ids, attention_mask
+    return (
+        nn.utils.rnn.pad_sequence(list(input_ids), batch_first=True),
+        nn.utils.rnn.pad_sequence(list(attention_mask), batch_first=True),
+    )
+
+
+class VisionTrimProcessingInfo(LlavaProcessingInfo):
+    """The folder's own VisionTrim processor (`auto_map`) and its placeholder count per image."""
+
+    def get_hf_processor(self, **kwargs: object):
+        processor = self.ctx.get_hf_processor(**kwargs)
+        if not hasattr(processor, "guidance_tokenizer"):
+            raise ValueError(
+                f"{self.ctx.model_config.model} holds a {type(processor).__name__}, not a VisionTrim processor: serve "
+                "a folder written by `convert_checkpoint.py` or `save_pretrained`, with --trust-remote-code."
+            )
+        return processor
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        """The placeholders the VisionTrim processor emits for an image of this size (`visual_tokens` when on)."""
+        counts = self.get_hf_processor()._get_num_multimodal_tokens(image_sizes=[(image_height, image_width)])
+        return counts.num_image_tokens[0]
+
+
+class VisionTrimDummyInputsBuilder(LlavaDummyInputsBuilder):
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        text = super().get_dummy_text(mm_counts)
+        return f"{text} {PROFILING_QUESTION}" if text else text
+
+
+class VisionTrimMultiModalProcessor(LlavaMultiModalProcessor):
+    """
+    vLLM's LLaVA processing plus the guidance of each image: the question of the prompt (or
+    `mm_processor_kwargs["guidance_text"]`), tokenised by the folder's VisionTrim processor into
+    `guidance_input_ids` / `guidance_attention_mask`, one row per image.
+    """
+
+    def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext):
+        if "guidance_text" not in inputs.hf_processor_mm_kwargs and inputs.mm_data_items.get_all_counts():
+            processor = self.info.get_hf_processor()
+            prompt = self.info.get_tokenizer().decode(inputs.prompt)
+            guidance = guidance_from_prompt(prompt, processor.image_token)
+            inputs = replace(
+                inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, "guidance_text": guidance}
+            )
+        return super().apply(inputs, timing_ctx)
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        hf_kwargs = dict(hf_kwargs)
+        guidance = hf_kwargs.pop("guidance_text", None)
+        if not isinstance(guidance, str):
+            raise ValueError(
+                "mm_processor_kwargs['guidance_text'] must be one string, the text that guides TGVC for every image "
+                f"of the prompt; got {type(guidance).__name__}."
+            )
+        num_images = len(hf_data.get("images", []))
+        return self.info.ctx.call_hf_processor(
+            self.info.get_hf_processor(**hf_kwargs), hf_data, {**hf_kwargs, "guidance_text": [guidance] * num_images}
+        )
+
+    def _get_mm_fields_config(
+        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        fields = super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs)
+        return {**fields, **{name: MultiModalFieldConfig.batched("image") for name in GUIDANCE_FIELDS}}
+
+
+class VisionTrimVllmMixin:
+    """
+    What VisionTrim adds to a vLLM LLaVA model: the CLIP text tower, CLIP's `visual_projection` and `logit_scale`
+    (loaded from the folder's `model.guidance_encoder.*`, `model.visual_projection.*`, `model.logit_scale`) and
+    `compress`, which runs vLLM's vision tower on a batch of crops, recording the scored layer's queries and keys, and
+    hands the result to `compress_crops`.
+    """
+
+    def init_visiontrim_modules(self, vllm_config: VllmConfig) -> None:
+        config = vllm_config.model_config.hf_config
+        if config.llm_stage_enabled:
+            raise ValueError(
+                f"{vllm_config.model_config.model} has the LLM stage on (llm_stage_layer={config.llm_stage_layer}), "
+                "which the vLLM plugin does not run: vLLM's paged KV cache has no way to drop tokens in the middle of "
+                "prefill. Serve it with `--hf-overrides '{\"llm_stage_layer\": null}'` (vision stage only) or run it "
+                "with Transformers."
+            )
+        with self._mark_tower_model(vllm_config, "image"):
+            self.guidance_encoder = CLIPTextModelWithProjection(config.guidance_config)
+            self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+            self.logit_scale = nn.Parameter(torch.zeros(()))
+        self.guidance_cache = GuidanceEmbeddingCache(config)
+        self.scored_layer = vision_attention_layer(
+            config.vision_feature_layer,
+            config.vision_feature_select_strategy,
+            config.vision_config.num_hidden_layers,
+            type(config).__name__,
+        )
+
+    def compress(
+        self,
+        crops: torch.Tensor,
+        guidance_input_ids: torch.Tensor | list[torch.Tensor] | None,
+        guidance_attention_mask: torch.Tensor | list[torch.Tensor] | None,
+        crops_per_unit: list[int],
+    ) -> CompressedCrops:
+        """DVTS + TGVC on `(crops, 3, height, width)` pixels: `config.visual_tokens` vision features per crop."""
+        attention = self.vision_tower.vision_model.encoder.layers[self.scored_layer].self_attn
+        with record_outputs(attention.qkv_proj) as recorded:
+            features = self.vision_tower(crops, feature_select_strategy=None)
+        query, key, _ = recorded[attention.qkv_proj][0].chunk(3, dim=-1)
+        if attention.tp_size > 1:  # each rank holds its share of the heads; DVTS averages over all of them
+            query, key = tensor_model_parallel_all_gather(query), tensor_model_parallel_all_gather(key)
+        run = VisionTowerRun(None, features, query, key, attention.num_heads, attention.scale)
+        if guidance_input_ids is not None:
+            guidance_input_ids, guidance_attention_mask = padded_guidance(guidance_input_ids, guidance_attention_mask)
+        return compress_crops(
+            run,
+            self.config,
+            self.visual_projection,
+            self.logit_scale,
+            self.guidance_encoder,
+            guidance_input_ids,
+            guidance_attention_mask,
+            crops_per_unit,
+            guidance_cache=self.guidance_cache if self.config.guidance_cache_size > 0 else None,
+        )
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights((vllm_weight_name(name), weight) for name, weight in weights)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VisionTrimMultiModalProcessor, info=VisionTrimProcessingInfo, dummy_inputs=VisionTrimDummyInputsBuilder
+)
+class VisionTrimLlavaForConditionalGeneration(VisionTrimVllmMixin, LlavaForConditionalGeneration):
+    """vLLM's LLaVA-1.5 keeping `config.visual_tokens` DVTS + TGVC tokens per image."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.init_visiontrim_modules(vllm_config)
+
+    def embed_multimodal(self, **kwargs: object):
+        guidance = [kwargs.pop(name, None) for name in GUIDANCE_FIELDS]
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if not self.config.compression_enabled or image_input["type"] != "pixel_values":
+            return self._process_image_input(image_input)
+        pixel_values = image_input["pixel_values"]
+        compressed = self.compress(pixel_values, *guidance, [1] * pixel_values.shape[0])
+        return self.multi_modal_projector(compressed.features)
+
+
+class UnservedArchitecture(nn.Module):
+    """Stands for the VisionTrim architectures the plugin does not serve yet: refuses them at load."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        architecture = vllm_config.model_config.hf_config.architectures[0]
+        raise ValueError(
+            f"{architecture} is not served by the VisionTrim vLLM plugin, which serves VisionTrim LLaVA-1.5 "
+            "(VisionTrimLlavaForConditionalGeneration) only for now; run this folder with Transformers "
+            "(`AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)`)."
+        )

@@ -1,0 +1,319 @@
+"""
+The vLLM plugin (`visiontrim.serving`), run as users run it: `LLM(model=folder, trust_remote_code=True)` and
+`vllm serve folder --trust-remote-code`, in vLLM's own environment (tests/vllm/make_env.sh; `.ci/run` builds it at
+`.venv-vllm`). Each engine runs in a subprocess (tests/vllm/jobs.py); the Transformers references run here.
+
+Without that environment these tests are skipped, unless VISIONTRIM_REQUIRE_VLLM=1 (CI), which makes them fail.
+"""
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from visiontrim.serving.weight_names import vllm_weight_name
+from visiontrim.tools.build import (
+    Shapes,
+    build_config,
+    build_model,
+    build_processor,
+    stock_llava_with_same_weights,
+    stock_processor,
+)
+from visiontrim.tools.demo import sample_photo
+
+from helpers import load_remote
+
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS = Path(__file__).resolve().parent / "vllm" / "jobs.py"
+# vLLM's CPU attention needs a head size of at least 32: 64 wide, 2 heads.
+VLLM_SHAPES = Shapes(llm_heads=2, llm_kv_heads=2)
+IMAGE_TOKEN_ID = 4
+MAX_TOKENS = 8
+CAT_QUESTION = "What animal is in the picture?"
+CUP_QUESTION = "Is there a cup of coffee on the table? Answer with one word."
+PAIR_QUESTION = "What differs between the two pictures?"
+OTHER_QUESTION = "What colour is the background?"
+
+
+def prompt(question: str, num_images: int = 1) -> str:
+    return "USER: " + "<image>\n" * num_images + f"{question} ASSISTANT:"
+
+
+# Prompts with different images, questions and image counts, as one batch.
+BATCH = [
+    {"prompt": prompt(CAT_QUESTION), "images": ["cat"]},
+    {"prompt": prompt(CUP_QUESTION), "images": ["cup"]},
+    {"prompt": prompt(PAIR_QUESTION, 2), "images": ["cup", "cat"]},
+]
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    """The vLLM environment's Python, with this checkout's package (re)installed in it."""
+    python = Path(os.environ.get("VISIONTRIM_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+    if not python.exists():
+        message = f"no vLLM environment at {python}: build it with `tests/vllm/make_env.sh .venv-vllm`"
+        if os.environ.get("VISIONTRIM_REQUIRE_VLLM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(REPO)],
+        check=True,
+        capture_output=True,
+    )
+    return python
+
+
+def save_folder(folder: Path, stock: bool = False, **compression) -> Path:
+    config = build_config(VLLM_SHAPES, **compression)
+    model, processor = build_model(config, seed=0), build_processor(config)
+    if stock:
+        model, processor = stock_llava_with_same_weights(model), stock_processor(processor)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    if stock:  # Transformers 5.24 saves `vision_tower.embeddings.*`; vLLM's own LLaVA reads llava-hf's names only
+        weights = load_file(folder / "model.safetensors")
+        save_file({vllm_weight_name(name): weight for name, weight in weights.items()}, folder / "model.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A tiny VisionTrim LLaVA-1.5 folder, 64 of 576 tokens per image."""
+    return save_folder(tmp_path_factory.mktemp("vllm-visiontrim"))
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, str]:
+    return {"cat": str(sample_photo("chelsea.jpg")), "cup": str(sample_photo("coffee.jpg"))}
+
+
+def run_job(python: Path, tmp_path: Path, job: dict, timeout: int = 600, loads: bool = True) -> dict:
+    """Runs `job` (see tests/vllm/jobs.py) in the vLLM environment; unless `loads=False`, the engine must load."""
+    job_path, result_path = tmp_path / "job.json", tmp_path / "result.json"
+    job_path.write_text(json.dumps({"image_token_id": IMAGE_TOKEN_ID, "max_tokens": MAX_TOKENS, **job}))
+    completed = subprocess.run(
+        [python, JOBS, job_path, result_path], capture_output=True, text=True, timeout=timeout, cwd=tmp_path
+    )
+    assert completed.returncode == 0 and result_path.exists(), completed.stdout[-3000:] + completed.stderr[-6000:]
+    result = json.loads(result_path.read_text())
+    assert loads == ("load_error" not in result), result.get("load_error")
+    return result
+
+
+def transformers_greedy(folder: Path, entries: list[dict], photos: dict[str, str]) -> list[list[int]]:
+    """Greedy tokens of Transformers `generate` on the folder (remote code), one prompt at a time."""
+    from PIL import Image
+
+    model, processor = load_remote(folder)
+    tokens = []
+    for entry in entries:
+        images = [Image.open(photos[name]).convert("RGB") for name in entry["images"]]
+        inputs = processor(images=images, text=entry["prompt"], return_tensors="pt")
+        output = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+        tokens.append(output[0, inputs["input_ids"].shape[1] :].tolist())
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def offline(vllm_python, folder, photos, tmp_path_factory) -> dict:
+    """
+    One engine on `folder`: the mixed batch, then the cache rounds (the cat and the same question; the cat and
+    another question; the cat with that other question given as `mm_processor_kwargs`), the image features of
+    processor outputs made here, and a chat request.
+    """
+    from PIL import Image
+
+    work = tmp_path_factory.mktemp("vllm-offline")
+    _, processor = load_remote(folder)
+    images = [Image.open(photos[name]).convert("RGB") for name in ("cat", "cup")]
+    inputs = processor(
+        images=images, text=[prompt(CAT_QUESTION), prompt(CUP_QUESTION)], padding=True, return_tensors="pt"
+    )
+    features_input = {name: inputs[name] for name in ("pixel_values", "guidance_input_ids", "guidance_attention_mask")}
+    torch.save(features_input, work / "features_input.pt")
+    result = run_job(
+        vllm_python,
+        work,
+        {
+            "model": str(folder),
+            "images": photos,
+            "count_encoder": True,
+            "rounds": [
+                BATCH,
+                [{"prompt": prompt(CAT_QUESTION), "images": ["cat"]}],
+                [{"prompt": prompt(OTHER_QUESTION), "images": ["cat"]}],
+                [
+                    {
+                        "prompt": prompt(CAT_QUESTION),
+                        "images": ["cat"],
+                        "mm_processor_kwargs": {"guidance_text": OTHER_QUESTION},
+                    }
+                ],
+            ],
+            "chat": [{"images": ["cat"], "text": CAT_QUESTION}],
+            "features_input": str(work / "features_input.pt"),
+            "features_output": str(work / "features_output.pt"),
+        },
+    )
+    result["features_input"] = features_input
+    result["features"] = torch.load(work / "features_output.pt")
+    return result
+
+
+def test_placeholders_are_the_kept_tokens(offline):
+    # 64 per image, as VisionTrimProcessor emits; the third prompt has two images.
+    assert offline["rounds"][0]["placeholders"] == [64, 64, 128]
+
+
+def test_greedy_tokens_equal_transformers_generate(offline, folder, photos):
+    assert offline["rounds"][0]["tokens"] == transformers_greedy(folder, BATCH, photos)
+
+
+def test_features_equal_transformers(offline, folder):
+    model, _ = load_remote(folder)
+    inputs = offline["features_input"]
+    expected = model.model.get_image_features(
+        pixel_values=inputs["pixel_values"],
+        guidance_input_ids=inputs["guidance_input_ids"],
+        guidance_attention_mask=inputs["guidance_attention_mask"],
+    ).pooler_output
+    assert len(offline["features"]) == 2
+    for served, reference in zip(offline["features"], expected, strict=True):
+        assert served.shape == reference.shape == (64, VLLM_SHAPES.llm_hidden)
+        torch.testing.assert_close(served, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
+def test_encoder_cache_is_keyed_by_image_and_question(offline, folder, photos):
+    encoded = [round_["encoded_images"] for round_ in offline["rounds"]]
+    # The batch encodes 4 images (the cat twice: two questions); the same cat and question again encodes nothing; a
+    # new question encodes the cat again; that question given as mm_processor_kwargs is the same cache entry.
+    assert encoded == [4, 4, 5, 5]
+    other = {"prompt": prompt(OTHER_QUESTION), "images": ["cat"]}
+    assert offline["rounds"][2]["tokens"] == transformers_greedy(folder, [other], photos)
+    # The override guides TGVC: its answer is the one to the other question's compression of the cat.
+    overridden = transformers_greedy_with_guidance(folder, prompt(CAT_QUESTION), OTHER_QUESTION, photos["cat"])
+    assert offline["rounds"][3]["tokens"] == [overridden]
+
+
+def transformers_greedy_with_guidance(folder: Path, text: str, guidance: str, photo: str) -> list[int]:
+    from PIL import Image
+
+    model, processor = load_remote(folder)
+    inputs = processor(
+        images=[Image.open(photo).convert("RGB")], text=text, guidance_text=guidance, return_tensors="pt"
+    )
+    output = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+    return output[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_no_compression_equals_stock_vllm_llava(vllm_python, photos, tmp_path):
+    uncompressed = save_folder(tmp_path / "uncompressed", reduction_ratio=0)
+    stock = save_folder(tmp_path / "stock", stock=True, reduction_ratio=0)
+    assert json.loads((stock / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
+    results = [
+        run_job(vllm_python, path.parent, {"model": str(path), "images": photos, "rounds": [BATCH]})
+        for path in (uncompressed, stock)
+    ]
+    assert results[0]["rounds"] == results[1]["rounds"]
+    assert results[0]["rounds"][0]["placeholders"] == [576, 576, 1152]
+
+
+def test_llm_stage_is_refused_at_load(vllm_python, tmp_path):
+    staged = save_folder(tmp_path / "staged", llm_stage_layer=1, llm_stage_tokens=32)
+    result = run_job(vllm_python, tmp_path, {"model": str(staged)}, loads=False)
+    assert "load_error" in result
+    assert "LLM stage on (llm_stage_layer=1)" in result["load_error"]
+    assert "does not run" in result["load_error"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_vllm_serve_answers_a_chat_completion_like_offline(vllm_python, folder, photos, offline, tmp_path):
+    port = free_port()
+    environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [
+            Path(vllm_python).parent / "vllm",
+            "serve",
+            str(folder),
+            "--trust-remote-code",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            "2048",
+            "--seed",
+            "0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env=environment,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-6000:]
+            assert time.monotonic() < deadline, "vllm serve did not start in 300 s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        image = base64.b64encode(Path(photos["cat"]).read_bytes()).decode()
+        body = {
+            "model": str(folder),
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{image}"}},
+                        {"type": "text", "text": CAT_QUESTION},
+                    ],
+                }
+            ],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "logprobs": True,
+            "return_tokens_as_token_ids": True,
+        }
+        http_request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(http_request, timeout=120) as response:
+            answer = json.loads(response.read())
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    served_tokens = [
+        int(entry["token"].removeprefix("token_id:")) for entry in answer["choices"][0]["logprobs"]["content"]
+    ]
+    assert served_tokens == offline["chat"][0]
+    assert answer["usage"]["prompt_tokens"] == offline["chat_prompt_tokens"][0]
