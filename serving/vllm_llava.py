@@ -137,8 +137,8 @@ class VisionTrimVllmMixin:
             raise ValueError(
                 f"{vllm_config.model_config.model} has the LLM stage on (llm_stage_layer={config.llm_stage_layer}), "
                 "which the vLLM plugin does not run: vLLM's paged KV cache has no way to drop tokens in the middle of "
-                "prefill. Serve it with `--hf-overrides '{\"llm_stage_layer\": null}'` (vision stage only) or run it "
-                "with Transformers."
+                "prefill. Serve a copy whose config.json has `\"llm_stage_layer\": null` (vision stage only), or run "
+                "this folder with Transformers."
             )
         with self._mark_tower_model(vllm_config, "image"):
             self.guidance_encoder = CLIPTextModelWithProjection(config.guidance_config)
