@@ -514,10 +514,33 @@ def compress_crops(
     )
 
 
+def anyres_image_tokens(
+    crop_features: torch.Tensor, crops_per_image: list[int], image_newline: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """
+    The LLM-ready tokens of each anyres image: its crops' tokens in order (base view first), each crop followed by
+    `image_newline` when given.
+
+    Args:
+        crop_features: `(crops, visual_tokens, text_hidden)` projected compressed crops, the crops of each image
+            consecutive.
+        crops_per_image: how many crops each image has.
+        image_newline: `(text_hidden,)`, or None for no newline.
+    Returns:
+        Per image a `(crops * (visual_tokens + 1 if image_newline is given else visual_tokens), text_hidden)` tensor.
+    """
+    if image_newline is not None:
+        newline = image_newline.to(crop_features)[None, None].expand(crop_features.shape[0], 1, -1)
+        crop_features = torch.cat([crop_features, newline], dim=1)
+    tokens_per_image = [crops * crop_features.shape[1] for crops in crops_per_image]
+    return list(torch.split(crop_features.flatten(0, 1), tokens_per_image))
+
+
 __all__ = [
     "CompressedCrops",
     "GuidanceEmbeddingCache",
     "VisionTowerRun",
+    "anyres_image_tokens",
     "compress_crops",
     "dominant_token_scores",
     "encode_guidance",

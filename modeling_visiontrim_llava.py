@@ -49,6 +49,7 @@ from .compression_visiontrim import (
     CompressedCrops,
     GuidanceEmbeddingCache,
     VisionTowerRun,
+    anyres_image_tokens,
     compress_crops,
     run_vision_tower,
 )
@@ -417,13 +418,12 @@ class AnyresModelMixin(VisionTrimModelMixin):
             guidance_attention_mask,
             **kwargs,
         )
-        features = self.multi_modal_projector(compressed.features)
-        if self.config.crop_newline:
-            newline = self.image_newline.to(features)[None, None].expand(features.shape[0], 1, -1)
-            features = torch.cat([features, newline], dim=1)
-        tokens_per_image = [crops * features.shape[1] for crops in compressed.crops_per_unit]
-        per_image = torch.split(features.flatten(0, 1), tokens_per_image)
-        return self.encoder_output(run, compressed, list(per_image))
+        per_image = anyres_image_tokens(
+            self.multi_modal_projector(compressed.features),
+            compressed.crops_per_unit,
+            self.image_newline if self.config.crop_newline else None,
+        )
+        return self.encoder_output(run, compressed, per_image)
 
 
 class VideoModelMixin(VisionTrimModelMixin):

@@ -1,8 +1,8 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-VisionTrim LLaVA in vLLM: vLLM's own LLaVA (its CLIP tower, projector and LLM, with their fast kernels and
-tensor-parallel layers) with DVTS + TGVC run on each image by the functions of `compression_visiontrim`, the same ones
-the Transformers classes call.
+VisionTrim LLaVA-1.5 and LLaVA-NeXT in vLLM: vLLM's own LLaVA models (their CLIP tower, projector and LLM, with their
+fast kernels and tensor-parallel layers) with DVTS + TGVC run on each crop by the functions of
+`compression_visiontrim`, the ones the Transformers classes call.
 
 The question reaches TGVC from an ordinary request: the multimodal processor reads the question out of the prompt (its
 last user turn, as `VisionTrimProcessor` does) and hands it to the folder's VisionTrim processor, which tokenises it
@@ -17,13 +17,20 @@ from dataclasses import replace
 import torch
 from torch import nn
 from transformers import BatchFeature, CLIPTextModelWithProjection
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 from vllm.config import VllmConfig
 from vllm.distributed import tensor_model_parallel_all_gather
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
     LlavaMultiModalProcessor,
     LlavaProcessingInfo,
+)
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
 )
 from vllm.model_executor.models.utils import AutoWeightsLoader
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -34,6 +41,7 @@ from ..compression_visiontrim import (
     CompressedCrops,
     GuidanceEmbeddingCache,
     VisionTowerRun,
+    anyres_image_tokens,
     compress_crops,
     record_outputs,
 )
@@ -62,8 +70,8 @@ def padded_guidance(
     )
 
 
-class VisionTrimProcessingInfo(LlavaProcessingInfo):
-    """The folder's own VisionTrim processor (`auto_map`) and its placeholder count per image."""
+class VisionTrimProcessingInfoMixin:
+    """The folder's own VisionTrim processor (`auto_map`, not the stock class vLLM asks for) and its token counts."""
 
     def get_hf_processor(self, **kwargs: object):
         processor = self.ctx.get_hf_processor(**kwargs)
@@ -75,9 +83,17 @@ class VisionTrimProcessingInfo(LlavaProcessingInfo):
         return processor
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        """The placeholders the VisionTrim processor emits for an image of this size (`visual_tokens` when on)."""
+        """The placeholders the VisionTrim processor emits for an image of this size (`visual_tokens` per crop)."""
         counts = self.get_hf_processor()._get_num_multimodal_tokens(image_sizes=[(image_height, image_width)])
         return counts.num_image_tokens[0]
+
+
+class VisionTrimProcessingInfo(VisionTrimProcessingInfoMixin, LlavaProcessingInfo):
+    pass
+
+
+class VisionTrimLlavaNextProcessingInfo(VisionTrimProcessingInfoMixin, LlavaNextProcessingInfo):
+    pass
 
 
 class VisionTrimDummyInputsBuilder(LlavaDummyInputsBuilder):
@@ -86,11 +102,12 @@ class VisionTrimDummyInputsBuilder(LlavaDummyInputsBuilder):
         return f"{text} {PROFILING_QUESTION}" if text else text
 
 
-class VisionTrimMultiModalProcessor(LlavaMultiModalProcessor):
+class QuestionGuidanceMixin:
     """
     vLLM's LLaVA processing plus the guidance of each image: the question of the prompt (or
     `mm_processor_kwargs["guidance_text"]`), tokenised by the folder's VisionTrim processor into
-    `guidance_input_ids` / `guidance_attention_mask`, one row per image.
+    `guidance_input_ids` / `guidance_attention_mask`, one row per image. The question is a processor option, so
+    vLLM's cache keys include it.
     """
 
     def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext):
@@ -111,9 +128,10 @@ class VisionTrimMultiModalProcessor(LlavaMultiModalProcessor):
                 "mm_processor_kwargs['guidance_text'] must be one string, the text that guides TGVC for every image "
                 f"of the prompt; got {type(guidance).__name__}."
             )
-        num_images = len(hf_data.get("images", []))
+        # One guidance text per prompt: vLLM's dummy text (LLaVA-NeXT) is one prompt; without text, one per image.
+        rows = 1 if "text" in hf_data else len(hf_data.get("images", []))
         return self.info.ctx.call_hf_processor(
-            self.info.get_hf_processor(**hf_kwargs), hf_data, {**hf_kwargs, "guidance_text": [guidance] * num_images}
+            self.info.get_hf_processor(**hf_kwargs), hf_data, {**hf_kwargs, "guidance_text": [guidance] * rows}
         )
 
     def _get_mm_fields_config(
@@ -123,23 +141,32 @@ class VisionTrimMultiModalProcessor(LlavaMultiModalProcessor):
         return {**fields, **{name: MultiModalFieldConfig.batched("image") for name in GUIDANCE_FIELDS}}
 
 
+class VisionTrimMultiModalProcessor(QuestionGuidanceMixin, LlavaMultiModalProcessor):
+    pass
+
+
+class VisionTrimLlavaNextMultiModalProcessor(QuestionGuidanceMixin, LlavaNextMultiModalProcessor):
+    pass
+
+
 class VisionTrimVllmMixin:
     """
     What VisionTrim adds to a vLLM LLaVA model: the CLIP text tower, CLIP's `visual_projection` and `logit_scale`
-    (loaded from the folder's `model.guidance_encoder.*`, `model.visual_projection.*`, `model.logit_scale`) and
-    `compress`, which runs vLLM's vision tower on a batch of crops, recording the scored layer's queries and keys, and
-    hands the result to `compress_crops`.
+    (loaded from the folder's `model.guidance_encoder.*`, `model.visual_projection.*`, `model.logit_scale`), and an
+    `embed_multimodal` that compresses every crop of every image (`compress`) before the LLM sees it. A model class
+    says how an image becomes crops (`image_crops`) and its compressed crops become LLM tokens (`image_tokens`).
     """
 
-    def init_visiontrim_modules(self, vllm_config: VllmConfig) -> None:
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         config = vllm_config.model_config.hf_config
         if config.llm_stage_enabled:
             raise ValueError(
                 f"{vllm_config.model_config.model} has the LLM stage on (llm_stage_layer={config.llm_stage_layer}), "
                 "which the vLLM plugin does not run: vLLM's paged KV cache has no way to drop tokens in the middle of "
-                "prefill. Serve a copy whose config.json has `\"llm_stage_layer\": null` (vision stage only), or run "
+                'prefill. Serve a copy whose config.json has `"llm_stage_layer": null` (vision stage only), or run '
                 "this folder with Transformers."
             )
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         with self._mark_tower_model(vllm_config, "image"):
             self.guidance_encoder = CLIPTextModelWithProjection(config.guidance_config)
             self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
@@ -152,14 +179,36 @@ class VisionTrimVllmMixin:
             type(config).__name__,
         )
 
+    def image_crops(self, image_input: Mapping[str, object]) -> tuple[torch.Tensor, list[int]]:
+        """The `(crops, 3, height, width)` pixels of the images and how many consecutive crops each has."""
+        raise NotImplementedError
+
+    def image_tokens(self, crop_features: torch.Tensor, crops_per_image: list[int]) -> MultiModalEmbeddings:
+        """The LLM tokens of each image from its `(crops, visual_tokens, text_hidden)` projected compressed crops."""
+        raise NotImplementedError
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        guidance = [kwargs.pop(name, None) for name in GUIDANCE_FIELDS]
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if not self.config.compression_enabled or image_input["type"] != "pixel_values":
+            return self._process_image_input(image_input)
+        crops, crops_per_image = self.image_crops(image_input)
+        compressed = self.compress(crops, *guidance, crops_per_image)
+        return self.image_tokens(self.multi_modal_projector(compressed.features), crops_per_image)
+
     def compress(
         self,
         crops: torch.Tensor,
         guidance_input_ids: torch.Tensor | list[torch.Tensor] | None,
         guidance_attention_mask: torch.Tensor | list[torch.Tensor] | None,
-        crops_per_unit: list[int],
+        crops_per_image: list[int],
     ) -> CompressedCrops:
-        """DVTS + TGVC on `(crops, 3, height, width)` pixels: `config.visual_tokens` vision features per crop."""
+        """
+        DVTS + TGVC on `(crops, 3, height, width)` pixels: vLLM's vision tower runs with the scored layer's queries
+        and keys recorded off its fused `qkv_proj`, and `compress_crops` keeps `config.visual_tokens` per crop.
+        """
         attention = self.vision_tower.vision_model.encoder.layers[self.scored_layer].self_attn
         with record_outputs(attention.qkv_proj) as recorded:
             features = self.vision_tower(crops, feature_select_strategy=None)
@@ -177,7 +226,7 @@ class VisionTrimVllmMixin:
             self.guidance_encoder,
             guidance_input_ids,
             guidance_attention_mask,
-            crops_per_unit,
+            crops_per_image,
             guidance_cache=self.guidance_cache if self.config.guidance_cache_size > 0 else None,
         )
 
@@ -192,30 +241,60 @@ class VisionTrimVllmMixin:
 class VisionTrimLlavaForConditionalGeneration(VisionTrimVllmMixin, LlavaForConditionalGeneration):
     """vLLM's LLaVA-1.5 keeping `config.visual_tokens` DVTS + TGVC tokens per image."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.init_visiontrim_modules(vllm_config)
-
-    def embed_multimodal(self, **kwargs: object):
-        guidance = [kwargs.pop(name, None) for name in GUIDANCE_FIELDS]
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
-            return []
-        if not self.config.compression_enabled or image_input["type"] != "pixel_values":
-            return self._process_image_input(image_input)
+    def image_crops(self, image_input: Mapping[str, object]) -> tuple[torch.Tensor, list[int]]:
         pixel_values = image_input["pixel_values"]
-        compressed = self.compress(pixel_values, *guidance, [1] * pixel_values.shape[0])
-        return self.multi_modal_projector(compressed.features)
+        return pixel_values, [1] * pixel_values.shape[0]
+
+    def image_tokens(self, crop_features: torch.Tensor, crops_per_image: list[int]) -> torch.Tensor:
+        return crop_features
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VisionTrimLlavaNextMultiModalProcessor,
+    info=VisionTrimLlavaNextProcessingInfo,
+    dummy_inputs=VisionTrimDummyInputsBuilder,
+)
+class VisionTrimLlavaNextForConditionalGeneration(VisionTrimVllmMixin, LlavaNextForConditionalGeneration):
+    """
+    vLLM's LLaVA-NeXT keeping `config.visual_tokens` DVTS + TGVC tokens per crop (base view, then the high-res crops),
+    each crop followed by `image_newline` when `config.crop_newline` is set, as the Transformers class lays them out.
+    """
+
+    def image_crops(self, image_input: Mapping[str, object]) -> tuple[torch.Tensor, list[int]]:
+        crops_per_image = [
+            image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+            for size in image_input["image_sizes"].tolist()
+        ]
+        pixels = [image[:count] for image, count in zip(image_input["pixel_values"], crops_per_image, strict=True)]
+        return torch.cat(pixels), crops_per_image
+
+    def image_tokens(self, crop_features: torch.Tensor, crops_per_image: list[int]) -> list[torch.Tensor]:
+        return anyres_image_tokens(
+            crop_features, crops_per_image, self.image_newline if self.config.crop_newline else None
+        )
 
 
 class UnservedArchitecture(nn.Module):
-    """Stands for the VisionTrim architectures the plugin does not serve yet: refuses them at load."""
+    """
+    Stands for the VisionTrim architectures the plugin does not serve: refuses them at load. It declares the methods
+    of vLLM's text-generation interface, which vLLM checks before building a model, so that the refusal below is what
+    a user reads (vLLM would otherwise reject the architecture's runner with a message that names neither).
+    """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         architecture = vllm_config.model_config.hf_config.architectures[0]
         raise ValueError(
-            f"{architecture} is not served by the VisionTrim vLLM plugin, which serves VisionTrim LLaVA-1.5 "
-            "(VisionTrimLlavaForConditionalGeneration) only for now; run this folder with Transformers "
+            f"{architecture} is not served by the VisionTrim vLLM plugin, which serves the VisionTrim LLaVA-1.5 and "
+            "LLaVA-NeXT image models; run video models with Transformers "
             "(`AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)`)."
         )
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

@@ -4,14 +4,14 @@ vLLM general plugin: registers the VisionTrim architectures with vLLM's model re
 `vllm serve PATH --trust-remote-code` and `LLM(model=PATH, trust_remote_code=True)` load a VisionTrim folder.
 
 vLLM calls `register` in each of its processes (entry point group `vllm.general_plugins`); the model classes are
-given by name and imported only when a VisionTrim folder is loaded. VisionTrim LLaVA-1.5 is served; the other
-architectures are registered so that loading one fails with a message that says so (rather than vLLM falling back to
-its generic Transformers backend, which would run the model's own code outside vLLM's kernels).
+given by name and imported only when a VisionTrim folder is loaded. VisionTrim LLaVA-1.5 and LLaVA-NeXT are served;
+the video architectures are registered so that loading one fails with a message that says so, rather than vLLM
+falling back to its generic Transformers backend (which would run the folder's code outside vLLM's kernels).
 """
 
 SERVED_ARCHITECTURES = {
     "VisionTrimLlavaForConditionalGeneration": "VisionTrimLlavaForConditionalGeneration",
-    "VisionTrimLlavaNextForConditionalGeneration": "UnservedArchitecture",
+    "VisionTrimLlavaNextForConditionalGeneration": "VisionTrimLlavaNextForConditionalGeneration",
     "VisionTrimVideoLlavaForConditionalGeneration": "UnservedArchitecture",
     "VisionTrimLlavaNextVideoForConditionalGeneration": "UnservedArchitecture",
 }

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from visiontrim.serving.weight_names import vllm_weight_name
@@ -74,8 +75,8 @@ def vllm_python() -> Path:
     return python
 
 
-def save_folder(folder: Path, stock: bool = False, **compression) -> Path:
-    config = build_config(VLLM_SHAPES, **compression)
+def save_folder(folder: Path, stock: bool = False, arch: str = "llava", **compression) -> Path:
+    config = build_config(VLLM_SHAPES, arch=arch, **compression)
     model, processor = build_model(config, seed=0), build_processor(config)
     if stock:
         model, processor = stock_llava_with_same_weights(model), stock_processor(processor)
@@ -113,8 +114,6 @@ def run_job(python: Path, tmp_path: Path, job: dict, timeout: int = 600, loads: 
 
 def transformers_greedy(folder: Path, entries: list[dict], photos: dict[str, str]) -> list[list[int]]:
     """Greedy tokens of Transformers `generate` on the folder (remote code), one prompt at a time."""
-    from PIL import Image
-
     model, processor = load_remote(folder)
     tokens = []
     for entry in entries:
@@ -132,8 +131,6 @@ def offline(vllm_python, folder, photos, tmp_path_factory) -> dict:
     another question; the cat with that other question given as `mm_processor_kwargs`), the image features of
     processor outputs made here, and a chat request.
     """
-    from PIL import Image
-
     work = tmp_path_factory.mktemp("vllm-offline")
     _, processor = load_remote(folder)
     images = [Image.open(photos[name]).convert("RGB") for name in ("cat", "cup")]
@@ -207,8 +204,6 @@ def test_encoder_cache_is_keyed_by_image_and_question(offline, folder, photos):
 
 
 def transformers_greedy_with_guidance(folder: Path, text: str, guidance: str, photo: str) -> list[int]:
-    from PIL import Image
-
     model, processor = load_remote(folder)
     inputs = processor(
         images=[Image.open(photo).convert("RGB")], text=text, guidance_text=guidance, return_tensors="pt"
@@ -317,3 +312,27 @@ def test_vllm_serve_answers_a_chat_completion_like_offline(vllm_python, folder, 
     ]
     assert served_tokens == offline["chat"][0]
     assert answer["usage"]["prompt_tokens"] == offline["chat_prompt_tokens"][0]
+
+
+def test_llava_next_placeholders_and_greedy_tokens_equal_transformers(vllm_python, photos, tmp_path):
+    # Anyres: the cat (451x300) and the cup (600x400) pick different crop grids; each crop keeps 64 tokens + newline.
+    folder = save_folder(tmp_path / "next", arch="llava-next")
+    result = run_job(vllm_python, tmp_path, {"model": str(folder), "images": photos, "rounds": [BATCH]})
+    _, processor = load_remote(folder)
+    expected_placeholders = []
+    for entry in BATCH:
+        images = [photos[name] for name in entry["images"]]
+        sizes = [Image.open(path).size[::-1] for path in images]
+        expected_placeholders.append(sum(processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens))
+    assert result["rounds"][0]["placeholders"] == expected_placeholders
+    assert len(set(expected_placeholders[:2])) == 2 and all(count % 65 == 0 for count in expected_placeholders)
+    assert result["rounds"][0]["tokens"] == transformers_greedy(folder, BATCH, photos)
+
+
+def test_video_architectures_are_refused_at_load(vllm_python, tmp_path):
+    folder = save_folder(tmp_path / "video", arch="video-llava")
+    result = run_job(vllm_python, tmp_path, {"model": str(folder)}, loads=False)
+    assert (
+        "VisionTrimVideoLlavaForConditionalGeneration is not served by the VisionTrim vLLM plugin"
+        in result["load_error"]
+    )
