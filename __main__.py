@@ -2,6 +2,7 @@
 """
 `python -m visiontrim [options]`: the main job (stock LLaVA vs VisionTrim on one photo);
 `python -m visiontrim bench [options]`: the benchmark;
+`python -m visiontrim bench-vllm [options]`: the vLLM serving benchmark;
 `python -m visiontrim eval run|score [options]`: the evaluation runner;
 `python -m visiontrim analyze [options]`: attention analysis;
 `python -m visiontrim verify PATH`: check a converted folder against its SHA-256 checksums. `--help` after any lists
@@ -12,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from .tools import analysis, bench, checksums, demo
+from .tools import analysis, bench, checksums, demo, vllm_bench
 from .tools.arguments import UsageError
 from .tools.evaluation import cli as evaluation
 
@@ -21,6 +22,11 @@ COMMANDS = {
     "bench": (
         bench,
         "Stock LLaVA vs VisionTrim with the same weights at the published budgets: speed, FLOPs, memory.",
+    ),
+    "bench-vllm": (
+        vllm_bench,
+        "Stock LLaVA vs VisionTrim served by vLLM with the same weights: KV-cache capacity, throughput, time to first "
+        "token (runs vLLM in its own environment).",
     ),
     "eval": (
         evaluation,

@@ -31,6 +31,11 @@ def error_of(capsys, run) -> str:
         (["bench", "--repeats", "0"], "visiontrim bench: error: argument --repeats: must be a whole number of at"),
         (["bench", "--model", "missing"], "visiontrim bench: error: argument --model: no such folder: missing"),
         (
+            ["bench-vllm", "--vllm-python", "no/venv/bin/python"],
+            "visiontrim bench-vllm: error: argument --vllm-python: no such file: no/venv/bin/python",
+        ),
+        (["bench-vllm", "--vllm-python", __file__, "--requests", "0"], "argument --requests: must be a whole number"),
+        (
             ["eval", "run", "--task", "pope", "--questions", "q.jsonl", "--answers", "a.jsonl", "--model", "."],
             "visiontrim eval run: error: argument --questions: no such file: q.jsonl",
         ),

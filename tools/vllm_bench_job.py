@@ -1,0 +1,209 @@
+# Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
+"""
+The measuring half of `python -m visiontrim bench-vllm`, run inside the vLLM environment (it imports vLLM, not the
+Transformers model classes): `python -m visiontrim.tools.vllm_bench_job JOB.json RESULT.json`.
+
+For each model folder of the job, one after the other (so they never share the CPU): an offline engine gives the
+KV-cache capacity (requests of the benchmark prompt that fit in the KV-cache space, from the engine's block count) and
+the offline throughput of the job's requests submitted at once; then `vllm serve` on 127.0.0.1 gives time to first
+token and request throughput with a bounded number of concurrent streaming clients. Every request carries its own
+crop of a photo, so no request is served from another's encoder cache.
+"""
+
+import base64
+import gc
+import io
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its block count is read
+ENGINE_ARGUMENTS = {"dtype": "float32", "enforce_eager": True, "seed": 0, "enable_prefix_caching": False}
+
+
+def request_images(photos: list[str], count: int) -> list:
+    """`count` distinct RGB images: the photos in turn, each request's cropped by a different margin."""
+    from PIL import Image
+
+    images = [Image.open(path).convert("RGB") for path in photos]
+    crops = []
+    for index in range(count):
+        image = images[index % len(images)]
+        margin = 1 + index // len(images)
+        crops.append(image.crop((margin, margin, image.width - margin, image.height - margin)))
+    return crops
+
+
+def offline(folder: str, job: dict, images: list) -> dict:
+    from vllm import LLM, SamplingParams
+
+    started = time.perf_counter()
+    llm = LLM(model=folder, trust_remote_code=True, max_model_len=job["max_model_len"], **ENGINE_ARGUMENTS)
+    startup = time.perf_counter() - started
+    params = SamplingParams(temperature=0, max_tokens=job["max_tokens"], ignore_eos=True)
+    prompts = [{"prompt": job["prompt"], "multi_modal_data": {"image": image}} for image in images]
+    llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
+    started = time.perf_counter()
+    outputs = llm.generate(prompts[1:], params, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    prompt_tokens = len(outputs[0].prompt_token_ids)
+    # The scheduler's KV-cache block pool, what admits requests (the engine runs in this process).
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    num_blocks, block_size = scheduler.kv_cache_config.num_blocks, scheduler.cache_config.block_size
+    blocks_per_request = math.ceil((prompt_tokens + job["max_tokens"]) / block_size)
+    output_tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
+    del llm
+    gc.collect()
+    return {
+        "startup_s": startup,
+        "prompt_tokens": prompt_tokens,
+        "kv_blocks": num_blocks,
+        "block_size": block_size,
+        "kv_capacity_requests": num_blocks // blocks_per_request,
+        "offline_requests": len(outputs),
+        "offline_s": elapsed,
+        "offline_requests_per_s": len(outputs) / elapsed,
+        "offline_output_tokens_per_s": output_tokens / elapsed,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def stream_chat(port: int, folder: str, question: str, image, max_tokens: int) -> tuple[float, float]:
+    """One streaming chat completion: (seconds to the first content token, seconds to the end)."""
+    body = {
+        "model": folder,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(image)}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    started = time.perf_counter()
+    first = None
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for line in response:
+            if first is None and line.startswith(b"data: {"):  # vLLM streams its first chunk with the first token
+                first = time.perf_counter() - started
+    return first if first is not None else math.nan, time.perf_counter() - started
+
+
+def served(folder: str, job: dict, images: list, log_path: Path) -> dict:
+    port = free_port()
+    command = [
+        str(Path(sys.executable).parent / "vllm"),
+        "serve",
+        folder,
+        "--trust-remote-code",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(job["max_model_len"]),
+        "--dtype",
+        ENGINE_ARGUMENTS["dtype"],
+        "--enforce-eager",
+        "--no-enable-prefix-caching",
+        "--seed",
+        "0",
+    ]
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + job["server_start_timeout_s"]
+            while True:
+                if server.poll() is not None:
+                    raise RuntimeError(f"vllm serve exited with {server.returncode}: see {log_path}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"vllm serve did not start in {job['server_start_timeout_s']} s: see {log_path}"
+                    )
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                        break
+                except OSError:
+                    time.sleep(1)
+            stream_chat(port, folder, job["question"], images[0], job["max_tokens"])  # warm-up
+            pending = list(images[1:])
+            lock = threading.Lock()
+            timings: list[tuple[float, float]] = []
+
+            def client() -> None:
+                while True:
+                    with lock:
+                        if not pending:
+                            return
+                        image = pending.pop(0)
+                    timing = stream_chat(port, folder, job["question"], image, job["max_tokens"])
+                    with lock:
+                        timings.append(timing)
+
+            started = time.perf_counter()
+            clients = [threading.Thread(target=client) for _ in range(job["concurrency"])]
+            for thread in clients:
+                thread.start()
+            for thread in clients:
+                thread.join()
+            elapsed = time.perf_counter() - started
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    first_token = sorted(timing[0] for timing in timings)
+    return {
+        "served_requests": len(timings),
+        "concurrency": job["concurrency"],
+        "ttft_p50_s": statistics.median(first_token),
+        "ttft_p95_s": first_token[min(len(first_token) - 1, math.ceil(0.95 * len(first_token)) - 1)],
+        "served_requests_per_s": len(timings) / elapsed,
+        "served_s": elapsed,
+    }
+
+
+def main(job_path: str, result_path: str) -> None:
+    job = json.loads(Path(job_path).read_text())
+    images = request_images(job["photos"], job["requests"] + 1)
+    results = {}
+    for name, folder in job["folders"].items():
+        results[name] = offline(folder, job, images)
+        results[name].update(served(folder, job, images, Path(result_path).with_name(f"serve-{name}.log")))
+        Path(result_path).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
