@@ -613,6 +613,23 @@ print(processor.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_spec
 """
 
 
+SERVING_IMAGE = """## Serving with vLLM
+
+With the `visiontrim` package installed beside vLLM (its vLLM plugin; `pip install --no-deps visiontrim`, since vLLM
+pins an older Transformers), this folder serves with its compression, and an ordinary OpenAI chat request with an
+image and a question guides TGVC by that question:
+
+```bash
+vllm serve $repo_id --revision $revision --trust-remote-code
+```
+"""
+SERVING_VIDEO = """## Serving with vLLM
+
+Not supported: the visiontrim vLLM plugin serves the LLaVA-1.5 and LLaVA-NeXT image models, and refuses this
+architecture when it loads. Run it with Transformers as above.
+"""
+
+
 def render_card(
     llava: LlavaSource,
     clip: ClipSource,
@@ -656,6 +673,9 @@ def render_card(
         clip_provenance=clip_provenance,
         vision_provenance=provenance,
         video_usage=VIDEO_USAGE if llava.arch in VIDEO_ARCHITECTURES else "",
+        serving=string.Template(SERVING_VIDEO if llava.arch in VIDEO_ARCHITECTURES else SERVING_IMAGE).substitute(
+            repo_id=repo_id or "path/to/this/folder", revision=revision
+        ),
         checksums="\n".join(f"| `{name}` | `{digest}` |" for name, digest in (weight_checksums or {}).items()),
     )
 

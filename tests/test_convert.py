@@ -340,6 +340,7 @@ def test_llava_hf_video_checkpoint_converts_to_a_loadable_repository_equal_to_st
     card = (output / "README.md").read_text()
     name = {"video-llava": "Video-LLaVA", "llava-next-video": "LLaVA-NeXT-Video"}[arch]
     assert f"# VisionTrim {name}:" in card and 'prompt = "USER: <video>' in card
+    assert "## Serving with vLLM\n\nNot supported: the visiontrim vLLM plugin serves" in card
 
 
 def test_image_clip_is_refused_outside_video_llava(tmp_path, clip_folder):
@@ -399,6 +400,7 @@ def test_model_card(tmp_path, clip_folder):
     assert "base_model:" not in metadata  # a local folder is not a Hub id
     revision = re.search(r'revision = "(visiontrim-[\d.]+-\d{8}T\d{6}Z)"', card).group(1)
     assert "trust_remote_code=True" in card and f"creates the tag `{revision}`" in card
+    assert f"vllm serve path/to/this/folder --revision {revision} --trust-remote-code" in card
     assert "32 tokens per crop plus one `image_newline`" in card and "24 tokens chosen by DVTS and\n8 merged" in card
     assert "| LLaVA-1.6-Vicuna-7B, no compression | up to 2880 |" in card and "arXiv 2601.22674" in card
     assert "`modeling_visiontrim_llava.py`" in card and "import only `torch` and `transformers`" in card
