@@ -1,7 +1,8 @@
 """
 The vLLM plugin (`visiontrim.serving`), run as users run it: `LLM(model=folder, trust_remote_code=True)` and
 `vllm serve folder --trust-remote-code`, in vLLM's own environment (tests/vllm/make_env.sh; `.ci/run` builds it at
-`.venv-vllm`). Each engine runs in a subprocess (tests/vllm/jobs.py); the Transformers references run here.
+`.venv-vllm`). Each engine runs in a subprocess (tests/vllm/jobs.py); the Transformers references run here. LLaVA-1.5
+and LLaVA-NeXT folders are served; the LLM stage and the video architectures are refused at load.
 
 Without that environment these tests are skipped, unless VISIONTRIM_REQUIRE_VLLM=1 (CI), which makes them fail.
 """
