@@ -10,9 +10,7 @@ Without that environment these tests are skipped, unless VISIONTRIM_REQUIRE_VLLM
 import base64
 import json
 import os
-import socket
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from visiontrim.serving.server import vllm_server
 from visiontrim.serving.weight_names import vllm_weight_name
 from visiontrim.tools.build import (
     Shapes,
@@ -233,50 +232,11 @@ def test_llm_stage_is_refused_at_load(vllm_python, tmp_path):
     assert "does not run" in result["load_error"]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_vllm_serve_answers_a_chat_completion_like_offline(vllm_python, folder, photos, offline, tmp_path):
-    port = free_port()
+    options = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--seed", "0"]
     environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(
-        [
-            Path(vllm_python).parent / "vllm",
-            "serve",
-            str(folder),
-            "--trust-remote-code",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dtype",
-            "float32",
-            "--enforce-eager",
-            "--max-model-len",
-            "2048",
-            "--seed",
-            "0",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=tmp_path,
-        env=environment,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-6000:]
-            assert time.monotonic() < deadline, "vllm serve did not start in 300 s"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
+    vllm = Path(vllm_python).parent / "vllm"
+    with vllm_server(vllm, str(folder), tmp_path / "serve.log", options, 300, cwd=tmp_path, env=environment) as port:
         image = base64.b64encode(Path(photos["cat"]).read_bytes()).decode()
         body = {
             "model": str(folder),
@@ -301,13 +261,6 @@ def test_vllm_serve_answers_a_chat_completion_like_offline(vllm_python, folder, 
         )
         with urllib.request.urlopen(http_request, timeout=120) as response:
             answer = json.loads(response.read())
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
     served_tokens = [
         int(entry["token"].removeprefix("token_id:")) for entry in answer["choices"][0]["logprobs"]["content"]
     ]

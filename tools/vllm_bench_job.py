@@ -16,14 +16,14 @@ import io
 import json
 import math
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from visiontrim.serving.server import vllm_server
 
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its block count is read
@@ -76,12 +76,6 @@ def offline(folder: str, job: dict, images: list) -> dict:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def data_url(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -121,69 +115,32 @@ def stream_chat(port: int, folder: str, question: str, image, max_tokens: int) -
 
 
 def served(folder: str, job: dict, images: list, log_path: Path) -> dict:
-    port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "vllm"),
-        "serve",
-        folder,
-        "--trust-remote-code",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-model-len",
-        str(job["max_model_len"]),
-        "--dtype",
-        ENGINE_ARGUMENTS["dtype"],
-        "--enforce-eager",
-        "--no-enable-prefix-caching",
-        "--seed",
-        "0",
-    ]
-    with log_path.open("w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + job["server_start_timeout_s"]
+    options = ["--max-model-len", str(job["max_model_len"]), "--dtype", ENGINE_ARGUMENTS["dtype"], "--enforce-eager"]
+    options += ["--no-enable-prefix-caching", "--seed", "0"]
+    vllm = Path(sys.executable).parent / "vllm"
+    with vllm_server(vllm, folder, log_path, options, job["server_start_timeout_s"]) as port:
+        stream_chat(port, folder, job["question"], images[0], job["max_tokens"])  # warm-up
+        pending = list(images[1:])
+        lock = threading.Lock()
+        timings: list[tuple[float, float]] = []
+
+        def client() -> None:
             while True:
-                if server.poll() is not None:
-                    raise RuntimeError(f"vllm serve exited with {server.returncode}: see {log_path}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"vllm serve did not start in {job['server_start_timeout_s']} s: see {log_path}"
-                    )
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                        break
-                except OSError:
-                    time.sleep(1)
-            stream_chat(port, folder, job["question"], images[0], job["max_tokens"])  # warm-up
-            pending = list(images[1:])
-            lock = threading.Lock()
-            timings: list[tuple[float, float]] = []
+                with lock:
+                    if not pending:
+                        return
+                    image = pending.pop(0)
+                timing = stream_chat(port, folder, job["question"], image, job["max_tokens"])
+                with lock:
+                    timings.append(timing)
 
-            def client() -> None:
-                while True:
-                    with lock:
-                        if not pending:
-                            return
-                        image = pending.pop(0)
-                    timing = stream_chat(port, folder, job["question"], image, job["max_tokens"])
-                    with lock:
-                        timings.append(timing)
-
-            started = time.perf_counter()
-            clients = [threading.Thread(target=client) for _ in range(job["concurrency"])]
-            for thread in clients:
-                thread.start()
-            for thread in clients:
-                thread.join()
-            elapsed = time.perf_counter() - started
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        started = time.perf_counter()
+        clients = [threading.Thread(target=client) for _ in range(job["concurrency"])]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+        elapsed = time.perf_counter() - started
     first_token = sorted(timing[0] for timing in timings)
     return {
         "served_requests": len(timings),
