@@ -99,16 +99,23 @@ def photos() -> dict[str, str]:
     return {"cat": str(sample_photo("chelsea.jpg")), "cup": str(sample_photo("coffee.jpg"))}
 
 
-def run_job(python: Path, tmp_path: Path, job: dict, timeout: int = 600, loads: bool = True) -> dict:
-    """Runs `job` (see tests/vllm/jobs.py) in the vLLM environment; unless `loads=False`, the engine must load."""
-    job_path, result_path = tmp_path / "job.json", tmp_path / "result.json"
-    job_path.write_text(json.dumps({"image_token_id": IMAGE_TOKEN_ID, "max_tokens": MAX_TOKENS, **job}))
+def run_jobs(python: Path, work: Path, jobs: dict[str, dict], timeout: int = 900) -> dict[str, dict]:
+    """
+    Runs `jobs` (name -> job, see tests/vllm/jobs.py) one after the other in one process of the vLLM environment, so
+    vLLM is imported once for all of them.
+    """
+    jobs_path, results_path = work / "jobs.json", work / "results.json"
+    defaults = {"image_token_id": IMAGE_TOKEN_ID, "max_tokens": MAX_TOKENS}
+    jobs_path.write_text(json.dumps([{**defaults, **job} for job in jobs.values()]))
     completed = subprocess.run(
-        [python, JOBS, job_path, result_path], capture_output=True, text=True, timeout=timeout, cwd=tmp_path
+        [python, JOBS, jobs_path, results_path], capture_output=True, text=True, timeout=timeout, cwd=work
     )
-    assert completed.returncode == 0 and result_path.exists(), completed.stdout[-3000:] + completed.stderr[-6000:]
-    result = json.loads(result_path.read_text())
-    assert loads == ("load_error" not in result), result.get("load_error")
+    assert completed.returncode == 0 and results_path.exists(), completed.stdout[-3000:] + completed.stderr[-6000:]
+    return dict(zip(jobs, json.loads(results_path.read_text()), strict=True))
+
+
+def loaded(result: dict) -> dict:
+    assert "load_error" not in result, result["load_error"]
     return result
 
 
@@ -125,13 +132,17 @@ def transformers_greedy(folder: Path, entries: list[dict], photos: dict[str, str
 
 
 @pytest.fixture(scope="module")
-def offline(vllm_python, folder, photos, tmp_path_factory) -> dict:
+def engines(vllm_python, folder, photos, tmp_path_factory) -> dict[str, dict]:
     """
-    One engine on `folder`: the mixed batch, then the cache rounds (the cat and the same question; the cat and
-    another question; the cat with that other question given as `mm_processor_kwargs`), the image features of
-    processor outputs made here, and a chat request.
+    Every offline engine of these tests, in one process:
+    - "offline", on `folder`: the mixed batch, then the cache rounds (the cat and the same question; the cat and
+      another question; the cat with that other question given as `mm_processor_kwargs`), the image features of
+      processor outputs made here, and a chat request;
+    - "uncompressed" (reduction_ratio=0) and "stock" (vLLM's own LLaVA, same weights): the mixed batch;
+    - "next" (a VisionTrim LLaVA-NeXT folder): the mixed batch;
+    - "staged" (the LLM stage on) and "video" (Video-LLaVA), last: folders the plugin refuses.
     """
-    work = tmp_path_factory.mktemp("vllm-offline")
+    work = tmp_path_factory.mktemp("vllm-engines")
     _, processor = load_remote(folder)
     images = [Image.open(photos[name]).convert("RGB") for name in ("cat", "cup")]
     inputs = processor(
@@ -139,10 +150,9 @@ def offline(vllm_python, folder, photos, tmp_path_factory) -> dict:
     )
     features_input = {name: inputs[name] for name in ("pixel_values", "guidance_input_ids", "guidance_attention_mask")}
     torch.save(features_input, work / "features_input.pt")
-    result = run_job(
-        vllm_python,
-        work,
-        {
+    batch_job = {"images": photos, "rounds": [BATCH]}
+    jobs = {
+        "offline": {
             "model": str(folder),
             "images": photos,
             "count_encoder": True,
@@ -162,10 +172,23 @@ def offline(vllm_python, folder, photos, tmp_path_factory) -> dict:
             "features_input": str(work / "features_input.pt"),
             "features_output": str(work / "features_output.pt"),
         },
-    )
-    result["features_input"] = features_input
-    result["features"] = torch.load(work / "features_output.pt")
-    return result
+        "uncompressed": {"model": str(save_folder(work / "uncompressed", reduction_ratio=0)), **batch_job},
+        "stock": {"model": str(save_folder(work / "stock", stock=True, reduction_ratio=0)), **batch_job},
+        "next": {"model": str(save_folder(work / "next", arch="llava-next")), **batch_job},
+        "staged": {"model": str(save_folder(work / "staged", llm_stage_layer=1, llm_stage_tokens=32))},
+        "video": {"model": str(save_folder(work / "video", arch="video-llava"))},
+    }
+    results = run_jobs(vllm_python, work, jobs)
+    results["offline"]["features_input"] = features_input
+    results["offline"]["features"] = torch.load(work / "features_output.pt")
+    for name in ("offline", "uncompressed", "stock", "next"):
+        results[name]["folder"] = Path(jobs[name]["model"])
+    return results
+
+
+@pytest.fixture(scope="module")
+def offline(engines) -> dict:
+    return loaded(engines["offline"])
 
 
 def test_placeholders_are_the_kept_tokens(offline):
@@ -212,24 +235,19 @@ def transformers_greedy_with_guidance(folder: Path, text: str, guidance: str, ph
     return output[0, inputs["input_ids"].shape[1] :].tolist()
 
 
-def test_no_compression_equals_stock_vllm_llava(vllm_python, photos, tmp_path):
-    uncompressed = save_folder(tmp_path / "uncompressed", reduction_ratio=0)
-    stock = save_folder(tmp_path / "stock", stock=True, reduction_ratio=0)
-    assert json.loads((stock / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
-    results = [
-        run_job(vllm_python, path.parent, {"model": str(path), "images": photos, "rounds": [BATCH]})
-        for path in (uncompressed, stock)
+def test_no_compression_equals_stock_vllm_llava(engines):
+    uncompressed, stock = loaded(engines["uncompressed"]), loaded(engines["stock"])
+    assert json.loads((stock["folder"] / "config.json").read_text())["architectures"] == [
+        "LlavaForConditionalGeneration"
     ]
-    assert results[0]["rounds"] == results[1]["rounds"]
-    assert results[0]["rounds"][0]["placeholders"] == [576, 576, 1152]
+    assert uncompressed["rounds"] == stock["rounds"]
+    assert uncompressed["rounds"][0]["placeholders"] == [576, 576, 1152]
 
 
-def test_llm_stage_is_refused_at_load(vllm_python, tmp_path):
-    staged = save_folder(tmp_path / "staged", llm_stage_layer=1, llm_stage_tokens=32)
-    result = run_job(vllm_python, tmp_path, {"model": str(staged)}, loads=False)
-    assert "load_error" in result
-    assert "LLM stage on (llm_stage_layer=1)" in result["load_error"]
-    assert "does not run" in result["load_error"]
+def test_llm_stage_is_refused_at_load(engines):
+    error = engines["staged"]["load_error"]
+    assert "LLM stage on (llm_stage_layer=1)" in error
+    assert "does not run" in error
 
 
 def test_vllm_serve_answers_a_chat_completion_like_offline(vllm_python, folder, photos, offline, tmp_path):
@@ -268,25 +286,19 @@ def test_vllm_serve_answers_a_chat_completion_like_offline(vllm_python, folder, 
     assert answer["usage"]["prompt_tokens"] == offline["chat_prompt_tokens"][0]
 
 
-def test_llava_next_placeholders_and_greedy_tokens_equal_transformers(vllm_python, photos, tmp_path):
+def test_llava_next_placeholders_and_greedy_tokens_equal_transformers(engines, photos):
     # Anyres: the cat (451x300) and the cup (600x400) pick different crop grids; each crop keeps 64 tokens + newline.
-    folder = save_folder(tmp_path / "next", arch="llava-next")
-    result = run_job(vllm_python, tmp_path, {"model": str(folder), "images": photos, "rounds": [BATCH]})
-    _, processor = load_remote(folder)
+    result = loaded(engines["next"])
+    _, processor = load_remote(result["folder"])
     expected_placeholders = []
     for entry in BATCH:
-        images = [photos[name] for name in entry["images"]]
-        sizes = [Image.open(path).size[::-1] for path in images]
+        sizes = [Image.open(photos[name]).size[::-1] for name in entry["images"]]
         expected_placeholders.append(sum(processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens))
     assert result["rounds"][0]["placeholders"] == expected_placeholders
     assert len(set(expected_placeholders[:2])) == 2 and all(count % 65 == 0 for count in expected_placeholders)
-    assert result["rounds"][0]["tokens"] == transformers_greedy(folder, BATCH, photos)
+    assert result["rounds"][0]["tokens"] == transformers_greedy(result["folder"], BATCH, photos)
 
 
-def test_video_architectures_are_refused_at_load(vllm_python, tmp_path):
-    folder = save_folder(tmp_path / "video", arch="video-llava")
-    result = run_job(vllm_python, tmp_path, {"model": str(folder)}, loads=False)
-    assert (
-        "VisionTrimVideoLlavaForConditionalGeneration is not served by the VisionTrim vLLM plugin"
-        in result["load_error"]
-    )
+def test_video_architectures_are_refused_at_load(engines):
+    error = engines["video"]["load_error"]
+    assert "VisionTrimVideoLlavaForConditionalGeneration is not served by the VisionTrim vLLM plugin" in error

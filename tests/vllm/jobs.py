@@ -1,8 +1,9 @@
 """
-Runs one vLLM engine job for tests/test_vllm.py, inside the vLLM environment (tests/vllm/make_env.sh):
-`python jobs.py JOB.json RESULT.json`. The job names a model folder and rounds of requests; the result holds each
-request's greedy tokens and placeholder count, the images the vision tower encoded after each round, the image
-features of `features_input` (a torch file of processor outputs) and the load error, if the engine refused the folder.
+Runs vLLM engine jobs for tests/test_vllm.py, one after the other in one process, inside the vLLM environment
+(tests/vllm/make_env.sh): `python jobs.py JOBS.json RESULTS.json`. A job names a model folder and rounds of requests;
+its result holds each request's greedy tokens and placeholder count, the images the vision tower encoded after each
+round, the image features of `features_input` (a torch file of processor outputs) and the load error, if the engine
+refused the folder.
 """
 
 import json
@@ -54,13 +55,12 @@ def request(entry: dict, images: dict):
     return prompt
 
 
-def main(job_path: str, result_path: str) -> None:
+def run(job: dict) -> dict:
+    """One engine: load `job["model"]`, run the job's rounds, chat and features; or report why it did not load."""
     import torch
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    with open(job_path) as file:
-        job = json.load(file)
     images = {name: Image.open(path).convert("RGB") for name, path in job.get("images", {}).items()}
     result: dict = {"rounds": []}
     try:
@@ -80,9 +80,7 @@ def main(job_path: str, result_path: str) -> None:
         for cause in (error.__cause__, error.__context__):
             if cause is not None:
                 result["load_error"] += f" | {type(cause).__name__}: {cause}"
-        with open(result_path, "w") as file:
-            json.dump(result, file)
-        return
+        return result
     params = SamplingParams(temperature=0, max_tokens=job.get("max_tokens", 8))
     if job.get("count_encoder"):
         llm.apply_model(count_encoded_images)
@@ -112,8 +110,22 @@ def main(job_path: str, result_path: str) -> None:
     if job.get("features_input"):
         features = llm.apply_model(image_features(job["features_input"]))[0]
         torch.save(features, job["features_output"])
+    del llm
+    return result
+
+
+def main(jobs_path: str, result_path: str) -> None:
+    """Runs the jobs of `jobs_path` (a JSON list) one after the other in this process: one import of vLLM for all."""
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    with open(jobs_path) as file:
+        jobs = json.load(file)
+    results = []
+    for job in jobs:
+        results.append(run(job))
+        cleanup_dist_env_and_memory()
     with open(result_path, "w") as file:
-        json.dump(result, file)
+        json.dump(results, file)
 
 
 if __name__ == "__main__":
