@@ -53,6 +53,8 @@ from .weight_names import vllm_weight_name
 # What a dummy (memory-profiling) prompt asks, so that profiling runs TGVC's text path like a real request.
 PROFILING_QUESTION = "What is shown in the image?"
 GUIDANCE_FIELDS = ("guidance_input_ids", "guidance_attention_mask")
+# The modules VisionTrim adds to vLLM's LLaVA (the CLIP text tower and head).
+VISIONTRIM_MODULES = ("guidance_encoder.", "visual_projection.", "logit_scale")
 
 
 def padded_guidance(
@@ -231,8 +233,20 @@ class VisionTrimVllmMixin:
         )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loader = AutoWeightsLoader(self)
-        return loader.load_weights((vllm_weight_name(name), weight) for name, weight in weights)
+        """
+        The checkpoint's weights under vLLM's names (`vllm_weight_name`). VisionTrim's own modules have no vLLM weight
+        loaders, so their weights are cast to the serving dtype here (as vLLM's loaders do for its modules).
+        """
+        own_dtypes = {
+            name: parameter.dtype for name, parameter in self.named_parameters() if name.startswith(VISIONTRIM_MODULES)
+        }
+
+        def renamed() -> Iterable[tuple[str, torch.Tensor]]:
+            for name, weight in weights:
+                name = vllm_weight_name(name)
+                yield name, weight.to(own_dtypes[name]) if name in own_dtypes else weight
+
+        return AutoWeightsLoader(self).load_weights(renamed())
 
 
 @MULTIMODAL_REGISTRY.register_processor(
