@@ -1,7 +1,11 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
-"""`vllm serve` on 127.0.0.1 as a context manager, for the serving benchmark and the tests (standard library only)."""
+"""
+`vllm serve` on 127.0.0.1 as a context manager, and an OpenAI-style chat request with one image and a question to it,
+for the serving benchmark and the tests (standard library only).
+"""
 
 import contextlib
+import json
 import socket
 import subprocess
 import time
@@ -49,3 +53,32 @@ def vllm_server(
                 server.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+def image_chat_request(
+    port: int, model: str, image_url: str, question: str, max_tokens: int, **options
+) -> urllib.request.Request:
+    """
+    A chat completion request to the server on `port`: one user turn holding the image (`image_url`, e.g. a base64
+    `data:` URL) and the question, greedy, with the OpenAI or vLLM request `options` (`stream`, `logprobs`, ...).
+    """
+    body = {
+        "model": model,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image_url}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        **options,
+    }
+    return urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from visiontrim.serving.server import vllm_server
+from visiontrim.serving.server import image_chat_request, vllm_server
 from visiontrim.serving.weight_names import vllm_weight_name
 from visiontrim.tools.build import (
     Shapes,
@@ -255,28 +255,9 @@ def test_vllm_serve_answers_a_chat_completion_like_offline(vllm_python, folder, 
     environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     vllm = Path(vllm_python).parent / "vllm"
     with vllm_server(vllm, str(folder), tmp_path / "serve.log", options, 300, cwd=tmp_path, env=environment) as port:
-        image = base64.b64encode(Path(photos["cat"]).read_bytes()).decode()
-        body = {
-            "model": str(folder),
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{image}"}},
-                        {"type": "text", "text": CAT_QUESTION},
-                    ],
-                }
-            ],
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0,
-            "logprobs": True,
-            "return_tokens_as_token_ids": True,
-        }
-        http_request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
+        image_url = "data:image/jpeg;base64," + base64.b64encode(Path(photos["cat"]).read_bytes()).decode()
+        tokens_out = {"logprobs": True, "return_tokens_as_token_ids": True}
+        http_request = image_chat_request(port, str(folder), image_url, CAT_QUESTION, MAX_TOKENS, **tokens_out)
         with urllib.request.urlopen(http_request, timeout=120) as response:
             answer = json.loads(response.read())
     served_tokens = [

@@ -23,7 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from visiontrim.serving.server import vllm_server
+from visiontrim.serving.server import image_chat_request, vllm_server
 
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its block count is read
@@ -84,27 +84,7 @@ def data_url(image) -> str:
 
 def stream_chat(port: int, folder: str, question: str, image, max_tokens: int) -> tuple[float, float]:
     """One streaming chat completion: (seconds to the first content token, seconds to the end)."""
-    body = {
-        "model": folder,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": data_url(image)}},
-                    {"type": "text", "text": question},
-                ],
-            }
-        ],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
+    request = image_chat_request(port, folder, data_url(image), question, max_tokens, ignore_eos=True, stream=True)
     started = time.perf_counter()
     first = None
     with urllib.request.urlopen(request, timeout=600) as response:
