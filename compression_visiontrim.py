@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from transformers import CLIPTextModelWithProjection
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging
 
-from .configuration_visiontrim import VisionTrimSettings
+from .configuration_visiontrim import QwenSettings, VisionTrimSettings
 
 
 logger = logging.get_logger(__name__)
@@ -54,39 +55,104 @@ def head_mean_attention(query: torch.Tensor, key: torch.Tensor, num_heads: int, 
     return torch.softmax(query @ key.transpose(-1, -2) * scaling, dim=-1).mean(dim=1)
 
 
-def local_token_affinity(features: torch.Tensor, grid_size: int) -> torch.Tensor:
+def masked_variance(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The unbiased variance of each row of `values` `(batch, n)` over its `mask`ed entries (all when None)."""
+    if mask is None:
+        return values.var(dim=-1)
+    count = mask.sum(dim=-1)
+    mean = (values * mask).sum(dim=-1) / count.clamp_min(1)
+    squares = ((values - mean.unsqueeze(-1)).square() * mask).sum(dim=-1)
+    return squares / (count - 1).clamp_min(1)
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dimension of `logits`, over the `mask`ed entries only (the others get 0)."""
+    if mask is None:
+        return torch.softmax(logits, dim=-1)
+    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).masked_fill(~mask, 0)
+
+
+def grid_position_variance(heights: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
     """
-    LTAM: mean affinity of each patch to the 9 slots of its 3x3 window (itself included; slots outside the grid add 0).
+    The unbiased variance of all `2 * h * w` (row, column) coordinates of an `h x w` grid, for each `(batch,)` pair
+    of `heights` and `widths`: `var(P)` of LTAM, in closed form.
+    """
+    heights, widths = heights.double(), widths.double()
+    count = 2 * heights * widths
+    total = widths * heights * (heights - 1) / 2 + heights * widths * (widths - 1) / 2
+    squares = (
+        widths * (heights - 1) * heights * (2 * heights - 1) / 6
+        + heights * (widths - 1) * widths * (2 * widths - 1) / 6
+    )
+    return ((squares - total.square() / count) / (count - 1).clamp_min(1)).float()
+
+
+def local_token_affinity(grid: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """
+    LTAM: mean affinity of each token to the 9 slots of its 3x3 window (itself included; slots outside the grid add 0).
 
     `kappa_ij = -||x_i - x_j||^2 / (w1 var(X)) - w3 ||p_i - p_j||^2 / (w2 var(P))`, `l_i = sum_j kappa_ij / 9`, with
-    `var(X)` the unbiased variance of all entries of the crop's features and `var(P)` that of all 2N grid coordinates.
+    `var(X)` the unbiased variance of all entries of the grid's features and `var(P)` that of all 2N grid coordinates.
 
     Args:
-        features: `(batch, grid_size**2, dim)` patch features in raster order.
+        grid: `(batch, height, width, dim)` token features on their grid.
+        valid: `(batch, height, width)` bool, True on each grid's own `h x w` top-left cells, for grids of different
+            sizes padded to one shape; None when every grid fills the shape.
     Returns:
-        `(batch, grid_size**2)` float32 affinities `l` (before softmax).
+        `(batch, height, width)` float32 affinities `l` (before softmax; 0 outside `valid`).
     """
-    batch, num_patches, dim = features.shape
-    features = features.float()
-    feature_variance = features.reshape(batch, -1).var(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
-    coordinates = torch.arange(grid_size, device=features.device, dtype=torch.float32)
-    position_variance = coordinates.repeat_interleave(grid_size).repeat(2).var()
+    batch, height, width, dim = grid.shape
+    grid = grid.float()
+    if valid is None:
+        feature_variance = grid.reshape(batch, -1).var(dim=-1)
+        inside = torch.ones(batch, height, width, dtype=torch.bool, device=grid.device)
+        heights = torch.full((batch,), height, device=grid.device)
+        widths = torch.full((batch,), width, device=grid.device)
+    else:
+        inside = valid
+        entry_mask = valid.unsqueeze(-1).expand(-1, -1, -1, dim).reshape(batch, -1)
+        feature_variance = masked_variance(grid.reshape(batch, -1), entry_mask)
+        heights, widths = valid.any(dim=2).sum(dim=1), valid.any(dim=1).sum(dim=1)
+        grid = grid * valid.unsqueeze(-1)
+    feature_variance = feature_variance.clamp_min(torch.finfo(torch.float32).tiny).view(batch, 1, 1)
+    position_variance = grid_position_variance(heights, widths).clamp_min(torch.finfo(torch.float32).tiny)
+    position_variance = position_variance.to(grid.device).view(batch, 1, 1)
 
-    grid = features.view(batch, grid_size, grid_size, dim)
     padded = F.pad(grid, (0, 0, 1, 1, 1, 1))
-    inside = F.pad(torch.ones(1, grid_size, grid_size, dtype=torch.bool, device=features.device), (1, 1, 1, 1))
-    affinity = torch.zeros(batch, grid_size, grid_size, device=features.device, dtype=torch.float32)
+    padded_inside = F.pad(inside, (1, 1, 1, 1))
+    affinity = torch.zeros(batch, height, width, device=grid.device, dtype=torch.float32)
     for row_offset in (-1, 0, 1):
         for col_offset in (-1, 0, 1):
-            rows = slice(1 + row_offset, 1 + row_offset + grid_size)
-            cols = slice(1 + col_offset, 1 + col_offset + grid_size)
+            rows = slice(1 + row_offset, 1 + row_offset + height)
+            cols = slice(1 + col_offset, 1 + col_offset + width)
             feature_distance = (grid - padded[:, rows, cols]).square().sum(dim=-1)
             position_distance = float(row_offset**2 + col_offset**2)
-            kappa = -feature_distance / (LTAM_W1 * feature_variance.view(batch, 1, 1)) - (
+            kappa = -feature_distance / (LTAM_W1 * feature_variance) - (
                 LTAM_W3 * position_distance / (LTAM_W2 * position_variance)
             )
-            affinity = affinity + torch.where(inside[:, rows, cols], kappa, 0.0)
-    return affinity.view(batch, num_patches) / 9
+            affinity = affinity + torch.where(padded_inside[:, rows, cols], kappa, 0.0)
+    return (affinity / 9).masked_fill(~inside, 0)
+
+
+def variance_weighted_fusion(
+    global_scores: torch.Tensor, local_affinity: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """
+    The paper's DVTS score: `w_G * G + w_L * Lo`, with `Lo = softmax(softmax(l))` of the LTAM affinities,
+    `w_G = var(Lo) / (var(G) + var(Lo))` and `w_L = var(G) / (var(G) + var(Lo))`.
+
+    Args:
+        global_scores: `(batch, tokens)` the global term `G`, a distribution over each row's tokens.
+        local_affinity: `(batch, tokens)` LTAM affinities `l`.
+        valid: `(batch, tokens)` bool, the real tokens of rows padded to one length; None: all.
+    Returns:
+        `(batch, tokens)` float32 scores (0 outside `valid`).
+    """
+    local_scores = masked_softmax(masked_softmax(local_affinity, valid), valid)
+    global_variance = masked_variance(global_scores, valid).unsqueeze(-1)
+    local_variance = masked_variance(local_scores, valid).unsqueeze(-1)
+    total_variance = (global_variance + local_variance).clamp_min(torch.finfo(torch.float32).tiny)
+    return (local_variance / total_variance) * global_scores + (global_variance / total_variance) * local_scores
 
 
 def dominant_token_scores(features: torch.Tensor, attention: torch.Tensor, score: str) -> torch.Tensor:
@@ -112,13 +178,10 @@ def dominant_token_scores(features: torch.Tensor, attention: torch.Tensor, score
             1 - RECEIVED_ATTENTION_ALPHA
         ) * F.normalize(received, dim=-1)
 
-    grid_size = round(features.shape[1] ** 0.5)
-    global_scores = torch.softmax(cls_attention, dim=-1)
-    local_scores = torch.softmax(torch.softmax(local_token_affinity(features, grid_size), dim=-1), dim=-1)
-    global_variance = global_scores.var(dim=-1, keepdim=True)
-    local_variance = local_scores.var(dim=-1, keepdim=True)
-    total_variance = (global_variance + local_variance).clamp_min(torch.finfo(torch.float32).tiny)
-    return (local_variance / total_variance) * global_scores + (global_variance / total_variance) * local_scores
+    batch, num_patches, dim = features.shape
+    grid_size = round(num_patches**0.5)
+    local_affinity = local_token_affinity(features.view(batch, grid_size, grid_size, dim)).view(batch, num_patches)
+    return variance_weighted_fusion(torch.softmax(cls_attention, dim=-1), local_affinity)
 
 
 def select_dominant_tokens(
@@ -135,9 +198,10 @@ def text_guided_complement(
     text_mask: torch.Tensor,
     logit_scale: torch.Tensor,
     visual_projection: nn.Module,
-    num_seeds: int,
+    num_seeds: int | torch.LongTensor,
     merge_iterations: int,
     merge_update: str,
+    token_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.LongTensor]:
     """
     TGVC: picks `num_seeds` seeds by their relevance to the text and merges the other tokens into them.
@@ -150,27 +214,38 @@ def text_guided_complement(
             other positions are ignored, whatever they hold.
         logit_scale: CLIP's scalar logit scale (log of the temperature `s`).
         visual_projection: CLIP's `visual_projection`, to re-embed the seeds after each update.
+        num_seeds: seeds per row: one number, or a `(batch,)` tensor for rows of different sizes.
         merge_iterations, merge_update: how often, and how (`merge_step`), the other tokens are merged into the seeds.
+        token_mask: `(batch, remaining)` bool, the real tokens of rows padded to one length (first in each row);
+            None: all.
     Returns:
-        The merged seeds `(batch, num_seeds, dim)` and the seeds' positions in `tokens` `(batch, num_seeds)`,
-        ascending.
+        The merged seeds `(batch, max_seeds, dim)` and the seeds' positions in `tokens` `(batch, max_seeds)`,
+        ascending; a row with fewer seeds has its own first, then padding.
     """
+    batch, num_tokens, _ = tokens.shape
     scale = logit_scale.float().exp().to(tokens.device)
     text_embeds = text_embeds.float().masked_fill(~text_mask.unsqueeze(-1), 0)
     similarity = scale * token_embeds.float() @ text_embeds.transpose(1, 2)
     relevance = similarity.sum(dim=-1) / text_mask.sum(dim=-1, keepdim=True)
-    seed_positions = top_indices_in_order(relevance, num_seeds)
-
-    is_seed = torch.zeros_like(relevance, dtype=torch.bool).scatter(1, seed_positions, True)
-    query_positions = positions_where_false(is_seed, tokens.shape[1] - num_seeds)
+    if token_mask is None:
+        token_mask = torch.ones(batch, num_tokens, dtype=torch.bool, device=tokens.device)
+    num_seeds = torch.as_tensor(num_seeds, device=tokens.device).expand(batch)
+    max_seeds = int(num_seeds.max()) if batch else 0
+    is_seed = top_k_mask(relevance, num_seeds, token_mask)
+    is_query = token_mask & ~is_seed
+    seed_positions = positions_where(is_seed, max_seeds)
+    query_positions = positions_where(is_query, int(is_query.sum(dim=-1).max()) if batch else 0)
+    seed_valid = torch.arange(max_seeds, device=tokens.device) < num_seeds.unsqueeze(-1)
+    query_valid = is_query.gather(1, query_positions)
     seeds = gather_tokens(tokens, seed_positions).float()
     queries = gather_tokens(tokens, query_positions).float()
     query_text = gather_tokens(similarity, query_positions)
     original_seeds = seeds
-    for _ in range(merge_iterations):
+    for _ in range(merge_iterations if max_seeds else 0):
         seed_embeds = F.normalize(visual_projection(seeds.to(tokens.dtype)).float(), dim=-1)
         affinity = query_text @ (scale * text_embeds @ seed_embeds.transpose(1, 2))
-        assignment = F.one_hot(affinity.argmax(dim=-1), num_seeds).float()
+        nearest = affinity.masked_fill(~seed_valid.unsqueeze(1), float("-inf")).argmax(dim=-1)
+        assignment = F.one_hot(nearest, max_seeds).float() * query_valid.unsqueeze(-1)
         seeds = merge_step(seeds, original_seeds, assignment, queries, merge_update)
     return seeds.to(tokens.dtype), seed_positions
 
@@ -202,9 +277,29 @@ def top_indices_in_order(scores: torch.Tensor, k: int) -> torch.LongTensor:
     return order[:, :k].sort(dim=-1).values
 
 
+def top_k_mask(scores: torch.Tensor, k: torch.LongTensor, valid: torch.Tensor) -> torch.Tensor:
+    """
+    `(batch, n)` bool: the `k[b]` highest `scores` `(batch, n)` among each row's `valid` entries, ties to the lower
+    index (as `top_indices_in_order`).
+    """
+    order = torch.sort(scores.float().masked_fill(~valid, float("-inf")), dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    return (rank < k.unsqueeze(-1)) & valid
+
+
+def positions_where(mask: torch.Tensor, count: int) -> torch.LongTensor:
+    """
+    The `(batch, count)` ascending positions where `mask` `(batch, n)` is True; a row with fewer True entries is
+    filled up with positions where it is False.
+    """
+    return torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[:, :count]
+
+
 def positions_where_false(mask: torch.Tensor, count: int) -> torch.LongTensor:
     """The `(batch, count)` ascending positions where `mask` `(batch, n)` is False; every row has exactly `count`."""
-    return torch.sort(mask.to(torch.uint8), dim=-1, stable=True).indices[:, :count]
+    return positions_where(~mask, count)
 
 
 def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -222,15 +317,23 @@ def _record_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None
         recorded[module] = output
 
 
+def _record_keyword_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    recorded = _RECORDED_OUTPUTS.get()
+    if recorded is not None:
+        recorded[module] = kwargs
+
+
 @contextmanager
-def record_outputs(*modules: nn.Module) -> Iterator[dict[nn.Module, torch.Tensor]]:
+def record_outputs(*modules: nn.Module, inputs_of: tuple[nn.Module, ...] = ()) -> Iterator[dict[nn.Module, Any]]:
     """
-    Records the outputs of `modules` during the block, keyed by module. The hooks live only for the block and write to
-    a context-local dict, so concurrent calls on one model each see their own tensors.
+    Records the outputs of `modules` (and the keyword arguments `inputs_of` are called with) during the block, keyed
+    by module. The hooks live only for the block and write to a context-local dict, so concurrent calls on one model
+    each see their own tensors.
     """
-    recorded: dict[nn.Module, torch.Tensor] = {}
+    recorded: dict[nn.Module, Any] = {}
     context = _RECORDED_OUTPUTS.set(recorded)
     handles = [module.register_forward_hook(_record_output) for module in modules]
+    handles += [module.register_forward_pre_hook(_record_keyword_inputs, with_kwargs=True) for module in inputs_of]
     try:
         yield recorded
     finally:
@@ -296,6 +399,47 @@ def run_vision_tower(
     )
 
 
+def checked_guidance(
+    guidance_input_ids: torch.LongTensor | None,
+    guidance_attention_mask: torch.Tensor | None,
+    num_units: int,
+    empty_guidance: str,
+    input_name: str,
+    device: torch.device,
+) -> tuple[torch.LongTensor, torch.Tensor]:
+    """
+    The guidance ids of each image (or video) on `device` and their bool mask `(units, text)`, after checking that
+    there is one row per unit and, with `empty_guidance="error"`, that no row is empty. Errors name the inputs and
+    what to change.
+    """
+    unit = "video" if input_name == "video_guidance" else "image"
+    if guidance_input_ids is None:
+        raise ValueError(
+            f"TGVC needs the question of each {unit}: pass `{input_name}_input_ids` and "
+            f"`{input_name}_attention_mask` (the VisionTrim processor returns them; give it `guidance_text=` to "
+            "choose the text), or set `config.dominant_ratio=1.0` to run DVTS only."
+        )
+    if guidance_attention_mask is None:
+        guidance_attention_mask = torch.ones_like(guidance_input_ids)
+    if guidance_input_ids.shape[0] != num_units or guidance_attention_mask.shape != guidance_input_ids.shape:
+        raise ValueError(
+            f"`{input_name}_input_ids` {tuple(guidance_input_ids.shape)} and `{input_name}_attention_mask` "
+            f"{tuple(guidance_attention_mask.shape)} must both have one row per {unit} ({num_units} {unit}s): "
+            f"the VisionTrim processor repeats each prompt's guidance for each of its {unit}s."
+        )
+    input_ids = guidance_input_ids.to(device)
+    text_mask = guidance_attention_mask.to(device).bool()
+    has_text = text_mask.any(dim=-1)
+    if empty_guidance == "error" and not bool(has_text.all()):
+        empty = torch.nonzero(~has_text).flatten().tolist()
+        raise ValueError(
+            f"The guidance text of {unit}(s) {empty} is empty, so TGVC has no question to rank tokens by: pass "
+            "a non-empty `guidance_text=` to the processor, or set `config.empty_guidance='cls_similarity'` to "
+            f"guide those {unit}s by their own global token (CLS; Qwen: the mean merged token)."
+        )
+    return input_ids, text_mask
+
+
 def encode_guidance(
     text_encoder: CLIPTextModelWithProjection,
     guidance_input_ids: torch.LongTensor | None,
@@ -319,32 +463,9 @@ def encode_guidance(
         L2-normalised float32 token embeddings `(units, text, projection_dim)` and their validity mask
         `(units, text)` (bool; all False for an empty guidance text).
     """
-    unit = "video" if input_name == "video_guidance" else "image"
-    if guidance_input_ids is None:
-        raise ValueError(
-            f"TGVC needs the question of each {unit}: pass `{input_name}_input_ids` and "
-            f"`{input_name}_attention_mask` (the VisionTrim processor returns them; give it `guidance_text=` to "
-            "choose the text), or set `config.dominant_ratio=1.0` to run DVTS only."
-        )
-    if guidance_attention_mask is None:
-        guidance_attention_mask = torch.ones_like(guidance_input_ids)
-    if guidance_input_ids.shape[0] != num_units or guidance_attention_mask.shape != guidance_input_ids.shape:
-        raise ValueError(
-            f"`{input_name}_input_ids` {tuple(guidance_input_ids.shape)} and `{input_name}_attention_mask` "
-            f"{tuple(guidance_attention_mask.shape)} must both have one row per {unit} ({num_units} {unit}s): "
-            f"the VisionTrim processor repeats each prompt's guidance for each of its {unit}s."
-        )
-    device = text_encoder.device
-    input_ids = guidance_input_ids.to(device)
-    text_mask = guidance_attention_mask.to(device).bool()
-    has_text = text_mask.any(dim=-1)
-    if empty_guidance == "error" and not bool(has_text.all()):
-        empty = torch.nonzero(~has_text).flatten().tolist()
-        raise ValueError(
-            f"The guidance text of {unit}(s) {empty} is empty, so TGVC has no question to rank tokens by: pass "
-            "a non-empty `guidance_text=` to the processor, or set `config.empty_guidance='cls_similarity'` to "
-            f"guide those {unit}s by their own CLS token."
-        )
+    input_ids, text_mask = checked_guidance(
+        guidance_input_ids, guidance_attention_mask, num_units, empty_guidance, input_name, text_encoder.device
+    )
     if cache is None or torch.is_grad_enabled():
         return run_text_tower(text_encoder, input_ids, text_mask), text_mask
     return cache.embed(text_encoder, input_ids, text_mask), text_mask
@@ -411,8 +532,9 @@ def add_class_guidance(
     text_embeds: torch.Tensor, text_mask: torch.Tensor, class_tokens: torch.Tensor, visual_projection: nn.Module
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    Guides the crops without guidance text (`config.empty_guidance == "cls_similarity"`) by their own CLS token:
-    prepends a slot holding the crop's normalised `visual_projection(CLS)`, valid only for those crops.
+    Guides the crops without guidance text (`config.empty_guidance == "cls_similarity"`) by their own CLS token (for
+    Qwen, whose tower has none, the mean of the slice's merged tokens): prepends a slot holding the crop's normalised
+    `visual_projection(CLS)`, valid only for those crops.
 
     Args:
         text_embeds, text_mask: `(crops, text, projection_dim)` and `(crops, text)` from `encode_guidance`.
@@ -423,7 +545,8 @@ def add_class_guidance(
         return text_embeds, text_mask
     logger.warning_once(
         "An image or video has no question (an image-only prompt): TGVC ranks its tokens by their similarity to its "
-        "own CLS token (config.empty_guidance='cls_similarity'); set empty_guidance='error' to refuse such prompts."
+        "own CLS token (Qwen: its mean merged token; config.empty_guidance='cls_similarity'); set "
+        "empty_guidance='error' to refuse such prompts."
     )
     class_embeds = F.normalize(visual_projection(class_tokens).float(), dim=-1).to(text_embeds.device)
     text_embeds = torch.cat([class_embeds.unsqueeze(1), text_embeds], dim=1)
@@ -514,6 +637,200 @@ def compress_crops(
     )
 
 
+# The most attention-probability entries `received_attention` holds at once (256 MiB in float32).
+ATTENTION_CHUNK_ELEMENTS = 2**26
+
+
+def received_attention(
+    query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, num_heads: int, scaling: float
+) -> torch.Tensor:
+    """
+    The attention each token receives: head-mean attention probabilities `softmax(q k^T * scaling)` among each
+    sequence's valid tokens, averaged over its valid queries, in float32. The queries run in chunks, so memory stays
+    bounded for the thousands of patches of a large image.
+
+    Args:
+        query, key: `(sequences, tokens, dim)` projected queries and keys (with their rotary embedding), sequences of
+            different lengths padded to one.
+        valid: `(sequences, tokens)` bool, True for real tokens.
+    Returns:
+        `(sequences, tokens)`, 0 at padding; each row sums to 1 over its valid tokens.
+    """
+    sequences, tokens, dim = query.shape
+    head_dim = dim // num_heads
+    query = query.float().view(sequences, tokens, num_heads, head_dim).transpose(1, 2)
+    key = key.float().view(sequences, tokens, num_heads, head_dim).transpose(1, 2)
+    key_bias = torch.zeros(sequences, 1, 1, tokens, device=query.device).masked_fill(
+        ~valid[:, None, None, :], float("-inf")
+    )
+    chunk = max(1, ATTENTION_CHUNK_ELEMENTS // max(1, sequences * num_heads * tokens))
+    received = torch.zeros(sequences, tokens, device=query.device)
+    for start in range(0, tokens, chunk):
+        scores = query[:, :, start : start + chunk] @ key.transpose(-1, -2) * scaling + key_bias
+        probabilities = torch.softmax(scores, dim=-1).mean(dim=1) * valid[:, start : start + chunk, None]
+        received = received + probabilities.sum(dim=1)
+    return received / valid.sum(dim=-1, keepdim=True).clamp_min(1)
+
+
+def pad_segments(values: torch.Tensor, lengths: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    `values` `(total, ...)`, the consecutive segments of `lengths` `(segments,)`, padded into `(segments,
+    max_length, ...)` (padding repeats a real entry), with the `(segments, max_length)` validity mask.
+    """
+    max_length = int(lengths.max())
+    starts = F.pad(lengths.cumsum(0), (1, 0))[:-1]
+    offsets = torch.arange(max_length, device=values.device)
+    valid = offsets < lengths.unsqueeze(-1)
+    index = (starts.unsqueeze(-1) + offsets).masked_fill(~valid, 0)
+    return values[index], valid
+
+
+@dataclass
+class QwenTowerRun:
+    """A Qwen2-VL / Qwen2.5-VL vision tower's outputs for packed images (or videos), with what DVTS needs."""
+
+    outputs: BaseModelOutputWithPooling  # the tower's own outputs; pooler_output: the merged tokens in raster order
+    query: torch.Tensor  # (patches, vision_hidden): the scored block's queries, rotary embedding applied, raster order
+    key: torch.Tensor  # (patches, vision_hidden): its keys, likewise
+    features: torch.Tensor  # (patches, vision_hidden): the scored block's output, raster order
+    grid_thw: torch.LongTensor  # (media, 3): each image's (video's) patch grid
+    merge_size: int
+    num_heads: int
+    scaling: float
+
+
+@dataclass
+class CompressedUnits:
+    """DVTS + TGVC output for packed Qwen images (or videos), every temporal slice compressed on its own."""
+
+    features: torch.Tensor  # (kept, text_hidden): per slice its DVTS tokens, then its merged TGVC seeds
+    kept_units: torch.LongTensor  # (kept,): the unit of each token (a merged token's seed) in its image or video
+    dominant_units: torch.LongTensor  # (dominant,): the DVTS tokens' units, raster order within each slice
+    complement_seed_units: torch.LongTensor  # (complement,): the TGVC seeds' units, likewise
+    tokens_per_media: list[int]  # how many tokens each image (video) keeps
+
+
+def compress_units(
+    run: QwenTowerRun,
+    config: QwenSettings,
+    text_embeds: torch.Tensor | None,
+    text_mask: torch.Tensor | None,
+) -> CompressedUnits:
+    """
+    DVTS then TGVC on the merged tokens ("units", 2 x 2 patches each) of Qwen images or videos, every temporal slice
+    on its own grid, all slices batched (padded to the largest grid). A slice of `N` units keeps
+    `config.kept_tokens(N)` = `(K_d, K_c)`: its `K_d` best DVTS units in raster order, then its `K_c` TGVC seeds.
+
+    DVTS: the global term is the attention each unit receives at the scored block (head-mean probabilities over the
+    image's or video's patches, averaged over its queries, summed over the unit's patches, normalised over the
+    slice); the local term is LTAM on the slice's unit grid, a unit's feature being the mean of its patches'
+    features; both fused by `variance_weighted_fusion`. TGVC compares the merged tokens (the LLM's inputs) with the
+    guidance in the LLM's embedding space (identity projection).
+
+    Args:
+        run: the tower's run (`QwenTowerRun`).
+        config: the compression settings.
+        text_embeds: `(media, text, text_hidden)` L2-normalised guidance embeddings of each image (video); None
+            when TGVC is off.
+        text_mask: `(media, text)` bool validity of `text_embeds`.
+    """
+    unit_size = run.merge_size**2
+    grid = run.grid_thw.to(run.query.device)
+    frames, patch_rows, patch_cols = grid.unbind(-1)
+    unit_rows, unit_cols = patch_rows // run.merge_size, patch_cols // run.merge_size
+    units_per_slice = unit_rows * unit_cols
+
+    query, valid_patches = pad_segments(run.query, frames * patch_rows * patch_cols)
+    key, _ = pad_segments(run.key, frames * patch_rows * patch_cols)
+    received = received_attention(query, key, valid_patches, run.num_heads, run.scaling)
+    received = received.view(received.shape[0], -1, unit_size).sum(dim=-1)
+    unit_received = received[valid_patches[:, ::unit_size]]  # (units,) in media order: slices consecutive
+
+    slice_rows = unit_rows.repeat_interleave(frames)
+    slice_cols = unit_cols.repeat_interleave(frames)
+    slice_units = units_per_slice.repeat_interleave(frames)
+    num_slices = slice_units.shape[0]
+    slice_of_unit = torch.arange(num_slices, device=grid.device).repeat_interleave(slice_units)
+    local_unit = (
+        torch.arange(slice_of_unit.shape[0], device=grid.device) - F.pad(slice_units.cumsum(0), (1, 0))[slice_of_unit]
+    )
+    max_rows, max_cols = int(slice_rows.max()), int(slice_cols.max())
+    grid_cell = (local_unit // slice_cols[slice_of_unit]) * max_cols + local_unit % slice_cols[slice_of_unit]
+    valid = torch.zeros(num_slices, max_rows * max_cols, dtype=torch.bool, device=grid.device)
+    valid[slice_of_unit, grid_cell] = True
+
+    def on_grid(values: torch.Tensor) -> torch.Tensor:
+        padded = values.new_zeros(num_slices, max_rows * max_cols, *values.shape[1:])
+        padded[slice_of_unit, grid_cell] = values
+        return padded
+
+    global_scores = on_grid(unit_received.float())
+    global_scores = global_scores / global_scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    unit_features = on_grid(run.features.view(-1, unit_size, run.features.shape[-1]).float().mean(dim=1))
+    local_affinity = local_token_affinity(
+        unit_features.view(num_slices, max_rows, max_cols, -1), valid.view(num_slices, max_rows, max_cols)
+    ).flatten(1)
+    scores = variance_weighted_fusion(global_scores, local_affinity, valid)
+
+    budgets = [config.kept_tokens(units) for units in slice_units.tolist()]
+    num_dominant = torch.tensor([dominant for dominant, _ in budgets], device=grid.device)
+    num_complement = torch.tensor([complement for _, complement in budgets], device=grid.device)
+    is_dominant = top_k_mask(scores, num_dominant, valid)
+    dominant_cells = positions_where(is_dominant, int(num_dominant.max()))
+    dominant_valid = torch.arange(dominant_cells.shape[1], device=grid.device) < num_dominant.unsqueeze(-1)
+    merged = on_grid(run.outputs.pooler_output)
+    dominant = gather_tokens(merged, dominant_cells)
+
+    if int(num_complement.max()) > 0:
+        is_remaining = valid & ~is_dominant
+        remaining_cells = positions_where(is_remaining, int(is_remaining.sum(dim=-1).max()))
+        remaining_valid = is_remaining.gather(1, remaining_cells)
+        remaining = gather_tokens(merged, remaining_cells)
+        slice_text = text_embeds.repeat_interleave(frames.to(text_embeds.device), dim=0).to(merged.device)
+        slice_mask = text_mask.repeat_interleave(frames.to(text_mask.device), dim=0).to(merged.device)
+        slice_means = (merged * valid.unsqueeze(-1)).sum(dim=1) / slice_units.unsqueeze(-1)
+        slice_text, slice_mask = add_class_guidance(slice_text, slice_mask, slice_means, nn.Identity())
+        seeds, seed_positions = text_guided_complement(
+            remaining,
+            F.normalize(remaining.float(), dim=-1),
+            slice_text,
+            slice_mask,
+            torch.zeros((), device=merged.device),
+            nn.Identity(),
+            num_complement,
+            config.merge_iterations,
+            config.merge_update,
+            token_mask=remaining_valid,
+        )
+        seed_cells = remaining_cells.gather(1, seed_positions)
+        seed_valid = torch.arange(seed_cells.shape[1], device=grid.device) < num_complement.unsqueeze(-1)
+    else:
+        seeds = merged[:, :0]
+        seed_cells = dominant_cells[:, :0]
+        seed_valid = dominant_valid[:, :0]
+
+    kept_valid = torch.cat([dominant_valid, seed_valid], dim=1)
+    kept_cells = torch.cat([dominant_cells, seed_cells], dim=1)
+    first_slice = F.pad(frames.cumsum(0), (1, 0))[:-1].repeat_interleave(frames)
+    slice_start = (torch.arange(num_slices, device=grid.device) - first_slice) * slice_units
+
+    def unit_index(cells: torch.Tensor) -> torch.Tensor:
+        """Padded grid cells -> the unit's raster index in its image or video (slice offset included)."""
+        return slice_start.unsqueeze(-1) + (cells // max_cols) * slice_cols.unsqueeze(-1) + cells % max_cols
+
+    tokens_per_slice = num_dominant + num_complement
+    tokens_per_media = torch.zeros(len(frames), dtype=torch.long, device=grid.device).index_add_(
+        0, torch.arange(len(frames), device=grid.device).repeat_interleave(frames), tokens_per_slice
+    )
+    return CompressedUnits(
+        torch.cat([dominant, seeds.to(dominant.dtype)], dim=1)[kept_valid],
+        unit_index(kept_cells)[kept_valid],
+        unit_index(dominant_cells)[dominant_valid],
+        unit_index(seed_cells)[seed_valid],
+        tokens_per_media.tolist(),
+    )
+
+
 def anyres_image_tokens(
     crop_features: torch.Tensor, crops_per_image: list[int], image_newline: torch.Tensor | None
 ) -> list[torch.Tensor]:
@@ -538,15 +855,19 @@ def anyres_image_tokens(
 
 __all__ = [
     "CompressedCrops",
+    "CompressedUnits",
+    "QwenTowerRun",
     "GuidanceEmbeddingCache",
     "VisionTowerRun",
     "anyres_image_tokens",
     "compress_crops",
+    "compress_units",
     "dominant_token_scores",
     "encode_guidance",
     "head_mean_attention",
     "local_token_affinity",
     "merge_step",
+    "received_attention",
     "run_vision_tower",
     "select_dominant_tokens",
     "text_guided_complement",

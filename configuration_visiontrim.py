@@ -12,6 +12,8 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextVideoConfig,
     PreTrainedConfig,
+    Qwen2_5_VLConfig,
+    Qwen2VLConfig,
     VideoLlavaConfig,
 )
 
@@ -120,18 +122,84 @@ def vision_attention_layer(
 def settings_fields(config_class: type) -> frozenset[str]:
     """
     The names of `config_class`'s VisionTrim settings: the fields of the settings dataclass it derives from
-    (`VisionTrimSettings` or one of its subclasses that is not itself a model config), not the LLaVA fields.
+    (`VisionTrimSettings`, `QwenSettings` or one of their subclasses that is not itself a model config), not the
+    fields of the stock model config.
     """
     settings_class = next(
         base
         for base in config_class.__mro__
-        if issubclass(base, VisionTrimSettings) and not issubclass(base, PreTrainedConfig)
+        if issubclass(base, CompressionSettings) and not issubclass(base, PreTrainedConfig)
     )
     return frozenset(field.name for field in fields(settings_class)) - {"guidance_config"}
 
 
 @dataclass(kw_only=True)
-class VisionTrimSettings:
+class CompressionSettings:
+    """
+    The settings every VisionTrim config has, whatever the model family (`VisionTrimSettings` for LLaVA,
+    `QwenSettings` for Qwen2-VL / Qwen2.5-VL), checked whenever one is set. See `VisionTrimSettings` for each field.
+    A subclass adds fields and extends `check_compression_settings`.
+    """
+
+    reduction_ratio: int | float = DEFAULT_REDUCTION_RATIO
+    dominant_ratio: int | float = 0.75
+    merge_iterations: int = 3
+    merge_update: str = "add"
+    empty_guidance: str = "cls_similarity"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # `from_pretrained(..., reduction_ratio=...)` sets fields after construction: check those values too.
+        if name in settings_fields(type(self)) and getattr(self, "_post_init_done", False):
+            previous = getattr(self, name)
+            super().__setattr__(name, value)
+            try:
+                self.check_compression_settings()
+            except ValueError:
+                super().__setattr__(name, previous)
+                raise
+        else:
+            super().__setattr__(name, value)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """
+        `PreTrainedConfig.from_dict`, with the VisionTrim settings among `kwargs` (the overrides of
+        `from_pretrained(path, llm_stage_layer=2, llm_stage_tokens=32)`) applied together before the config is built,
+        so they are checked once, all in place, whatever their order. `visual_tokens=K` replaces the stored ratio.
+        """
+        names = (*settings_fields(cls), "guidance_config", "visual_tokens")
+        overrides = {name: kwargs.pop(name) for name in names if name in kwargs}
+        if overrides.get("visual_tokens") is not None:
+            config_dict = {key: value for key, value in config_dict.items() if key != "reduction_ratio"}
+        return super().from_dict({**config_dict, **overrides}, **kwargs)
+
+    @property
+    def compression_enabled(self) -> bool:
+        return self.reduction_ratio > 0
+
+    def check_compression_settings(self) -> None:
+        """Raises a `ValueError` that names the field and its allowed values for any invalid compression setting."""
+        owner = type(self).__name__
+        dominant_ratio = self.dominant_ratio
+        if (
+            isinstance(dominant_ratio, bool)
+            or not isinstance(dominant_ratio, (int, float))
+            or not 0 <= dominant_ratio <= 1
+        ):
+            raise ValueError(
+                f"{owner}.dominant_ratio must be in [0, 1] (the share of kept tokens chosen by DVTS; 1 = DVTS only, "
+                f"0 = TGVC only), got {dominant_ratio!r}."
+            )
+        for name, allowed in (("merge_update", MERGE_UPDATES), ("empty_guidance", EMPTY_GUIDANCE_RULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{owner}.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        value = self.merge_iterations
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{owner}.merge_iterations must be an integer >= 0, got {value!r}.")
+
+
+@dataclass(kw_only=True)
+class VisionTrimSettings(CompressionSettings):
     """
     The VisionTrim compression settings, shared by the LLaVA, LLaVA-NeXT and video configs. See `ALGORITHM.md`.
 
@@ -176,12 +244,7 @@ class VisionTrimSettings:
 
     guidance_config: dict | PreTrainedConfig | None = None
     projection_dim: int = 768
-    reduction_ratio: int | float = DEFAULT_REDUCTION_RATIO
-    dominant_ratio: int | float = 0.75
     dvts_score: str = "global_local"
-    merge_iterations: int = 3
-    merge_update: str = "add"
-    empty_guidance: str = "cls_similarity"
     guidance_cache_size: int = 256
     llm_stage_layer: int | None = None
     llm_stage_tokens: int | None = None
@@ -206,40 +269,10 @@ class VisionTrimSettings:
             self.reduction_ratio = reduction_ratio_for_tokens(visual_tokens, self.num_patches, type(self).__name__)
         self.check_compression_settings()
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # `from_pretrained(..., reduction_ratio=...)` sets fields after construction: check those values too.
-        if name in settings_fields(type(self)) and getattr(self, "_post_init_done", False):
-            previous = getattr(self, name)
-            super().__setattr__(name, value)
-            try:
-                self.check_compression_settings()
-            except ValueError:
-                super().__setattr__(name, previous)
-                raise
-        else:
-            super().__setattr__(name, value)
-
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
-        """
-        `PreTrainedConfig.from_dict`, with the VisionTrim settings among `kwargs` (the overrides of
-        `from_pretrained(path, llm_stage_layer=2, llm_stage_tokens=32)`) applied together before the config is built,
-        so they are checked once, all in place, whatever their order. `visual_tokens=K` replaces the stored ratio.
-        """
-        names = (*settings_fields(cls), "guidance_config", "visual_tokens")
-        overrides = {name: kwargs.pop(name) for name in names if name in kwargs}
-        if overrides.get("visual_tokens") is not None:
-            config_dict = {key: value for key, value in config_dict.items() if key != "reduction_ratio"}
-        return super().from_dict({**config_dict, **overrides}, **kwargs)
-
     @property
     def num_patches(self) -> int:
         """Patch tokens per crop of the vision tower (576 for CLIP ViT-L/14 at 336 px)."""
         return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
-
-    @property
-    def compression_enabled(self) -> bool:
-        return self.reduction_ratio > 0
 
     @property
     def visual_tokens(self) -> int:
@@ -275,30 +308,14 @@ class VisionTrimSettings:
         return f"{self.visual_tokens} per crop (config.reduction_ratio={self.reduction_ratio})"
 
     def check_compression_settings(self) -> None:
-        """Raises a `ValueError` that names the field and its allowed values for any invalid compression setting."""
+        super().check_compression_settings()
         owner = type(self).__name__
         check_reduction_ratio(self.reduction_ratio, self.num_patches, owner)
-        dominant_ratio = self.dominant_ratio
-        if (
-            isinstance(dominant_ratio, bool)
-            or not isinstance(dominant_ratio, (int, float))
-            or not 0 <= dominant_ratio <= 1
-        ):
-            raise ValueError(
-                f"{owner}.dominant_ratio must be in [0, 1] (the share of kept tokens chosen by DVTS; 1 = DVTS only, "
-                f"0 = TGVC only), got {dominant_ratio!r}."
-            )
-        for name, allowed in (
-            ("dvts_score", DVTS_SCORES),
-            ("merge_update", MERGE_UPDATES),
-            ("empty_guidance", EMPTY_GUIDANCE_RULES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{owner}.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
-        for name in ("merge_iterations", "guidance_cache_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{owner}.{name} must be an integer >= 0, got {value!r}.")
+        if self.dvts_score not in DVTS_SCORES:
+            raise ValueError(f"{owner}.dvts_score must be one of {DVTS_SCORES}, got {self.dvts_score!r}.")
+        value = self.guidance_cache_size
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{owner}.guidance_cache_size must be an integer >= 0, got {value!r}.")
         if self.guidance_config.projection_dim != self.projection_dim:
             raise ValueError(
                 f"{owner}.projection_dim ({self.projection_dim}) must equal guidance_config.projection_dim "
@@ -440,16 +457,137 @@ class VisionTrimLlavaNextVideoConfig(AnyresSettings, LlavaNextVideoConfig):
     model_type = "visiontrim_llava_next_video"
 
 
+def qwen_visual_tokens(units: int, reduction_ratio: float) -> int:
+    """Tokens kept of an image (or a video's temporal slice) of `units` merged tokens: `max(1, round(units * (1 -
+    reduction_ratio)))`, all of them for a ratio of 0."""
+    return max(1, visual_tokens_per_crop(units, reduction_ratio))
+
+
+@dataclass(kw_only=True)
+class QwenSettings(CompressionSettings):
+    """
+    The VisionTrim settings of the Qwen2-VL and Qwen2.5-VL configs. The unit is the merged token the LLM sees (2 x 2
+    patches); each image, and each temporal slice of a video, is compressed on its own.
+
+    Args:
+        reduction_ratio (`float`, defaults to `1 - 64/576`):
+            Share of each image's (video slice's) merged tokens removed, in [0, 1); 0 switches compression off. An
+            image with `image_grid_thw = (t, h, w)` has `N = t * h * w / 4` merged tokens and keeps
+            `K = max(1, round(N * (1 - reduction_ratio)))`; a video keeps `K` per slice of `h * w / 4`.
+        dominant_ratio (`float`, defaults to 0.75):
+            `K_d = round(K * dominant_ratio)` tokens are chosen by DVTS, the other `K - K_d` are TGVC's merged seeds.
+        merge_iterations, merge_update:
+            as in [`VisionTrimSettings`].
+        empty_guidance (`str`, defaults to `"cls_similarity"`):
+            For an image without a question: `"cls_similarity"` guides TGVC by the image's own mean merged token
+            (Qwen's tower has no CLS token; logged once), `"error"` raises.
+        dvts_layer (`int`, *optional*):
+            The vision block whose attention (the attention each merged token receives) and output (the features of
+            the local term) DVTS reads. None: the last full-attention block (`fullatt_block_indexes[-1]` for
+            Qwen2.5-VL; the last block for Qwen2-VL, whose blocks all attend over the whole image).
+    """
+
+    dvts_layer: int | None = None
+
+    def __post_init__(self, visual_tokens: int | None = None, **kwargs):
+        if visual_tokens is not None:
+            raise ValueError(
+                f"{type(self).__name__} takes its budget as a share of each image's tokens (images have any size): "
+                f"set reduction_ratio={1 - visual_tokens / 576:.6f} instead of visual_tokens={visual_tokens} for "
+                f"{visual_tokens} of every 576 tokens."
+            )
+        super().__post_init__(**kwargs)
+        self.check_compression_settings()
+
+    @property
+    def scored_block(self) -> int:
+        """The index of the vision block DVTS reads (`dvts_layer`, or the last full-attention block)."""
+        if self.dvts_layer is not None:
+            return self.dvts_layer
+        full_attention_blocks = getattr(self.vision_config, "fullatt_block_indexes", None)
+        return full_attention_blocks[-1] if full_attention_blocks else self.vision_config.depth - 1
+
+    @property
+    def llm_stage_enabled(self) -> bool:
+        """The LLM stage is LLaVA-only (Qwen's decoder uses M-RoPE positions it does not handle): always off."""
+        return False
+
+    def kept_tokens(self, units: int) -> tuple[int, int]:
+        """`(K_d, K_c)`: the DVTS tokens and TGVC seeds kept of an image (video slice) of `units` merged tokens."""
+        kept = qwen_visual_tokens(units, self.reduction_ratio)
+        if not self.compression_enabled:
+            return kept, 0
+        dominant = round_half_up(kept * self.dominant_ratio)
+        return dominant, kept - dominant
+
+    def describe_budget(self) -> str:
+        return f"max(1, round(N * (1 - {self.reduction_ratio}))) of each image's N merged tokens (reduction_ratio)"
+
+    def check_compression_settings(self) -> None:
+        super().check_compression_settings()
+        owner = type(self).__name__
+        ratio = self.reduction_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise ValueError(
+                f"{owner}.reduction_ratio must be in [0, 1) (the share of each image's merged tokens removed; 0 "
+                f"switches compression off), got {ratio!r}."
+            )
+        depth = self.vision_config.depth
+        layer = self.dvts_layer
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < depth):
+            raise ValueError(
+                f"{owner}.dvts_layer must be None (the last full-attention block) or a vision block index in "
+                f"[0, {depth - 1}], got {layer!r}."
+            )
+        full_attention_blocks = getattr(self.vision_config, "fullatt_block_indexes", None)
+        if layer is not None and full_attention_blocks and layer not in full_attention_blocks:
+            raise ValueError(
+                f"{owner}.dvts_layer={layer} is a window-attention block: DVTS needs the attention over the whole "
+                f"image, so pick one of fullatt_block_indexes {list(full_attention_blocks)} (or None for the last)."
+            )
+
+
+class VisionTrimQwen2_5_VLConfig(QwenSettings, Qwen2_5_VLConfig):
+    r"""
+    Configuration of [`VisionTrimQwen2_5_VLForConditionalGeneration`]: a [`Qwen2_5_VLConfig`] plus the VisionTrim
+    settings of [`QwenSettings`].
+
+    Example:
+
+    ```python
+    >>> config = VisionTrimQwen2_5_VLConfig(reduction_ratio=0.75)  # a 1008 x 756 image: 243 of 972 tokens kept
+    >>> config.kept_tokens(972)
+    (182, 61)
+    ```"""
+
+    model_type = "visiontrim_qwen2_5_vl"
+
+
+class VisionTrimQwen2VLConfig(QwenSettings, Qwen2VLConfig):
+    r"""
+    Configuration of [`VisionTrimQwen2VLForConditionalGeneration`]: a [`Qwen2VLConfig`] plus the VisionTrim settings
+    of [`QwenSettings`].
+    """
+
+    model_type = "visiontrim_qwen2_vl"
+
+
 VisionTrimLlavaConfig.register_for_auto_class()
 VisionTrimLlavaNextConfig.register_for_auto_class()
 VisionTrimVideoLlavaConfig.register_for_auto_class()
 VisionTrimLlavaNextVideoConfig.register_for_auto_class()
+VisionTrimQwen2_5_VLConfig.register_for_auto_class()
+VisionTrimQwen2VLConfig.register_for_auto_class()
 
 __all__ = [
     "AnyresSettings",
+    "CompressionSettings",
+    "QwenSettings",
     "VisionTrimLlavaConfig",
     "VisionTrimLlavaNextConfig",
     "VisionTrimLlavaNextVideoConfig",
+    "VisionTrimQwen2VLConfig",
+    "VisionTrimQwen2_5_VLConfig",
     "VisionTrimSettings",
     "VisionTrimVideoLlavaConfig",
 ]

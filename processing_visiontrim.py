@@ -13,6 +13,8 @@ from transformers import (
     LlavaNextProcessor,
     LlavaNextVideoProcessor,
     LlavaProcessor,
+    Qwen2_5_VLProcessor,
+    Qwen2VLProcessor,
     VideoLlavaProcessor,
 )
 from transformers.feature_extraction_utils import BatchFeature
@@ -22,16 +24,18 @@ from transformers.image_utils import (
     OPENAI_CLIP_STD,
     PILImageResampling,
 )
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.utils import CONFIG_NAME, cached_file, logging
 from transformers.video_processing_utils import VideoProcessorMixin
-from transformers.video_utils import make_batched_videos
+from transformers.video_utils import VideoMetadata, make_batched_videos
 
 from .configuration_visiontrim import (
     DEFAULT_REDUCTION_RATIO,
     EMPTY_GUIDANCE_RULES,
     check_budgets_agree,
     check_reduction_ratio,
+    qwen_visual_tokens,
     reduction_ratio_for_tokens,
     visual_tokens_per_crop,
 )
@@ -184,6 +188,76 @@ class VisionTrimVideoProcessor(VideoProcessorMixin):
         return BatchFeature({"pixel_values_videos": torch.stack(processed)}, tensor_type=return_tensors)
 
 
+class VisionTrimQwenVideoProcessor(VideoProcessorMixin):
+    r"""
+    Turns sampled video frames into Qwen2-VL / Qwen2.5-VL's packed `pixel_values_videos` `(patches, 3 * 2 * 14 * 14)`
+    and `video_grid_thw` `(videos, 3)`, with Pillow: every frame resized to a multiple of 28 px within `size`
+    (`smart_resize`), normalised, and consecutive frame pairs patched together (the last frame repeated for an odd
+    count), as Transformers' `Qwen2VLVideoProcessor` does with torchvision. It neither decodes nor samples: give each
+    video as its frames, sampled at `fps` frames per second (the M-RoPE time step of Qwen2.5-VL).
+
+    Args:
+        size (`dict`, defaults to `{"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28}`):
+            The fewest and most pixels of a frame.
+        patch_size, temporal_patch_size, merge_size, image_mean, image_std: as in [`Qwen2VLVideoProcessor`].
+        fps (`float`, defaults to 2.0): the rate the frames were sampled at.
+    """
+
+    model_input_names = ["pixel_values_videos", "video_grid_thw"]
+
+    def __init__(
+        self,
+        size: dict[str, int] | None = None,
+        patch_size: int = 14,
+        temporal_patch_size: int = 2,
+        merge_size: int = 2,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        fps: float = 2.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.size = size or {"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28}
+        self.patch_size = patch_size
+        self.temporal_patch_size = temporal_patch_size
+        self.merge_size = merge_size
+        self.image_mean = list(image_mean or OPENAI_CLIP_MEAN)
+        self.image_std = list(image_std or OPENAI_CLIP_STD)
+        self.fps = fps
+
+    def frame_processor(self) -> Qwen2VLImageProcessorPil:
+        """The Pillow Qwen image processor applied to each frame (one frame per temporal patch)."""
+        return Qwen2VLImageProcessorPil(
+            size=self.size,
+            patch_size=self.patch_size,
+            temporal_patch_size=1,
+            merge_size=self.merge_size,
+            image_mean=self.image_mean,
+            image_std=self.image_std,
+        )
+
+    def preprocess(self, videos, return_tensors: str | None = None, **kwargs) -> BatchFeature:
+        """`pixel_values_videos` (all videos' patches, packed), `video_grid_thw` and each video's `video_metadata`."""
+        frame_processor = self.frame_processor()
+        pixels, grids, metadata = [], [], []
+        for video in make_batched_videos(videos):
+            frames = list(video)
+            frames += frames[-1:] * (-len(frames) % self.temporal_patch_size)
+            processed = frame_processor(frames, return_tensors="pt")
+            _, height, width = processed["image_grid_thw"][0].tolist()
+            slices = len(frames) // self.temporal_patch_size
+            patches = processed["pixel_values"].view(slices, self.temporal_patch_size, height * width, 3, -1)
+            pixels.append(patches.permute(0, 2, 3, 1, 4).reshape(slices * height * width, -1))
+            grids.append([slices, height, width])
+            metadata.append(VideoMetadata(total_num_frames=len(video), fps=self.fps))
+        encoding = BatchFeature(
+            {"pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.tensor(grids)},
+            tensor_type=return_tensors,
+        )
+        encoding["video_metadata"] = metadata
+        return encoding
+
+
 class VideoProcessorCheckMixin:
     """
     Checks a processor's `video_processor` against `VideoProcessorMixin` directly: Transformers' own check looks it up
@@ -220,6 +294,9 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
     the guidance of the prompt it belongs to. A processor's `__init__` sets the guidance tokenizer, calls the stock
     `__init__` with its own arguments, then sets the budget.
     """
+
+    # Whether the guidance keeps its tokenizer's special tokens (CLIP's BOS and EOS: the text tower expects them).
+    guidance_special_tokens = True
 
     def set_guidance_tokenizer(self, guidance_tokenizer, guidance_max_length: int, empty_guidance: str) -> None:
         """
@@ -309,10 +386,14 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
             media.append(("pixel_values_videos", self.video_token, "video_guidance"))
         for pixels_name, token, input_name in media:
             if pixels_name in encoding:
-                rows = self.guidance_rows(prompts, guidance_text, token, len(encoding[pixels_name]))
+                rows = self.guidance_rows(prompts, guidance_text, token, self.num_media(encoding, pixels_name))
                 self.check_empty_guidance(rows, token)
                 encoding.update(self.tokenize_guidance(rows, input_name, return_tensors))
         return encoding
+
+    def num_media(self, encoding: BatchFeature, pixels_name: str) -> int:
+        """How many images (videos) `encoding[pixels_name]` holds: one entry each."""
+        return len(encoding[pixels_name])
 
     def guidance_rows(
         self, prompts: list[str], guidance_text: list[str] | None, token: str, num_items: int
@@ -354,7 +435,8 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
         `{input_name}_input_ids` / `{input_name}_attention_mask` of `rows`; an empty row gets an all-zero mask. A row
         longer than `guidance_max_length` CLIP tokens (the text tower's positions) keeps its start, with a warning.
         """
-        guidance = self.guidance_tokenizer(rows, padding="longest", padding_side="right")
+        special = {"add_special_tokens": self.guidance_special_tokens}
+        guidance = self.guidance_tokenizer(rows, padding="longest", padding_side="right", **special)
         if len(guidance["input_ids"][0]) > self.guidance_max_length:
             logger.warning_once(
                 f"A guidance text is longer than {self.guidance_max_length} CLIP tokens, the CLIP text tower's "
@@ -362,7 +444,12 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
                 "`guidance_text=`."
             )
             guidance = self.guidance_tokenizer(
-                rows, padding="longest", truncation=True, max_length=self.guidance_max_length, padding_side="right"
+                rows,
+                padding="longest",
+                truncation=True,
+                max_length=self.guidance_max_length,
+                padding_side="right",
+                **special,
             )
         masks = [
             mask if row.strip() else [0] * len(mask)
@@ -650,22 +737,163 @@ class VisionTrimLlavaNextVideoProcessor(AnyresProcessingMixin, LlavaNextVideoPro
         self.set_budget(reduction_ratio, visual_tokens)
 
 
+class QwenProcessingMixin(GuidanceProcessingMixin):
+    """
+    What VisionTrim processors add to the stock Qwen2-VL / Qwen2.5-VL ones: an image of `N` merged tokens (from
+    `image_grid_thw`) gets `max(1, round(N * (1 - reduction_ratio)))` placeholders, a video that many per temporal
+    slice, and each image (video) the question of its prompt as `guidance_input_ids` / `guidance_attention_mask`
+    (`video_guidance_*`): the text of the last user turn, tokenised by the LLM's own tokenizer without special
+    tokens, which the model embeds with the LLM's input embeddings.
+    """
+
+    guidance_special_tokens = False
+
+    def set_qwen_guidance(self, reduction_ratio: float, guidance_max_length: int, empty_guidance: str) -> None:
+        """Sets the budget and the guidance settings, refusing invalid values with the field's name."""
+        if empty_guidance not in EMPTY_GUIDANCE_RULES:
+            raise ValueError(
+                f"{type(self).__name__}.empty_guidance must be one of {EMPTY_GUIDANCE_RULES}, got {empty_guidance!r}."
+            )
+        if isinstance(reduction_ratio, bool) or not isinstance(reduction_ratio, (int, float)):
+            raise ValueError(
+                f"{type(self).__name__}.reduction_ratio must be a number in [0, 1), got {reduction_ratio!r}."
+            )
+        if not 0 <= reduction_ratio < 1:
+            raise ValueError(
+                f"{type(self).__name__}.reduction_ratio must be in [0, 1) (the share of each image's merged tokens "
+                f"removed; 0 switches compression off), got {reduction_ratio}."
+            )
+        self.reduction_ratio = reduction_ratio
+        self.guidance_max_length = guidance_max_length
+        self.empty_guidance = empty_guidance
+
+    @property
+    def guidance_tokenizer(self):
+        """The guidance is tokenised by the LLM's tokenizer: the model embeds it with the LLM's input embeddings."""
+        return self.tokenizer
+
+    @property
+    def media_tokens(self) -> tuple[str, ...]:
+        """The markers removed from a prompt's question: the placeholders and the vision start and end tokens."""
+        return (self.image_token, self.video_token, "<|vision_start|>", "<|vision_end|>")
+
+    @property
+    def model_input_names(self) -> list[str]:
+        names = super(GuidanceProcessingMixin, self).model_input_names
+        return names + [
+            "guidance_input_ids",
+            "guidance_attention_mask",
+            "video_guidance_input_ids",
+            "video_guidance_attention_mask",
+        ]
+
+    def num_media(self, encoding: BatchFeature, pixels_name: str) -> int:
+        """Images (videos) are packed patches: one `*_grid_thw` row each."""
+        return len(encoding["image_grid_thw" if pixels_name == "pixel_values" else "video_grid_thw"])
+
+    def kept_tokens(self, grid_thw, merge_size: int) -> int:
+        """Placeholders of an image or video of `grid_thw` (t, h, w) patches: the kept tokens of its `t` slices."""
+        frames, height, width = (int(value) for value in grid_thw)
+        return frames * qwen_visual_tokens(height * width // merge_size**2, self.reduction_ratio)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        if self.reduction_ratio == 0:
+            return super().replace_image_token(image_inputs, image_idx, **kwargs)
+        grid = image_inputs["image_grid_thw"][image_idx]
+        return self.image_token * self.kept_tokens(grid, self.image_processor.merge_size)
+
+    def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
+        if self.reduction_ratio == 0:
+            return super().replace_video_token(video_inputs, video_idx, **kwargs)
+        grid = video_inputs["video_grid_thw"][video_idx]
+        return self.video_token * self.kept_tokens(grid, self.video_processor.merge_size)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs) -> MultiModalData:
+        multimodal_data = super()._get_num_multimodal_tokens(
+            image_sizes=image_sizes, video_sizes=video_sizes, **kwargs
+        )
+        if image_sizes is not None and self.reduction_ratio > 0:
+            merge_size = self.image_processor.merge_size
+            multimodal_data.num_image_tokens = [
+                qwen_visual_tokens(patches // merge_size**2, self.reduction_ratio)
+                for patches in multimodal_data.num_image_patches
+            ]
+        return multimodal_data
+
+
+class VisionTrimQwen2_5_VLProcessor(QwenProcessingMixin, Qwen2_5_VLProcessor):
+    r"""
+    A Qwen2.5-VL processor for VisionTrim models: each image becomes `max(1, round(N * (1 - reduction_ratio)))`
+    `<|image_pad|>` placeholders (`N` merged tokens, from `image_grid_thw`), each video that many per temporal slice,
+    and the question of each prompt guides its images and videos (`guidance_input_ids` / `guidance_attention_mask`,
+    `video_guidance_*`, one row per image or video, in the LLM's vocabulary).
+
+    Args:
+        image_processor, tokenizer, video_processor, chat_template: as in [`Qwen2_5_VLProcessor`].
+        reduction_ratio (`float`, defaults to `1 - 64/576`):
+            Must equal the model's `config.reduction_ratio`; 0 emits every merged token, like stock Qwen2.5-VL.
+        guidance_max_length (`int`, defaults to 512):
+            Guidance texts are truncated to this many tokens.
+        empty_guidance (`str`, defaults to `"cls_similarity"`):
+            The model's `config.empty_guidance`: with `"error"`, an image-only prompt is refused here.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        video_processor=None,
+        chat_template=None,
+        reduction_ratio=DEFAULT_REDUCTION_RATIO,
+        guidance_max_length=512,
+        empty_guidance="cls_similarity",
+        **kwargs,
+    ):
+        self.set_qwen_guidance(reduction_ratio, guidance_max_length, empty_guidance)
+        super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs)
+
+
+class VisionTrimQwen2VLProcessor(QwenProcessingMixin, Qwen2VLProcessor):
+    r"""A Qwen2-VL processor for VisionTrim models, as [`VisionTrimQwen2_5_VLProcessor`]."""
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        video_processor=None,
+        chat_template=None,
+        reduction_ratio=DEFAULT_REDUCTION_RATIO,
+        guidance_max_length=512,
+        empty_guidance="cls_similarity",
+        **kwargs,
+    ):
+        self.set_qwen_guidance(reduction_ratio, guidance_max_length, empty_guidance)
+        super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs)
+
+
 for processor_class in (
     VisionTrimProcessor,
     VisionTrimLlavaNextProcessor,
     VisionTrimVideoLlavaProcessor,
     VisionTrimLlavaNextVideoProcessor,
+    VisionTrimQwen2_5_VLProcessor,
+    VisionTrimQwen2VLProcessor,
 ):
     processor_class.register_for_auto_class("AutoProcessor")
 VisionTrimVideoProcessor.register_for_auto_class("AutoVideoProcessor")
+VisionTrimQwenVideoProcessor.register_for_auto_class("AutoVideoProcessor")
 
 __all__ = [
     "AnyresProcessingMixin",
     "GuidanceProcessingMixin",
     "GuidanceTokenizerAttribute",
+    "QwenProcessingMixin",
     "VisionTrimLlavaNextProcessor",
     "VisionTrimLlavaNextVideoProcessor",
     "VisionTrimProcessor",
+    "VisionTrimQwen2VLProcessor",
+    "VisionTrimQwen2_5_VLProcessor",
+    "VisionTrimQwenVideoProcessor",
     "VisionTrimVideoLlavaProcessor",
     "VisionTrimVideoProcessor",
     "VideoProcessorCheckMixin",

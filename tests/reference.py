@@ -4,11 +4,15 @@ import torch
 import torch.nn.functional as F
 
 
-def slow_local_token_affinity(features: torch.Tensor, grid_size: int) -> torch.Tensor:
-    """LTAM for one crop `(N, C)`, one patch and one 3x3 window slot at a time."""
-    num_patches = grid_size * grid_size
+def slow_local_token_affinity(features: torch.Tensor, grid_size: int, width: int | None = None) -> torch.Tensor:
+    """
+    LTAM for one crop `(N, C)` on a `grid_size x grid_size` grid (`grid_size x width` when `width` is given), one
+    patch and one 3x3 window slot at a time.
+    """
+    height, width = grid_size, width or grid_size
+    num_patches = height * width
     feature_variance = features.var()
-    coordinates = [divmod(index, grid_size) for index in range(num_patches)]
+    coordinates = [divmod(index, width) for index in range(num_patches)]
     position_variance = torch.tensor(
         [r for r, _ in coordinates] + [c for _, c in coordinates], dtype=torch.float64
     ).var()
@@ -19,9 +23,9 @@ def slow_local_token_affinity(features: torch.Tensor, grid_size: int) -> torch.T
         for row_offset in (-1, 0, 1):
             for col_offset in (-1, 0, 1):
                 other_row, other_col = row + row_offset, col + col_offset
-                if not (0 <= other_row < grid_size and 0 <= other_col < grid_size):
+                if not (0 <= other_row < height and 0 <= other_col < width):
                     continue  # outside the grid: the slot adds 0
-                other = other_row * grid_size + other_col
+                other = other_row * width + other_col
                 feature_distance = ((features[index] - features[other]) ** 2).sum() / (1.0 * feature_variance)
                 position_distance = (row_offset**2 + col_offset**2) / (1.0 * position_variance)
                 total += -feature_distance + 0.5 * -position_distance

@@ -39,15 +39,39 @@ def config_with(**settings) -> VisionTrimLlavaConfig:
 def test_ltam_window_matches_slow_loop_borders_included(grid_size):
     generator = torch.Generator().manual_seed(grid_size)
     features = torch.randn(2, grid_size * grid_size, 8, generator=generator) * torch.tensor([1.0, 3.0]).view(2, 1, 1)
-    fast = local_token_affinity(features, grid_size)
+    fast = local_token_affinity(features.view(2, grid_size, grid_size, 8)).flatten(1)
     for crop in range(2):
         torch.testing.assert_close(
             fast[crop].double(), slow_local_token_affinity(features[crop].double(), grid_size), rtol=1e-5, atol=1e-6
         )
 
 
+def test_ltam_of_rectangular_grids_padded_to_one_shape_matches_slow_loop():
+    """Grids of different sizes (Qwen's images) padded into one batch give each grid's own LTAM, 0 on padding."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(2, 7), (5, 3), (1, 1), (4, 4)]
+    grid = torch.randn(len(sizes), 5, 7, 6, generator=generator)
+    valid = torch.zeros(len(sizes), 5, 7, dtype=torch.bool)
+    for index, (height, width) in enumerate(sizes):
+        valid[index, :height, :width] = True
+    grid = grid.masked_fill(~valid.unsqueeze(-1), 1e4)  # padding holds garbage: it must not count
+    affinity = local_token_affinity(grid, valid)
+    assert (affinity[~valid] == 0).all()
+    for index, (height, width) in enumerate(sizes):
+        features = grid[index, :height, :width].reshape(height * width, 6).double()
+        if height * width == 1:
+            assert affinity[index, 0, 0] == 0  # one token: every distance is 0
+            continue
+        torch.testing.assert_close(
+            affinity[index, :height, :width].flatten().double(),
+            slow_local_token_affinity(features, height, width),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
 def test_ltam_of_uniform_features_ranks_corners_then_edges_then_interior():
-    affinity = local_token_affinity(torch.ones(1, 16, 4), 4)[0]
+    affinity = local_token_affinity(torch.ones(1, 4, 4, 4)).flatten()
     corners, edges, interior = [0, 3, 12, 15], [1, 2, 4, 7, 8, 11, 13, 14], [5, 6, 9, 10]
     # With equal features only the position term counts, and slots outside the grid add nothing.
     assert torch.allclose(affinity[corners], affinity[0]) and torch.allclose(affinity[interior], affinity[5])
