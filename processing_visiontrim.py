@@ -798,18 +798,18 @@ class QwenProcessingMixin(GuidanceProcessingMixin):
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         if self.reduction_ratio == 0:
-            return super().replace_image_token(image_inputs, image_idx, **kwargs)
+            return super(GuidanceProcessingMixin, self).replace_image_token(image_inputs, image_idx, **kwargs)
         grid = image_inputs["image_grid_thw"][image_idx]
         return self.image_token * self.kept_tokens(grid, self.image_processor.merge_size)
 
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
         if self.reduction_ratio == 0:
-            return super().replace_video_token(video_inputs, video_idx, **kwargs)
+            return super(GuidanceProcessingMixin, self).replace_video_token(video_inputs, video_idx, **kwargs)
         grid = video_inputs["video_grid_thw"][video_idx]
         return self.video_token * self.kept_tokens(grid, self.video_processor.merge_size)
 
     def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs) -> MultiModalData:
-        multimodal_data = super()._get_num_multimodal_tokens(
+        multimodal_data = super(GuidanceProcessingMixin, self)._get_num_multimodal_tokens(
             image_sizes=image_sizes, video_sizes=video_sizes, **kwargs
         )
         if image_sizes is not None and self.reduction_ratio > 0:

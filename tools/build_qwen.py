@@ -146,7 +146,7 @@ def build_qwen_config(
     else:
         vision |= {
             "embed_dim": shapes.vision_hidden,
-            "mlp_ratio": shapes.vision_intermediate / shapes.vision_hidden,
+            "mlp_ratio": shapes.vision_intermediate // shapes.vision_hidden,
             "hidden_size": shapes.llm_hidden,
         }
     head_dim = shapes.llm_hidden // shapes.llm_heads

@@ -1,0 +1,230 @@
+"""VisionTrim Qwen2.5-VL and Qwen2-VL: stock equality when off, budgets, M-RoPE positions, batching, remote loading."""
+
+import numpy
+import pytest
+import torch
+from PIL import Image
+
+from visiontrim.configuration_visiontrim import qwen_visual_tokens
+from visiontrim.tools.build_qwen import (
+    QwenShapes,
+    build_qwen_config,
+    build_qwen_model,
+    build_qwen_processor,
+    stock_qwen_with_same_weights,
+)
+
+from helpers import load_remote
+
+
+ARCHITECTURES = ("qwen2.5-vl", "qwen2-vl")
+QUESTIONS = ("What animal is in the picture?", "Is there a cup of coffee on the table?")
+
+
+def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
+    generator = numpy.random.default_rng(seed)
+    return Image.fromarray(generator.integers(0, 256, (height, width, 3), dtype=numpy.uint8))
+
+
+def chat_prompt(processor, question: str, media: str = "image") -> str:
+    messages = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def two_image_batch(processor):
+    """Two images of different sizes with different questions: the shorter prompt is left-padded."""
+    images = [random_image(224, 336, seed=1), random_image(140, 112, seed=2)]
+    prompts = [chat_prompt(processor, question) for question in QUESTIONS]
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def arch(request):
+    return request.param
+
+
+def model_and_processor(arch: str, **compression):
+    config = build_qwen_config(arch, **compression)
+    return build_qwen_model(config), build_qwen_processor(config)
+
+
+@torch.no_grad()
+def test_compression_off_equals_stock_logits_and_generations(arch):
+    model, processor = model_and_processor(arch, reduction_ratio=0.0)
+    stock = stock_qwen_with_same_weights(model)
+    inputs = two_image_batch(processor)
+    assert inputs["attention_mask"][1, 0] == 0  # left padding
+    logits = model(**inputs).logits
+    stock_inputs = {key: value for key, value in inputs.items() if not key.startswith("guidance")}
+    torch.testing.assert_close(logits, stock(**stock_inputs).logits, rtol=0, atol=1e-5)
+    generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(generated, stock.generate(**stock_inputs, max_new_tokens=6, do_sample=False))
+
+
+@torch.no_grad()
+def test_kept_tokens_hold_their_stock_positions_and_text_continues(arch):
+    model, processor = model_and_processor(arch, reduction_ratio=0.75)
+    inputs = two_image_batch(processor)
+    encoded = model.model.get_image_features(
+        inputs["pixel_values"],
+        inputs["image_grid_thw"],
+        inputs["guidance_input_ids"],
+        inputs["guidance_attention_mask"],
+    )
+    positions, deltas = model.model.get_rope_index(
+        inputs["input_ids"],
+        inputs["mm_token_type_ids"],
+        inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"],
+        mm_encoder_outputs={"image": encoded},
+    )
+    stock = stock_qwen_with_same_weights(build_qwen_model(build_qwen_config(arch, reduction_ratio=0.0)))
+    stock_processor = build_qwen_processor(build_qwen_config(arch, reduction_ratio=0.0))
+    full = two_image_batch(stock_processor)
+    stock_positions, stock_deltas = stock.model.get_rope_index(
+        full["input_ids"], full["mm_token_type_ids"], full["image_grid_thw"], attention_mask=full["attention_mask"]
+    )
+    for row, kept_units in enumerate(encoded.kept_units):
+        grid = inputs["image_grid_thw"][row]
+        assert len(kept_units) == qwen_visual_tokens(int(grid.prod()) // 4, 0.75)
+        image = inputs["input_ids"][row] == model.config.image_token_id
+        full_image = full["input_ids"][row] == model.config.image_token_id
+        torch.testing.assert_close(positions[:, row, image], stock_positions[:, row, full_image][:, kept_units])
+        # The text after the image, and the next generated position, continue as after the whole image.
+        after = positions[:, row, -3:]
+        torch.testing.assert_close(after, stock_positions[:, row, -3:])
+        next_position = inputs["attention_mask"][row].sum() + deltas[row]
+        assert next_position == full["attention_mask"][row].sum() + stock_deltas[row]
+
+
+@torch.no_grad()
+def test_batch_equals_one_by_one_and_cache_equals_recompute(arch):
+    model, processor = model_and_processor(arch, reduction_ratio=0.8)
+    inputs = two_image_batch(processor)
+    batched = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    new_tokens = batched[:, inputs["input_ids"].shape[1] :]
+    uncached = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(new_tokens, uncached[:, inputs["input_ids"].shape[1] :])
+    images = [random_image(224, 336, seed=1), random_image(140, 112, seed=2)]
+    for row, (image, question) in enumerate(zip(images, QUESTIONS, strict=True)):
+        single = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt")
+        alone = model.generate(**single, max_new_tokens=5, do_sample=False)
+        assert torch.equal(alone[0, single["input_ids"].shape[1] :], new_tokens[row])
+
+
+@pytest.mark.parametrize(
+    "size", [(28, 28), (56, 56), (28, 1400), (1400, 28), (37, 1001), (224, 336), (480, 640), (1000, 999)]
+)
+@pytest.mark.parametrize("ratio", [0.5, 0.889, 0.99])
+def test_processor_placeholders_equal_the_tokens_the_model_keeps(size, ratio):
+    config = build_qwen_config("qwen2.5-vl", reduction_ratio=ratio)
+    model, processor = build_qwen_model(config), build_qwen_processor(config, min_pixels=28 * 28)
+    inputs = processor(images=[random_image(*size)], text=[chat_prompt(processor, "What is it?")], return_tensors="pt")
+    units = int(inputs["image_grid_thw"].prod()) // 4
+    expected = max(1, round(units * (1 - ratio)))
+    placeholders = int((inputs["input_ids"] == config.image_token_id).sum())
+    assert placeholders == expected
+    with torch.no_grad():
+        features = model.model.get_image_features(
+            inputs["pixel_values"],
+            inputs["image_grid_thw"],
+            inputs["guidance_input_ids"],
+            inputs["guidance_attention_mask"],
+        )
+    assert features.pooler_output[0].shape == (expected, config.text_config.hidden_size)
+    dominant, complement = config.kept_tokens(units)
+    assert (len(features.dominant_units), len(features.complement_seed_units)) == (dominant, complement)
+    kept = features.kept_units[0]
+    assert len(set(kept.tolist())) == expected and int(kept.max()) < units
+    assert processor._get_num_multimodal_tokens(image_sizes=[size]).num_image_tokens == [expected]
+
+
+@torch.no_grad()
+def test_window_order_is_undone_before_scoring():
+    """With every block attending fully, Qwen2.5-VL's window reordering changes nothing: nor may it change DVTS."""
+    shapes = QwenShapes(vision_layers=2, full_attention_blocks=[0, 1])
+    config = build_qwen_config("qwen2.5-vl", shapes=shapes, reduction_ratio=0.75, dominant_ratio=1.0)
+    model, processor = build_qwen_model(config), build_qwen_processor(config)
+    inputs = processor(images=[random_image(448, 336)], text=[chat_prompt(processor, "What?")], return_tensors="pt")
+    windowed = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    model.model.visual.window_size = 14 * 2 * 1000  # one window: no reordering
+    unwindowed = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    assert torch.equal(windowed.dominant_units, unwindowed.dominant_units)
+    torch.testing.assert_close(windowed.pooler_output[0], unwindowed.pooler_output[0], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_video_keeps_the_budget_per_temporal_slice():
+    config = build_qwen_config("qwen2.5-vl", reduction_ratio=0.75)
+    model, processor = build_qwen_model(config), build_qwen_processor(config)
+    frames = numpy.stack([numpy.asarray(random_image(112, 168, seed=seed)) for seed in range(5)])
+    inputs = processor(videos=[frames], text=[chat_prompt(processor, "What happens?", "video")], return_tensors="pt")
+    slices, height, width = inputs["video_grid_thw"][0].tolist()
+    assert slices == 3  # 5 frames, the last repeated: 3 pairs
+    per_slice = qwen_visual_tokens(height * width // 4, 0.75)
+    assert int((inputs["input_ids"] == config.video_token_id).sum()) == slices * per_slice
+    features = model.model.get_video_features(
+        inputs["pixel_values_videos"],
+        inputs["video_grid_thw"],
+        inputs["video_guidance_input_ids"],
+        inputs["video_guidance_attention_mask"],
+    )
+    kept = features.kept_units[0]
+    slice_of_token = kept // (height * width // 4)
+    assert torch.equal(slice_of_token, torch.arange(slices).repeat_interleave(per_slice))
+    logits = model(**inputs).logits
+    assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
+
+
+def test_saved_folder_loads_through_remote_code_and_generates_the_same(tmp_path):
+    config = build_qwen_config("qwen2.5-vl", reduction_ratio=0.8, merge_iterations=2)
+    model, processor = build_qwen_model(config), build_qwen_processor(config)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_remote(tmp_path)
+    assert type(loaded).__name__ == "VisionTrimQwen2_5_VLForConditionalGeneration"
+    assert type(loaded_processor).__name__ == "VisionTrimQwen2_5_VLProcessor"
+    assert (loaded.config.reduction_ratio, loaded_processor.reduction_ratio) == (0.8, 0.8)
+    inputs = two_image_batch(processor)
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert torch.equal(
+            loaded.generate(**two_image_batch(loaded_processor), max_new_tokens=4, do_sample=False), expected
+        )
+
+
+def test_pipeline_answers_a_chat_with_an_image(tmp_path):
+    from transformers import pipeline
+
+    config = build_qwen_config("qwen2-vl", reduction_ratio=0.75)
+    build_qwen_model(config).save_pretrained(tmp_path)
+    build_qwen_processor(config).save_pretrained(tmp_path)
+    answer = pipeline("image-text-to-text", model=str(tmp_path), trust_remote_code=True)(
+        text=[
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": random_image(112, 112)}, {"type": "text", "text": "What?"}],
+            }
+        ],
+        max_new_tokens=3,
+        do_sample=False,
+    )
+    assert isinstance(answer[0]["generated_text"], list)
+
+
+def test_errors_say_what_to_change():
+    with pytest.raises(ValueError, match="window-attention block"):
+        build_qwen_config("qwen2.5-vl", dvts_layer=0)
+    with pytest.raises(ValueError, match="reduction_ratio"):
+        build_qwen_config("qwen2.5-vl", reduction_ratio=1.0)
+    with pytest.raises(ValueError, match="set reduction_ratio"):
+        build_qwen_config("qwen2.5-vl", visual_tokens=64)
+    model, processor = model_and_processor("qwen2.5-vl", reduction_ratio=0.75)
+    other = build_qwen_processor(build_qwen_config("qwen2.5-vl", reduction_ratio=0.5))
+    inputs = two_image_batch(other)
+    with pytest.raises(ValueError, match="reduction_ratio=0.75"), torch.no_grad():
+        model(**inputs)
+    inputs = two_image_batch(processor)
+    del inputs["guidance_input_ids"]
+    with pytest.raises(ValueError, match="guidance_input_ids"), torch.no_grad():
+        model(**inputs)
