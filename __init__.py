@@ -1,6 +1,7 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-VisionTrim: training-free vision token compression (DVTS + TGVC) for LLaVA models in Hugging Face Transformers.
+VisionTrim: training-free vision token compression (DVTS + TGVC) for LLaVA and Qwen2-VL / Qwen2.5-VL models in
+Hugging Face Transformers.
 
 The public classes are imported on first use, as Transformers does with its own: `import visiontrim` alone imports no
 model code, so the vLLM plugin (`visiontrim.serving`) can use the configuration, processing and compression modules
@@ -19,6 +20,8 @@ _EXPORTS = {
         "VisionTrimLlavaConfig",
         "VisionTrimLlavaNextConfig",
         "VisionTrimLlavaNextVideoConfig",
+        "VisionTrimQwen2VLConfig",
+        "VisionTrimQwen2_5_VLConfig",
         "VisionTrimSettings",
         "VisionTrimVideoLlavaConfig",
     ),
@@ -32,10 +35,19 @@ _EXPORTS = {
         "VisionTrimVideoLlavaForConditionalGeneration",
         "VisionTrimVideoLlavaModel",
     ),
+    "modeling_visiontrim_qwen2_vl": (
+        "VisionTrimQwen2VLForConditionalGeneration",
+        "VisionTrimQwen2VLModel",
+        "VisionTrimQwen2_5_VLForConditionalGeneration",
+        "VisionTrimQwen2_5_VLModel",
+    ),
     "processing_visiontrim": (
         "VisionTrimLlavaNextProcessor",
         "VisionTrimLlavaNextVideoProcessor",
         "VisionTrimProcessor",
+        "VisionTrimQwen2VLProcessor",
+        "VisionTrimQwen2_5_VLProcessor",
+        "VisionTrimQwenVideoProcessor",
         "VisionTrimVideoLlavaProcessor",
         "VisionTrimVideoProcessor",
     ),

@@ -26,6 +26,7 @@ import shutil
 import string
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
@@ -64,6 +65,11 @@ from visiontrim import (
     VisionTrimLlavaNextVideoForConditionalGeneration,
     VisionTrimLlavaNextVideoProcessor,
     VisionTrimProcessor,
+    VisionTrimQwen2_5_VLForConditionalGeneration,
+    VisionTrimQwen2_5_VLProcessor,
+    VisionTrimQwen2VLForConditionalGeneration,
+    VisionTrimQwen2VLProcessor,
+    VisionTrimQwenVideoProcessor,
     VisionTrimSettings,
     VisionTrimVideoLlavaConfig,
     VisionTrimVideoLlavaForConditionalGeneration,
@@ -706,6 +712,8 @@ def convert(args: argparse.Namespace) -> Path:
     if args.dvts_ratio is not None:
         budget["dominant_ratio"] = args.dvts_ratio
 
+    if args.clip is None:
+        raise ConversionError("--clip is required with --llava: the CLIP model whose text tower guides TGVC.")
     llava_folder, clip_folder = resolve(args.llava), resolve(args.clip)
     llava_config = json.loads((llava_folder / "config.json").read_text())
     arch = infer_arch(llava_config, args.arch, args.llava)
@@ -733,17 +741,39 @@ def convert(args: argparse.Namespace) -> Path:
     processor = build_processor(llava, clip, config)
     revision = f"visiontrim-{__version__}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
 
-    # Written beside the output and moved into place only when complete: a failure leaves nothing behind.
+    def card(weight_checksums: dict[str, str]) -> str:
+        return render_card(
+            llava,
+            clip,
+            config,
+            provenance,
+            revision,
+            args.license or "llama2",
+            args.push_to_hub,
+            image_clip,
+            weight_checksums,
+        )
+
+    write_repository(output, model, processor, card, args, revision)
+    logger.info("%s", provenance)
+    return output
+
+
+def write_repository(
+    output: Path, model: PreTrainedModel, processor, card: Callable[[dict[str, str]], str], args, revision: str
+) -> None:
+    """
+    Saves `model`, `processor`, the model card (`card(weight_checksums)`) and the checksum manifest to `output`,
+    written beside it and moved into place only when complete (a failure leaves nothing behind); then uploads the
+    folder with `--push-to-hub`.
+    """
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}-"))
     try:
         model.save_pretrained(staging, max_shard_size=args.max_shard_size)
         processor.save_pretrained(staging)
         weight_checksums = folder_checksums(staging, "*.safetensors")
-        card = render_card(
-            llava, clip, config, provenance, revision, args.license, args.push_to_hub, image_clip, weight_checksums
-        )
-        (staging / "README.md").write_text(card)
+        (staging / "README.md").write_text(card(weight_checksums))
         write_manifest(staging, known=weight_checksums)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -751,27 +781,111 @@ def convert(args: argparse.Namespace) -> Path:
     if output.exists():
         shutil.rmtree(output)
     staging.rename(output)
-    logger.info("%s", provenance)
-    logger.info("VisionTrim %s repository written to %s", config.model_type, output)
+    logger.info("VisionTrim %s repository written to %s", model.config.model_type, output)
     if args.push_to_hub:
         commit = push_to_hub(output, args.push_to_hub, args.private, revision)
         logger.info("Uploaded to %s as commit %s, tagged %s", args.push_to_hub, commit, revision)
+
+
+QWEN_ARCHITECTURE_CLASSES = {
+    "qwen2.5-vl": (
+        "qwen2_5_vl",
+        "Qwen2.5-VL",
+        VisionTrimQwen2_5_VLForConditionalGeneration,
+        VisionTrimQwen2_5_VLProcessor,
+    ),
+    "qwen2-vl": ("qwen2_vl", "Qwen2-VL", VisionTrimQwen2VLForConditionalGeneration, VisionTrimQwen2VLProcessor),
+}
+QWEN_CARD_TEMPLATE = "model_card_qwen.md"
+
+
+def convert_qwen(args: argparse.Namespace) -> Path:
+    """
+    Converts a Qwen2.5-VL or Qwen2-VL folder (Hub layout): the weights are the model's own (VisionTrim adds none),
+    the config gains the VisionTrim settings, and the processor counts the kept tokens.
+    """
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise ConversionError(f"{output} exists and is not empty: choose another --output or pass --overwrite.")
+    if args.clip is not None or args.image_clip is not None or args.tokens is not None:
+        raise ConversionError(
+            "Qwen models need no CLIP model (TGVC compares the question's own LLM embeddings) and take their budget "
+            "as --reduction-ratio (images have any size): drop --clip, --image-clip and --tokens."
+        )
+    folder = resolve(args.qwen)
+    source_config = json.loads((folder / "config.json").read_text())
+    arch = next(
+        (name for name, classes in QWEN_ARCHITECTURE_CLASSES.items() if classes[0] == source_config.get("model_type")),
+        None,
+    )
+    if arch is None or (args.arch is not None and args.arch != arch):
+        raise ConversionError(
+            f"{args.qwen} is a {source_config.get('model_type')!r} checkpoint, not "
+            f"{args.arch or 'a Qwen2.5-VL (qwen2_5_vl) or Qwen2-VL (qwen2_vl)'} one: check --qwen and --arch."
+        )
+    _, name, model_class, processor_class = QWEN_ARCHITECTURE_CLASSES[arch]
+    settings = {"reduction_ratio": args.reduction_ratio, "dominant_ratio": args.dvts_ratio}
+    settings = {key: value for key, value in settings.items() if value is not None}
+    try:
+        stock_fields = {key: value for key, value in source_config.items() if key not in ("model_type", "auto_map")}
+        config = model_class.config_class.from_dict({**stock_fields, **settings})
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else "auto"
+    model = model_class.from_pretrained(folder, config=config, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    video_config = folder / "video_preprocessor_config.json"
+    video_size = json.loads(video_config.read_text()).get("size") if video_config.exists() else None
+    processor = processor_class(
+        image_processor=AutoImageProcessor.from_pretrained(folder),
+        tokenizer=tokenizer,
+        video_processor=VisionTrimQwenVideoProcessor(size=video_size),
+        chat_template=read_chat_template(folder, tokenizer),
+        reduction_ratio=config.reduction_ratio,
+        empty_guidance=config.empty_guidance,
+    )
+    revision = f"visiontrim-{__version__}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+
+    def card(weight_checksums: dict[str, str]) -> str:
+        template = string.Template((resources.files("visiontrim") / "hub_cards" / QWEN_CARD_TEMPLATE).read_text())
+        hub_base = is_hub_id(args.qwen)
+        return template.substitute(
+            license=args.license or "apache-2.0",
+            base_model_metadata=f"base_model: {args.qwen}\n" if hub_base else "",
+            architecture=name,
+            base_model=args.qwen,
+            base_model_link=f"[{args.qwen}](https://huggingface.co/{args.qwen})" if hub_base else f"`{args.qwen}`",
+            kept_percent=f"{100 * (1 - config.reduction_ratio):.1f}",
+            reduction_ratio=f"{config.reduction_ratio:.6f}",
+            dominant_ratio=config.dominant_ratio,
+            example_budget=config.kept_tokens(972),
+            visiontrim_version=__version__,
+            repo_id=args.push_to_hub or "path/to/this/folder",
+            revision=revision,
+            checksums="\n".join(f"| `{file}` | `{digest}` |" for file, digest in weight_checksums.items()),
+        )
+
+    write_repository(output, model, processor, card, args, revision)
     return output
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="visiontrim-convert", description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--llava",
         type=folder_or_hub_id,
-        required=True,
         help="LLaVA checkpoint: local folder or Hub id (llava-hf or original layout)",
+    )
+    source.add_argument(
+        "--qwen",
+        type=folder_or_hub_id,
+        help="Qwen2.5-VL or Qwen2-VL checkpoint: local folder or Hub id, e.g. Qwen/Qwen2.5-VL-7B-Instruct",
     )
     parser.add_argument(
         "--clip",
         type=folder_or_hub_id,
-        required=True,
-        help="CLIP model of its vision tower, e.g. openai/clip-vit-large-patch14-336",
+        help="LLaVA only (required there): CLIP model of its vision tower, e.g. openai/clip-vit-large-patch14-336",
     )
     parser.add_argument(
         "--image-clip",
@@ -779,7 +893,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         help="Video-LLaVA only: CLIP model of the image tower (default: --clip), for its projection",
     )
     parser.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
-    parser.add_argument("--arch", choices=ARCHITECTURES, help="checked against the checkpoint (default: inferred)")
+    parser.add_argument(
+        "--arch",
+        choices=(*ARCHITECTURES, *QWEN_ARCHITECTURE_CLASSES),
+        help="checked against the checkpoint (default: inferred)",
+    )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument(
         "--reduction-ratio", type=float, help="share of each crop's (or frame's) tokens removed (default 0.889)"
@@ -795,7 +913,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         help="stored precision (default auto: the LLaVA checkpoint's own, so nothing is rounded)",
     )
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
-    parser.add_argument("--license", default="llama2", help="license tag of the model card (default llama2)")
+    parser.add_argument(
+        "--license", help="license tag of the model card (default: llama2 for LLaVA, apache-2.0 for Qwen)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder as one commit and tag it")
     parser.add_argument("--private", action="store_true", help="create the Hub repository private")
@@ -805,7 +925,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        convert(parse_arguments(argv))
+        args = parse_arguments(argv)
+        convert_qwen(args) if args.qwen is not None else convert(args)
     except ConversionError as error:
         logger.error("conversion refused: %s", error)
         sys.exit(2)

@@ -228,3 +228,27 @@ def test_errors_say_what_to_change():
     del inputs["guidance_input_ids"]
     with pytest.raises(ValueError, match="guidance_input_ids"), torch.no_grad():
         model(**inputs)
+
+
+def test_converter_turns_a_qwen_folder_into_a_visiontrim_one(tmp_path):
+    from visiontrim.convert_checkpoint import main
+
+    model, processor = model_and_processor("qwen2.5-vl", reduction_ratio=0.0)
+    source = tmp_path / "qwen"
+    stock_qwen_with_same_weights(model).save_pretrained(source)
+    processor.image_processor.save_pretrained(source)
+    processor.tokenizer.save_pretrained(source)
+    (source / "chat_template.jinja").write_text(processor.chat_template)
+    main(["--qwen", str(source), "--output", str(tmp_path / "out"), "--reduction-ratio", "0.75"])
+    loaded, loaded_processor = load_remote(tmp_path / "out")
+    assert loaded.config.model_type == "visiontrim_qwen2_5_vl"
+    assert (loaded.config.reduction_ratio, loaded_processor.reduction_ratio) == (0.75, 0.75)
+    assert "not published in a form we could verify" in " ".join((tmp_path / "out" / "README.md").read_text().split())
+    model.config.reduction_ratio = 0.75
+    processor.reduction_ratio = 0.75
+    with torch.no_grad():
+        expected = model.generate(**two_image_batch(processor), max_new_tokens=4, do_sample=False)
+        converted = loaded.generate(**two_image_batch(loaded_processor), max_new_tokens=4, do_sample=False)
+    assert torch.equal(converted, expected)
+    with pytest.raises(SystemExit):
+        main(["--qwen", str(source), "--output", str(tmp_path / "again"), "--clip", str(source)])
