@@ -127,3 +127,24 @@ def test_without_matplotlib_the_benchmark_finishes_and_says_how_to_plot(tmp_path
     assert "matplotlib is not installed: the PNG plots are not drawn" in caplog.text
     assert 'pip install "visiontrim[tools]"' in caplog.text
     assert "Timings on a shared machine are noisy" in caplog.text
+
+
+def test_toy_qwen_benchmark_reports_both_sizes(tmp_path, capsys):
+    """Qwen2.5-VL rows at 448 x 448 (16 x 16 units) and 1008 x 756 (36 x 27 units): stock, 25%, 11% and ablations."""
+    arguments = ["--warmup", "0", "--repeats", "1", "--new-tokens", "2", "--output-dir", str(tmp_path)]
+    main(["bench", "--toy", "--arch", "qwen2.5-vl", *arguments])
+    report = json.loads((tmp_path / "bench-qwen2.5-vl.json").read_text())
+    assert_plot(tmp_path / "bench-qwen2.5-vl.png", (720, 480))
+    assert [entry["grid_thw"] for entry in report["sizes"]] == [[1, 32, 32], [1, 54, 72]]
+    for entry, units in zip(report["sizes"], (256, 972), strict=True):
+        rows = entry["rows"]
+        eleven = max(1, round(units * 64 / 576))
+        assert [row["visual_tokens"] for row in rows] == [units, round(units * 0.25), eleven, eleven, eleven]
+        assert rows[0]["compression"] is None and all(row["compression"] for row in rows[1:])
+        for row in rows:
+            # Qwen2 K and V, fp32: 2 x prompt tokens x layers x kv heads x head dim x 4 bytes.
+            assert row["kv_cache_bytes"] == 2 * row["prompt_tokens"] * 2 * 2 * 16 * 4
+            assert row["ratios"]["prefill_flops"] == pytest.approx(row["prefill_flops"] / rows[0]["prefill_flops"])
+    assert "1008 x 756: vision tower" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "--toy", "--arch", "qwen2.5-vl", "--model", str(tmp_path), *arguments])

@@ -400,6 +400,10 @@ def bench_video(video_path: str | None) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.arch == "qwen2.5-vl":
+        from .bench_qwen import run_qwen  # bench_qwen builds on this module
+
+        return run_qwen(args)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     image_size = VIDEO_LLAVA_IMAGE_SIZE if args.arch == "video-llava" else 336
@@ -485,7 +489,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", choices=list(ROWS), default="llava", help="shape of the random model")
+    parser.add_argument("--arch", choices=[*ROWS, "qwen2.5-vl"], default="llava", help="shape of the random model")
     parser.add_argument(
         "--model", type=model_folder, help="a converted VisionTrim checkpoint folder instead of a random model"
     )

@@ -1,0 +1,269 @@
+# Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
+"""
+`python -m visiontrim bench --arch qwen2.5-vl`: stock Qwen2.5-VL vs VisionTrim with the same weights, in the same
+process, on a bundled photo at 448 x 448 and at 1008 x 756. The default model has a real Qwen2.5-VL-7B-shaped vision
+tower (32 blocks x 1280, random weights) and a small random LLM. Per row: visual tokens, the tower's time (measured
+once per size: every row runs the same tower), the compression's time and share of it, LLM prefill time and its
+speed-up against the FLOPs ratio, time per decoded token and KV-cache bytes, each also as a ratio to stock.
+"""
+
+import argparse
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..compression_visiontrim import checked_guidance, compress_units
+from ..modeling_visiontrim_qwen2_vl import run_qwen_tower
+from . import plots
+from .arguments import UsageError
+from .bench import Timing, kv_cache_bytes, machine_description, prefill_flops, timings
+from .build_qwen import (
+    QWEN2_5_VL_7B_VISION_SHAPES,
+    QwenShapes,
+    build_qwen_config,
+    build_qwen_model,
+    build_qwen_processor,
+    stock_qwen_with_same_weights,
+)
+from .demo import sample_photo
+
+
+logger = logging.getLogger(__name__)
+
+# Per row: name, reduction ratio (None: the stock model), DVTS share.
+QWEN_ROWS = (
+    ("stock", None, None),
+    ("VisionTrim 25%", 0.75, 0.75),
+    ("VisionTrim 11%", 1 - 64 / 576, 0.75),
+    ("DVTS only 11%", 1 - 64 / 576, 1.0),
+    ("TGVC only 11%", 1 - 64 / 576, 0.0),
+)
+# (width, height) of the photo: a square and Qwen2.5-VL's 1008 x 756 (72 x 54 patches, 972 merged tokens).
+QWEN_IMAGE_SIZES = ((448, 448), (1008, 756))
+
+
+@dataclass
+class QwenRow:
+    name: str
+    image_size: tuple[int, int]
+    reduction_ratio: float | None
+    dominant_ratio: float | None
+    visual_tokens: int = 0
+    prompt_tokens: int = 0
+    compression: Timing | None = None  # DVTS + TGVC on the recorded tower run, question embedding included
+    prefill: Timing | None = None
+    decode_per_token: float | None = None
+    prefill_flops: int = 0
+    kv_cache_bytes: int = 0
+    ratios: dict[str, float | None] = field(default_factory=dict)
+
+
+def bench_photo(size: tuple[int, int]) -> Image.Image:
+    """The bundled photo, centre-cropped to the aspect ratio of `size` (width, height) and resized to it."""
+    photo = Image.open(sample_photo("coffee.jpg")).convert("RGB")
+    width, height = size
+    scale = min(photo.width / width, photo.height / height)
+    crop_width, crop_height = round(width * scale), round(height * scale)
+    left, top = (photo.width - crop_width) // 2, (photo.height - crop_height) // 2
+    return photo.crop((left, top, left + crop_width, top + crop_height)).resize(size, Image.Resampling.BICUBIC)
+
+
+def measure(row: QwenRow, model, inputs, encoded, tower_run, args) -> None:
+    """Fills `row`: tokens, compression time (VisionTrim rows), prefill, decode per token, FLOPs and KV bytes."""
+    row.visual_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    row.prompt_tokens = inputs["input_ids"].shape[1]
+    if row.reduction_ratio is not None:
+        config, embeddings = model.config, model.get_input_embeddings()
+
+        def compress():
+            ids, mask = checked_guidance(
+                inputs["guidance_input_ids"],
+                inputs["guidance_attention_mask"],
+                1,
+                config.empty_guidance,
+                "guidance",
+                embeddings.weight.device,
+            )
+            return compress_units(tower_run, config, F.normalize(embeddings(ids).float(), dim=-1), mask)
+
+        row.compression = timings(compress, args.warmup, args.repeats)
+    text = {name: inputs[name] for name in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")}
+    features = {"mm_encoder_outputs": {"image": encoded}}
+    row.prefill = timings(lambda: model(**text, **features, logits_to_keep=1), args.warmup, args.repeats)
+    row.kv_cache_bytes = kv_cache_bytes(model(**text, **features, logits_to_keep=1, use_cache=True).cache)
+    row.prefill_flops = prefill_flops(model.config.text_config, row.prompt_tokens)
+
+    def generate(new_tokens: int):
+        settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+        return lambda: model.generate(**text, mm_encoder_outputs={"image": encoded}, **settings)
+
+    answer = timings(generate(args.new_tokens), args.warmup, args.repeats)
+    first_token = timings(generate(1), args.warmup, args.repeats)
+    row.decode_per_token = (answer.min - first_token.min) / (args.new_tokens - 1)
+
+
+def add_ratios(rows: list[QwenRow], tower: Timing) -> None:
+    """Each row's measurements over the stock row of its image size (speed-ups are stock / row)."""
+    stock = rows[0]
+    for row in rows:
+        row.ratios = {
+            "visual_tokens": row.visual_tokens / stock.visual_tokens,
+            "prefill_time": row.prefill.min / stock.prefill.min,
+            "prefill_flops": row.prefill_flops / stock.prefill_flops,
+            "prefill_speedup_over_ideal": (stock.prefill.min / row.prefill.min)
+            / (stock.prefill_flops / row.prefill_flops),
+            "decode_time_per_token": row.decode_per_token / stock.decode_per_token,
+            "kv_cache_bytes": row.kv_cache_bytes / stock.kv_cache_bytes,
+            "compression_share_of_tower": row.compression.min / tower.min if row.compression else None,
+        }
+
+
+def table(rows: list[QwenRow], tower: Timing) -> str:
+    header = (
+        f"{'row':<16}{'tokens':>7}{'compr s':>9}{'compr %':>9}{'prefill s':>11}{'speed-up':>9}{'FLOPs x':>9}"
+        f"{'decode ms':>11}{'KV MB':>8}{'KV x':>7}"
+    )
+    width, height = rows[0].image_size
+    lines = [f"{width} x {height}: vision tower {tower.min:.2f} s (min), the same for every row", header]
+    lines.append("-" * len(header))
+    for row in rows:
+        compression = f"{row.compression.min:.3f}" if row.compression else "-"
+        share = f"{100 * row.ratios['compression_share_of_tower']:.2f}" if row.compression else "-"
+        lines.append(
+            f"{row.name:<16}{row.visual_tokens:>7}{compression:>9}{share:>9}{row.prefill.min:>11.3f}"
+            f"{1 / row.ratios['prefill_time']:>9.2f}{1 / row.ratios['prefill_flops']:>9.2f}"
+            f"{1000 * row.decode_per_token:>11.1f}{row.kv_cache_bytes / 2**20:>8.2f}"
+            f"{1 / row.ratios['kv_cache_bytes']:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(sizes: list[dict], path: Path, title: str) -> bool:
+    """Measured prefill speed-up and FLOPs ratio against the visual tokens kept, per image size; False without
+    matplotlib (nothing drawn)."""
+    pyplot = plots.pyplot()
+    if pyplot is None:
+        return False
+    figure, axes = pyplot.subplots(figsize=(6, 4), dpi=120)
+    for entry in sizes:
+        rows = sorted(
+            (row for row in entry["rows"] if row.name.startswith("VisionTrim")), key=lambda r: r.visual_tokens
+        )
+        rows = [entry["rows"][0], *rows]
+        label = "{} x {}".format(*entry["image_size"])
+        tokens = [row.visual_tokens for row in rows]
+        axes.plot(tokens, [1 / row.ratios["prefill_time"] for row in rows], "o-", label=f"{label}: prefill speed-up")
+        axes.plot(tokens, [1 / row.ratios["prefill_flops"] for row in rows], "s--", label=f"{label}: FLOPs ratio")
+    axes.set_xscale("log")
+    axes.set_xlabel("visual tokens into the LLM")
+    axes.set_ylabel("x faster than stock (same weights, same run)")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot.close(figure)
+    return True
+
+
+def bench_size(size: tuple[int, int], model, processor, stock, stock_processor, prompt: str, args, dtype) -> dict:
+    """Every row of `QWEN_ROWS` on the bundled photo at `size` (width, height); the tower is timed once."""
+    image = bench_photo(size)
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(args.device)
+    pixels, grid = inputs["pixel_values"].to(dtype), inputs["image_grid_thw"]
+    config = model.config
+    tower = timings(
+        lambda: run_qwen_tower(model.model.visual, pixels, grid, config.scored_block), args.warmup, args.repeats
+    )
+    tower_run = run_qwen_tower(model.model.visual, pixels, grid, config.scored_block)
+    rows = []
+    for name, reduction_ratio, dominant_ratio in QWEN_ROWS:
+        row = QwenRow(name, size, reduction_ratio, dominant_ratio)
+        if reduction_ratio is None:
+            row_inputs = stock_processor(images=[image], text=[prompt], return_tensors="pt").to(args.device)
+            measure(row, stock, row_inputs, stock.model.get_image_features(pixels, grid), tower_run, args)
+        else:
+            config.reduction_ratio = processor.reduction_ratio = reduction_ratio
+            config.dominant_ratio = dominant_ratio
+            row_inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(args.device)
+            guidance = (row_inputs["guidance_input_ids"], row_inputs["guidance_attention_mask"])
+            encoded = model.model.get_image_features(pixels, grid, *guidance)
+            measure(row, model, row_inputs, encoded, tower_run, args)
+        rows.append(row)
+    add_ratios(rows, tower)
+    return {"image_size": list(size), "grid_thw": grid[0].tolist(), "tower": tower, "rows": rows}
+
+
+def run_qwen(args: argparse.Namespace) -> dict:
+    """The benchmark of `--arch qwen2.5-vl` (random Qwen2.5-VL-7B-shaped tower; `--toy`: tiny)."""
+    unused = [f"--{name}" for name in ("model", "image", "video") if getattr(args, name, None) is not None]
+    if unused:
+        raise UsageError(
+            f"argument --arch qwen2.5-vl: runs a random Qwen2.5-VL-shaped model on the bundled photo at "
+            f"{QWEN_IMAGE_SIZES[0][0]} x {QWEN_IMAGE_SIZES[0][1]} and {QWEN_IMAGE_SIZES[1][0]} x "
+            f"{QWEN_IMAGE_SIZES[1][1]}; {', '.join(unused)} is not supported with it"
+        )
+    shapes = (
+        QwenShapes()
+        if args.toy
+        else QwenShapes(
+            **{**vars(QWEN2_5_VL_7B_VISION_SHAPES), "llm_layers": args.llm_layers, "llm_hidden": args.llm_hidden}
+        )
+    )
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    config = build_qwen_config("qwen2.5-vl", shapes=shapes, reduction_ratio=0.75)
+    model = build_qwen_model(config).to(device=device, dtype=dtype)
+    processor = build_qwen_processor(config)
+    stock, stock_processor = stock_qwen_with_same_weights(model), build_qwen_processor(config)
+    stock_processor.reduction_ratio = 0
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    logger.warning(
+        "Timings on a shared machine are noisy: every row runs in this process with the same weights, so compare the "
+        "ratios within this run (min of %d runs after %d warm-up).",
+        args.repeats,
+        args.warmup,
+    )
+    with torch.inference_mode():
+        sizes = [
+            bench_size(size, model, processor, stock, stock_processor, prompt, args, dtype)
+            for size in QWEN_IMAGE_SIZES
+        ]
+
+    description = (
+        f"random Qwen2.5-VL-shaped: vision tower {shapes.vision_layers} x {shapes.vision_hidden} (full attention at "
+        f"{shapes.full_attention_blocks}), LLM {shapes.llm_layers} x {shapes.llm_hidden}"
+    )
+    report = {
+        "model": description,
+        "arch": "qwen2.5-vl",
+        "question": args.question,
+        "dtype": args.dtype,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "new_tokens": args.new_tokens,
+        "machine": machine_description(device),
+        "sizes": [
+            {**entry, "tower": asdict(entry["tower"]), "rows": [asdict(row) for row in entry["rows"]]}
+            for entry in sizes
+        ],
+    }
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "bench-qwen2.5-vl.json").write_text(json.dumps(report, indent=2))
+    machine = report["machine"]
+    plotted = plot(sizes, output / "bench-qwen2.5-vl.png", f"{description}\n{machine['cpu']}, {args.dtype}")
+    print(
+        f"{description}; {machine['cpu']}; {args.device}, {args.dtype}, {machine['torch_threads']} threads; "
+        f"min of {args.repeats} runs after {args.warmup} warm-up"
+    )
+    for entry in sizes:
+        print(table(entry["rows"], entry["tower"]))
+    written = [output / "bench-qwen2.5-vl.json"] + ([output / "bench-qwen2.5-vl.png"] if plotted else [])
+    print(f"written: {', '.join(map(str, written))}")
+    return report
