@@ -379,6 +379,31 @@ def test_eval_run_and_score_from_the_command_line(checkpoint, pope_like, tmp_pat
     assert '"accuracy"' in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def qwen_checkpoint(tmp_path_factory) -> Path:
+    """A tiny VisionTrim Qwen2.5-VL folder (88.9% of each image's merged tokens removed)."""
+    from visiontrim.tools.build_qwen import build_qwen_config, build_qwen_model, build_qwen_processor
+
+    folder = tmp_path_factory.mktemp("qwen2.5-vl-visiontrim")
+    config = build_qwen_config("qwen2.5-vl")
+    build_qwen_model(config).save_pretrained(folder)
+    build_qwen_processor(config, max_pixels=448 * 448).save_pretrained(folder)
+    return folder
+
+
+def test_eval_run_answers_with_a_qwen_folder_and_its_budget_override(qwen_checkpoint, pope_like, tmp_path):
+    questions, images, annotations = pope_like
+    answers = tmp_path / "answers.jsonl"
+    main(["eval", "run", "--task", "pope", "--model", str(qwen_checkpoint), "--questions", str(questions), "--images",
+          str(images), "--annotations", str(annotations), "--answers", str(answers), "--batch-size", "2",
+          "--max-new-tokens", "2", "--device", "cpu", "--limit", "4", "--reduction-ratio", "0.5"])  # fmt: skip
+    assert len(answers.read_text().splitlines()) == 4
+    assert set(json.loads(answers.with_suffix(".scores.json").read_text())["metrics"]) >= {"mean"}
+    with pytest.raises(SystemExit):
+        main(["eval", "run", "--task", "pope", "--model", str(qwen_checkpoint), "--questions", str(questions),
+              "--images", str(images), "--answers", str(answers), "--reduction-ratio", "1.5"])  # fmt: skip
+
+
 def test_eval_score_refuses_unscorable_input(pope_like, tmp_path):
     questions, _, annotations = pope_like
     answers = write_lines(tmp_path / "answers.jsonl", [{"question_id": 1, "text": "yes"}])
@@ -444,8 +469,31 @@ def test_lmms_eval_plugin_loads_and_answers_one_item(checkpoint, photos):
 
 def test_lmms_eval_plugin_names_every_argument_it_accepts(checkpoint):
     with pytest.raises(ValueError, match=r"unknown model_args \['bogus'\]; it accepts pretrained, device, dtype, "
-                       r"batch_size, visual_tokens, max_new_tokens\."):  # fmt: skip
+                       r"batch_size, visual_tokens, reduction_ratio, max_new_tokens\."):  # fmt: skip
         get_model("visiontrim")(pretrained=str(checkpoint), bogus=1)
+
+
+def test_lmms_eval_plugin_puts_the_image_into_a_qwen_chat(qwen_checkpoint, photos):
+    lm = get_model("visiontrim")(
+        pretrained=str(qwen_checkpoint), device="cpu", dtype="float32", reduction_ratio="0.75"
+    )
+    assert lm.model.config.reduction_ratio == lm.processor.reduction_ratio == 0.75
+    lm.task_dict = {"pope": {"test": [{"image": photos[0]}]}}
+    context = "Is there a cat in the image?\nAnswer the question using a single word or phrase."
+    arguments = (context, {"max_new_tokens": 4}, lambda doc: [doc["image"]], 0, "pope", "test")
+    [answer] = lm.generate_until(
+        [Instance("generate_until", arguments, 0, {"task": "pope", "doc_id": 0, "repeats": 1})]
+    )
+    processor = lm.processor
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": context}]}],
+        add_generation_prompt=True,
+    )
+    assert "<|vision_start|><|image_pad|><|vision_end|>Is there a cat" in prompt
+    inputs = processor(images=[photos[0]], text=[prompt], return_tensors="pt")
+    assert processor.tokenizer.decode(inputs["guidance_input_ids"][0]) == context.replace("\n", " ")
+    expected = lm.model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    assert answer == processor.decode(expected, skip_special_tokens=True).strip()
 
 
 def run_lmms_eval(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -461,7 +509,7 @@ def run_lmms_eval(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_lmms_eval_command_line_runs_the_shipped_pope_task_offline(checkpoint, photos, tmp_path):
+def test_lmms_eval_command_line_runs_the_shipped_pope_task_offline(checkpoint, qwen_checkpoint, photos, tmp_path):
     # The task: real POPE questions and labels (tests/data/pope) on two bundled photos saved under their COCO names.
     images = tmp_path / "val2014"
     images.mkdir()
@@ -491,6 +539,16 @@ def test_lmms_eval_command_line_runs_the_shipped_pope_task_offline(checkpoint, p
         samples[0]["input"] == "Is there a snowboard in the image?\nAnswer the question using a single word or phrase."
     )
     assert samples[0]["pope_accuracy"]["prediction"] == samples[0]["filtered_resps"].lower().strip()
+
+    # A Qwen2.5-VL folder through the same command line, with its budget override.
+    qwen = run_lmms_eval(
+        "--model", "visiontrim", "--model_args", f"pretrained={qwen_checkpoint},reduction_ratio=0.75", *task,
+        "--limit", "4", "--batch_size", "1", "--output_path", str(tmp_path / "qwen"), cwd=tmp_path,
+    )  # fmt: skip
+    assert qwen.returncode == 0, qwen.stderr[-3000:]
+    [qwen_results] = (tmp_path / "qwen").rglob("*_results.json")
+    assert json.loads(qwen_results.read_text())["n-samples"]["visiontrim_pope"] == {"original": 8, "effective": 4}
+    assert "pope_accuracy,none" in json.loads(qwen_results.read_text())["results"]["visiontrim_pope"]
 
     # lmms-eval 0.7.3 logs an error raised during the evaluation and exits 0; --verbosity DEBUG makes it fail.
     bad = ("--model", "visiontrim", "--model_args", f"pretrained={checkpoint},bogus=1", *task)

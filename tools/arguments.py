@@ -32,6 +32,16 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def reduction_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (the share of visual tokens removed), got {text!r}")
+    return value
+
+
 def non_empty_text(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")

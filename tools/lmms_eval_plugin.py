@@ -4,10 +4,11 @@ The `visiontrim` model type of lmms-eval (registered through the `lmms_eval.mode
 
     python -m lmms_eval --model visiontrim --model_args pretrained=PATH,visual_tokens=64 --tasks pope --batch_size 1
 
-It loads any VisionTrim folder (or a stock LLaVA one) with `trust_remote_code=True`. The prompt goes through the
-processor, which extracts the question, instructions included, as TGVC's guidance text. Its errors are raised, never
-turned into empty answers; lmms-eval 0.7.3 itself logs an error raised during an evaluation and exits with status 0
-unless given `--verbosity DEBUG`, so check that the results file was written (see the README).
+It loads any VisionTrim folder (LLaVA family or Qwen2-VL / Qwen2.5-VL; `reduction_ratio=R` overrides a folder's budget
+as `visual_tokens=K` does a LLaVA one's) or a stock one with `trust_remote_code=True`. The prompt goes through the
+processor's chat template, which extracts the question, instructions included, as TGVC's guidance text. Its errors are
+raised, never turned into empty answers; lmms-eval 0.7.3 itself logs an error raised during an evaluation and exits
+with status 0 unless given `--verbosity DEBUG`, so check that the results file was written (see the README).
 """
 
 import inspect
@@ -38,6 +39,7 @@ class VisionTrimLmms(lmms):
         dtype: str = "auto",
         batch_size: int | str = 1,
         visual_tokens: int | str | None = None,
+        reduction_ratio: float | str | None = None,
         max_new_tokens: int | str = 128,
         **kwargs,
     ) -> None:
@@ -48,6 +50,8 @@ class VisionTrimLmms(lmms):
                 f"visiontrim: unknown model_args {sorted(kwargs)}; it accepts {', '.join(accepted[:-1])}."
             )
         overrides = {"visual_tokens": int(visual_tokens)} if visual_tokens else {}
+        if reduction_ratio is not None:
+            overrides["reduction_ratio"] = float(reduction_ratio)
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForImageTextToText.from_pretrained(
@@ -59,11 +63,19 @@ class VisionTrimLmms(lmms):
         self.max_new_tokens = int(max_new_tokens)
 
     def _inputs(self, context: str, images: list[Image.Image], continuation: str = ""):
-        """Processor inputs of `context` (image tokens prepended where it has none) in the chat format."""
-        if images and IMAGE_TOKEN not in context:
-            context = " ".join([IMAGE_TOKEN] * len(images)) + "\n" + context
+        """
+        Processor inputs of `context` in the chat format, its images first where it places none: as `<image>` text
+        for LLaVA processors, as image parts of the message for processors with other placeholders (Qwen's template
+        wraps each in its vision start and end tokens).
+        """
+        content = []
+        if images and self.processor.image_token not in context:
+            if self.processor.image_token == IMAGE_TOKEN:
+                context = " ".join([IMAGE_TOKEN] * len(images)) + "\n" + context
+            else:
+                content = [{"type": "image"}] * len(images)
         prompt = self.processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "text", "text": context}]}], add_generation_prompt=True
+            [{"role": "user", "content": [*content, {"type": "text", "text": context}]}], add_generation_prompt=True
         )
         inputs = self.processor(images=images or None, text=prompt + continuation, return_tensors="pt").to(self.device)
         if "pixel_values" in inputs:

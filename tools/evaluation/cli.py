@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from ..arguments import existing_file, existing_folder, existing_path, model_folder, positive_int
+from ..arguments import existing_file, existing_folder, existing_path, model_folder, positive_int, reduction_ratio
 from .data import (
     TASKS,
     DataError,
@@ -85,6 +85,8 @@ def write_scores(scores: dict, output: Path | None) -> None:
 def load_model(args: argparse.Namespace):
     """The model and processor of `args.model`, on `args.device` in `args.dtype`, with the budget override."""
     overrides = {"visual_tokens": args.visual_tokens} if args.visual_tokens else {}
+    if args.reduction_ratio is not None:
+        overrides = {"reduction_ratio": args.reduction_ratio}
     model = AutoModelForImageTextToText.from_pretrained(
         args.model, trust_remote_code=True, dtype=getattr(torch, args.dtype), **overrides
     )
@@ -147,8 +149,14 @@ def run(args: argparse.Namespace) -> None:
 
 def add_model_arguments(sub: argparse.ArgumentParser, max_new_tokens: int) -> None:
     sub.add_argument("--model", type=model_folder, required=True, help="model folder: stock or VisionTrim")
-    sub.add_argument(
-        "--visual-tokens", type=positive_int, help="override a VisionTrim model's budget per crop (or frame)"
+    budget = sub.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--visual-tokens", type=positive_int, help="override a VisionTrim LLaVA model's budget per crop (or frame)"
+    )
+    budget.add_argument(
+        "--reduction-ratio",
+        type=reduction_ratio,
+        help="override a VisionTrim model's share of tokens removed (Qwen: of each image's merged tokens)",
     )
     sub.add_argument("--batch-size", type=positive_int, default=1)
     sub.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
