@@ -102,6 +102,51 @@ def run_qwen_tower(
     )
 
 
+def uncompressed_layout(
+    token_types: torch.Tensor,
+    valid: torch.Tensor,
+    media: dict[int, tuple[tuple[torch.LongTensor, ...], torch.LongTensor]],
+) -> tuple[torch.LongTensor, torch.LongTensor, torch.Tensor]:
+    """
+    Where the tokens of compressed prompts stand in the uncompressed layout, every image (video) at full size: text
+    and padding keep their order, and each kept media token stands at its unit's place in its image's full block.
+
+    Args:
+        token_types: `(batch, sequence)` `mm_token_type_ids` of the compressed prompts, 0 at padding.
+        valid: `(batch, sequence)` bool, False at padding.
+        media: per token type (1 image, 2 video), the kept units of each image (video) in prompt order and their
+            full unit counts `(media,)`.
+    Returns:
+        The `(batch, sequence)` index of each token in the uncompressed layout, and that layout's `(batch, length)`
+        token types and validity (False at padding and past a shorter row's end).
+    """
+    # Each token's width in the uncompressed layout: 1 for text and padding; a whole image's (video's) units on its
+    # last token, 0 on its other tokens. A token's place is then the widths before it, plus its unit for media.
+    widths = (token_types == 0).long()
+    units = torch.zeros_like(widths)
+    is_last = torch.zeros_like(valid)
+    for token_type, (kept_units, full_units) in media.items():
+        is_media = token_types == token_type
+        last_token = torch.cumsum(torch.tensor([len(kept) for kept in kept_units], device=widths.device), 0) - 1
+        units[is_media] = torch.cat(kept_units).to(widths.device)
+        media_widths = torch.zeros(int(is_media.sum()), dtype=torch.long, device=widths.device)
+        widths[is_media] = media_widths.scatter(0, last_token, full_units.to(widths.device))
+        is_last[is_media] = torch.zeros_like(media_widths, dtype=torch.bool).index_fill(0, last_token, True)
+    start = torch.cumsum(widths, dim=1) - widths
+    full_index = start + units
+    batch, length = widths.shape[0], int(widths.sum(dim=1).max())
+    # Each image's block [start, start + units) gets its type: +type at its start, -type after it, summed up.
+    boundaries = torch.zeros(batch, length + 1, dtype=torch.long, device=widths.device)
+    rows = torch.nonzero(is_last)[:, 0]
+    block_types = token_types[is_last].long()
+    boundaries.index_put_((rows, start[is_last]), block_types, accumulate=True)
+    boundaries.index_put_((rows, start[is_last] + widths[is_last]), -block_types, accumulate=True)
+    full_types = boundaries.cumsum(dim=1)[:, :-1]
+    full_valid = torch.arange(length, device=widths.device) < widths.sum(dim=1, keepdim=True)
+    full_valid[torch.nonzero(~valid, as_tuple=True)[0], full_index[~valid]] = False
+    return full_index, full_types, full_valid
+
+
 class QwenModelMixin:
     """
     What VisionTrim changes in a Qwen2-VL / Qwen2.5-VL base model: the media features are the DVTS + TGVC tokens of
@@ -126,12 +171,22 @@ class QwenModelMixin:
         run = run_qwen_tower(
             self.visual, pixel_values.type(self.visual.dtype), grid_thw, self.config.scored_block, **kwargs
         )
+        return self.compress_run(modality, run, guidance_input_ids, guidance_attention_mask)
+
+    def compress_run(
+        self,
+        modality: str,
+        run: QwenTowerRun,
+        guidance_input_ids: torch.LongTensor | None,
+        guidance_attention_mask: torch.Tensor | None,
+    ) -> QwenEncoderOutput:
+        """DVTS + TGVC of a recorded tower run (`run_qwen_tower`), the guidance embedded with the LLM's embeddings."""
         text_embeds = text_mask = None
         if self.config.dominant_ratio < 1:
             input_ids, text_mask = checked_guidance(
                 guidance_input_ids,
                 guidance_attention_mask,
-                grid_thw.shape[0],
+                run.grid_thw.shape[0],
                 self.config.empty_guidance,
                 "guidance" if modality == "image" else "video_guidance",
                 self.get_input_embeddings().weight.device,
@@ -218,55 +273,31 @@ class QwenModelMixin:
                 **{f"{m}_grid_thw": g for m, g in grids.items()},
                 **kwargs,
             )
-        device = input_ids.device
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        token_types = mm_token_type_ids.to(device) * valid
-        units = torch.zeros_like(input_ids)
-        # Each token's width in the uncompressed layout: 1 for text and padding; a whole image's (video's) units on
-        # its last token, 0 on its other tokens.
-        widths = (token_types == 0).long()
-        is_last = torch.zeros_like(valid)
+        token_types = mm_token_type_ids.to(input_ids.device) * valid
+        media = {}
         for modality, token_type in MEDIA_TOKEN_TYPES.items():
-            is_media = token_types == token_type
             if grids[modality] is None:
                 continue
-            encoded = (mm_encoder_outputs or {}).get(modality)
-            kept_units = getattr(encoded, "kept_units", None)
+            kept_units = getattr((mm_encoder_outputs or {}).get(modality), "kept_units", None)
             if kept_units is None:
                 raise ValueError(
                     f"The positions of a compressed prompt depend on which {modality} tokens the model kept: pass "
                     f"`mm_encoder_outputs={{'{modality}': model.get_{modality}_features(...)}}`, or call the model or "
                     "`generate()` with the pixels."
                 )
-            kept_counts = [len(kept) for kept in kept_units]
-            if int(is_media.sum()) != sum(kept_counts):
+            placeholders, kept = int((token_types == token_type).sum()), [len(units) for units in kept_units]
+            if placeholders != sum(kept):
                 raise ValueError(
-                    f"The prompts hold {int(is_media.sum())} {modality} placeholders but the model keeps "
-                    f"{sum(kept_counts)} {modality} tokens ({kept_counts} per {modality}; "
-                    f"{self.config.describe_budget()}): give the processor the model's reduction_ratio="
-                    f"{self.config.reduction_ratio}."
+                    f"The prompts hold {placeholders} {modality} placeholders but the model keeps {sum(kept)} "
+                    f"{modality} tokens ({kept} per {modality}; {self.config.describe_budget()}): give the processor "
+                    f"the model's reduction_ratio={self.config.reduction_ratio}."
                 )
-            units[is_media] = torch.cat(kept_units).to(device)
-            full_units = (grids[modality].prod(-1) // self.config.vision_config.spatial_merge_size**2).to(device)
-            last_token = torch.cumsum(torch.tensor(kept_counts, device=device), 0) - 1
-            media_widths = torch.zeros(int(is_media.sum()), dtype=torch.long, device=device)
-            media_widths[last_token] = full_units
-            widths[is_media] = media_widths
-            media_is_last = torch.zeros_like(media_widths, dtype=torch.bool)
-            media_is_last[last_token] = True
-            is_last[is_media] = media_is_last
-        full_start = torch.cumsum(widths, dim=1) - widths
-        full_index = full_start + units
-        full_length = int(widths.sum(dim=1).max())
-        full_types = torch.zeros(input_ids.shape[0], full_length + 1, dtype=torch.long, device=device)
-        rows = torch.nonzero(is_last)[:, 0]
-        types_at_last = token_types[is_last].long()
-        full_types.index_put_((rows, full_start[is_last]), types_at_last, accumulate=True)
-        full_types.index_put_((rows, full_start[is_last] + widths[is_last]), -types_at_last, accumulate=True)
-        full_types = full_types.cumsum(dim=1)[:, :-1]
-        full_valid = torch.ones(input_ids.shape[0], full_length, dtype=torch.bool, device=device)
-        full_valid[torch.nonzero(~valid, as_tuple=True)[0], full_index[~valid]] = False
-        full_valid &= torch.arange(full_length, device=device) < widths.sum(dim=1, keepdim=True)
+            media[token_type] = (
+                kept_units,
+                grids[modality].prod(-1) // self.config.vision_config.spatial_merge_size**2,
+            )
+        full_index, full_types, full_valid = uncompressed_layout(token_types, valid, media)
         positions, deltas = super().get_rope_index(
             torch.zeros_like(full_types),
             full_types,

@@ -252,3 +252,57 @@ def test_converter_turns_a_qwen_folder_into_a_visiontrim_one(tmp_path):
     assert torch.equal(converted, expected)
     with pytest.raises(SystemExit):
         main(["--qwen", str(source), "--output", str(tmp_path / "again"), "--clip", str(source)])
+
+
+@torch.no_grad()
+def test_image_and_video_in_one_prompt_keep_their_stock_positions():
+    config = build_qwen_config("qwen2.5-vl", reduction_ratio=0.75)
+    model, processor = build_qwen_model(config), build_qwen_processor(config)
+    frames = numpy.stack([numpy.asarray(random_image(112, 168, seed=seed)) for seed in range(4)])
+    content = [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "What changes?"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    media = {"images": [random_image(140, 196)], "videos": [frames], "text": [prompt], "return_tensors": "pt"}
+    inputs = processor(**media)
+    encoded = {
+        "image": model.model.get_image_features(
+            inputs["pixel_values"], inputs["image_grid_thw"], inputs["guidance_input_ids"]
+        ),
+        "video": model.model.get_video_features(
+            inputs["pixel_values_videos"], inputs["video_grid_thw"], inputs["video_guidance_input_ids"]
+        ),
+    }
+    rope = {name: inputs[name] for name in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
+    positions, _ = model.model.get_rope_index(
+        inputs["input_ids"], inputs["mm_token_type_ids"], **rope, mm_encoder_outputs=encoded
+    )
+    processor.reduction_ratio = 0
+    full = processor(**media)
+    stock_positions, _ = stock_qwen_with_same_weights(model).model.get_rope_index(
+        full["input_ids"], full["mm_token_type_ids"], **rope
+    )
+    for modality, token_id in (("image", config.image_token_id), ("video", config.video_token_id)):
+        kept = encoded[modality].kept_units[0]
+        torch.testing.assert_close(
+            positions[:, 0, inputs["input_ids"][0] == token_id],
+            stock_positions[:, 0, full["input_ids"][0] == token_id][:, kept],
+        )
+    torch.testing.assert_close(positions[:, 0, -5:], stock_positions[:, 0, -5:])
+
+
+@torch.no_grad()
+def test_eager_attention_and_bfloat16_keep_the_same_tokens():
+    config = build_qwen_config("qwen2.5-vl", reduction_ratio=0.75)
+    model, processor = build_qwen_model(config), build_qwen_processor(config)
+    inputs = two_image_batch(processor)
+    arguments = (inputs["pixel_values"], inputs["image_grid_thw"], inputs["guidance_input_ids"])
+    sdpa = model.model.get_image_features(*arguments)
+    model.set_attn_implementation("eager")
+    eager = model.model.get_image_features(*arguments)
+    assert torch.equal(eager.dominant_units, sdpa.dominant_units)
+    assert torch.equal(torch.cat(eager.kept_units), torch.cat(sdpa.kept_units))
+    torch.testing.assert_close(torch.cat(eager.pooler_output), torch.cat(sdpa.pooler_output), rtol=1e-4, atol=1e-5)
+    half = model.to(torch.bfloat16).model.get_image_features(*arguments)
+    assert half.pooler_output[0].dtype == torch.bfloat16
+    assert [len(kept) for kept in half.kept_units] == [len(kept) for kept in sdpa.kept_units]
+    overlap = len(set(half.dominant_units.tolist()) & set(sdpa.dominant_units.tolist()))
+    assert overlap >= 0.8 * len(sdpa.dominant_units)  # bf16 tower outputs differ a little; the choice barely moves

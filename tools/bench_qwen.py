@@ -4,7 +4,8 @@
 process, on a bundled photo at 448 x 448 and at 1008 x 756. The default model has a real Qwen2.5-VL-7B-shaped vision
 tower (32 blocks x 1280, random weights) and a small random LLM. Per row: visual tokens, the tower's time (measured
 once per size: every row runs the same tower), the compression's time and share of it, LLM prefill time and its
-speed-up against the FLOPs ratio, time per decoded token and KV-cache bytes, each also as a ratio to stock.
+speed-up against the FLOPs ratio, time per decoded token and KV-cache bytes, each also as a ratio to stock. The
+compression is timed on the recorded tower run, the question's embedding included.
 """
 
 import argparse
@@ -14,10 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..compression_visiontrim import checked_guidance, compress_units
 from ..modeling_visiontrim_qwen2_vl import run_qwen_tower
 from . import plots
 from .arguments import UsageError
@@ -73,25 +73,21 @@ def bench_photo(size: tuple[int, int]) -> Image.Image:
     return photo.crop((left, top, left + crop_width, top + crop_height)).resize(size, Image.Resampling.BICUBIC)
 
 
-def measure(row: QwenRow, model, inputs, encoded, tower_run, args) -> None:
-    """Fills `row`: tokens, compression time (VisionTrim rows), prefill, decode per token, FLOPs and KV bytes."""
+def measure(row: QwenRow, model, inputs, tower_run, args) -> None:
+    """
+    Fills `row`: tokens, compression time (VisionTrim rows), prefill, decode per token, FLOPs and KV bytes. Every row
+    starts from the same recorded tower run: the stock row from its merged tokens, the others compress it.
+    """
     row.visual_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
     row.prompt_tokens = inputs["input_ids"].shape[1]
-    if row.reduction_ratio is not None:
-        config, embeddings = model.config, model.get_input_embeddings()
-
-        def compress():
-            ids, mask = checked_guidance(
-                inputs["guidance_input_ids"],
-                inputs["guidance_attention_mask"],
-                1,
-                config.empty_guidance,
-                "guidance",
-                embeddings.weight.device,
-            )
-            return compress_units(tower_run, config, F.normalize(embeddings(ids).float(), dim=-1), mask)
-
-        row.compression = timings(compress, args.warmup, args.repeats)
+    if row.reduction_ratio is None:
+        encoded = BaseModelOutputWithPooling(pooler_output=(tower_run.outputs.pooler_output,))
+    else:
+        guidance = (inputs["guidance_input_ids"], inputs["guidance_attention_mask"])
+        row.compression = timings(
+            lambda: model.model.compress_run("image", tower_run, *guidance), args.warmup, args.repeats
+        )
+        encoded = model.model.compress_run("image", tower_run, *guidance)
     text = {name: inputs[name] for name in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")}
     features = {"mm_encoder_outputs": {"image": encoded}}
     row.prefill = timings(lambda: model(**text, **features, logits_to_keep=1), args.warmup, args.repeats)
@@ -186,14 +182,12 @@ def bench_size(size: tuple[int, int], model, processor, stock, stock_processor, 
         row = QwenRow(name, size, reduction_ratio, dominant_ratio)
         if reduction_ratio is None:
             row_inputs = stock_processor(images=[image], text=[prompt], return_tensors="pt").to(args.device)
-            measure(row, stock, row_inputs, stock.model.get_image_features(pixels, grid), tower_run, args)
+            measure(row, stock, row_inputs, tower_run, args)
         else:
             config.reduction_ratio = processor.reduction_ratio = reduction_ratio
             config.dominant_ratio = dominant_ratio
             row_inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(args.device)
-            guidance = (row_inputs["guidance_input_ids"], row_inputs["guidance_attention_mask"])
-            encoded = model.model.get_image_features(pixels, grid, *guidance)
-            measure(row, model, row_inputs, encoded, tower_run, args)
+            measure(row, model, row_inputs, tower_run, args)
         rows.append(row)
     add_ratios(rows, tower)
     return {"image_size": list(size), "grid_thw": grid[0].tolist(), "tower": tower, "rows": rows}
