@@ -1,9 +1,12 @@
 """VisionTrim Qwen2.5-VL and Qwen2-VL: stock equality when off, budgets, M-RoPE positions, batching, remote loading."""
 
+import re
+
 import numpy
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from visiontrim.configuration_visiontrim import qwen_visual_tokens
 from visiontrim.tools.build_qwen import (
@@ -236,6 +239,14 @@ def test_converter_turns_a_qwen_folder_into_a_visiontrim_one(tmp_path):
     model, processor = model_and_processor("qwen2.5-vl", reduction_ratio=0.0)
     source = tmp_path / "qwen"
     stock_qwen_with_same_weights(model).save_pretrained(source)
+    # The Hub's Qwen checkpoints keep the pre-v5 names: `model.layers.*`, `model.embed_tokens`, `visual.*`.
+    weights = load_file(source / "model.safetensors")
+    renamed = {
+        re.sub(r"^model\.visual\.", "visual.", re.sub(r"^model\.language_model\.", "model.", name)): tensor
+        for name, tensor in weights.items()
+    }
+    assert "visual.blocks.0.attn.qkv.weight" in renamed and "model.layers.0.mlp.up_proj.weight" in renamed
+    save_file(renamed, source / "model.safetensors", metadata={"format": "pt"})
     processor.image_processor.save_pretrained(source)
     processor.tokenizer.save_pretrained(source)
     (source / "chat_template.jinja").write_text(processor.chat_template)

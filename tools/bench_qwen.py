@@ -147,10 +147,8 @@ def plot(sizes: list[dict], path: Path, title: str) -> bool:
         return False
     figure, axes = pyplot.subplots(figsize=(6, 4), dpi=120)
     for entry in sizes:
-        rows = sorted(
-            (row for row in entry["rows"] if row.name.startswith("VisionTrim")), key=lambda r: r.visual_tokens
-        )
-        rows = [entry["rows"][0], *rows]
+        budget_rows = [row for row in entry["rows"] if row.name == "stock" or row.name.startswith("VisionTrim")]
+        rows = sorted(budget_rows, key=lambda row: row.visual_tokens)
         label = "{} x {}".format(*entry["image_size"])
         tokens = [row.visual_tokens for row in rows]
         axes.plot(tokens, [1 / row.ratios["prefill_time"] for row in rows], "o-", label=f"{label}: prefill speed-up")
@@ -233,6 +231,7 @@ def run_qwen(args: argparse.Namespace) -> dict:
         f"random Qwen2.5-VL-shaped: vision tower {shapes.vision_layers} x {shapes.vision_hidden} (full attention at "
         f"{shapes.full_attention_blocks}), LLM {shapes.llm_layers} x {shapes.llm_hidden}"
     )
+    title = description.replace(", LLM", ",\nLLM")
     report = {
         "model": description,
         "arch": "qwen2.5-vl",
@@ -251,7 +250,7 @@ def run_qwen(args: argparse.Namespace) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     (output / "bench-qwen2.5-vl.json").write_text(json.dumps(report, indent=2))
     machine = report["machine"]
-    plotted = plot(sizes, output / "bench-qwen2.5-vl.png", f"{description}\n{machine['cpu']}, {args.dtype}")
+    plotted = plot(sizes, output / "bench-qwen2.5-vl.png", f"{title}; {machine['cpu']}, {args.dtype}")
     print(
         f"{description}; {machine['cpu']}; {args.device}, {args.dtype}, {machine['torch_threads']} threads; "
         f"min of {args.repeats} runs after {args.warmup} warm-up"
