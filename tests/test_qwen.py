@@ -233,10 +233,10 @@ def test_errors_say_what_to_change():
         model(**inputs)
 
 
-def test_converter_turns_a_qwen_folder_into_a_visiontrim_one(tmp_path):
+def test_converter_turns_a_qwen_folder_into_a_visiontrim_one(tmp_path, arch):
     from visiontrim.convert_checkpoint import main
 
-    model, processor = model_and_processor("qwen2.5-vl", reduction_ratio=0.0)
+    model, processor = model_and_processor(arch, reduction_ratio=0.0)
     source = tmp_path / "qwen"
     stock_qwen_with_same_weights(model).save_pretrained(source)
     # The Hub's Qwen checkpoints keep the pre-v5 names: `model.layers.*`, `model.embed_tokens`, `visual.*`.
@@ -252,7 +252,7 @@ def test_converter_turns_a_qwen_folder_into_a_visiontrim_one(tmp_path):
     (source / "chat_template.jinja").write_text(processor.chat_template)
     main(["--qwen", str(source), "--output", str(tmp_path / "out"), "--reduction-ratio", "0.75"])
     loaded, loaded_processor = load_remote(tmp_path / "out")
-    assert loaded.config.model_type == "visiontrim_qwen2_5_vl"
+    assert loaded.config.model_type == model.config.model_type
     assert (loaded.config.reduction_ratio, loaded_processor.reduction_ratio) == (0.75, 0.75)
     assert "not published in a form we could verify" in " ".join((tmp_path / "out" / "README.md").read_text().split())
     model.config.reduction_ratio = 0.75
@@ -263,6 +263,9 @@ def test_converter_turns_a_qwen_folder_into_a_visiontrim_one(tmp_path):
     assert torch.equal(converted, expected)
     with pytest.raises(SystemExit):
         main(["--qwen", str(source), "--output", str(tmp_path / "again"), "--clip", str(source)])
+    other = "qwen2-vl" if arch == "qwen2.5-vl" else "qwen2.5-vl"
+    with pytest.raises(SystemExit):
+        main(["--qwen", str(source), "--output", str(tmp_path / "again"), "--arch", other])
 
 
 @torch.no_grad()
