@@ -748,6 +748,21 @@ class QwenProcessingMixin(GuidanceProcessingMixin):
 
     guidance_special_tokens = False
 
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        video_processor=None,
+        chat_template=None,
+        reduction_ratio=DEFAULT_REDUCTION_RATIO,
+        guidance_max_length=512,
+        empty_guidance="cls_similarity",
+        **kwargs,
+    ):
+        """The stock Qwen processor's arguments (the same for Qwen2-VL and Qwen2.5-VL), then the VisionTrim ones."""
+        self.set_qwen_guidance(reduction_ratio, guidance_max_length, empty_guidance)
+        super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs)
+
     def set_qwen_guidance(self, reduction_ratio: float, guidance_max_length: int, empty_guidance: str) -> None:
         """Sets the budget and the guidance settings, refusing invalid values with the field's name."""
         if empty_guidance not in EMPTY_GUIDANCE_RULES:
@@ -838,37 +853,9 @@ class VisionTrimQwen2_5_VLProcessor(QwenProcessingMixin, Qwen2_5_VLProcessor):
             The model's `config.empty_guidance`: with `"error"`, an image-only prompt is refused here.
     """
 
-    def __init__(
-        self,
-        image_processor=None,
-        tokenizer=None,
-        video_processor=None,
-        chat_template=None,
-        reduction_ratio=DEFAULT_REDUCTION_RATIO,
-        guidance_max_length=512,
-        empty_guidance="cls_similarity",
-        **kwargs,
-    ):
-        self.set_qwen_guidance(reduction_ratio, guidance_max_length, empty_guidance)
-        super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs)
-
 
 class VisionTrimQwen2VLProcessor(QwenProcessingMixin, Qwen2VLProcessor):
     r"""A Qwen2-VL processor for VisionTrim models, as [`VisionTrimQwen2_5_VLProcessor`]."""
-
-    def __init__(
-        self,
-        image_processor=None,
-        tokenizer=None,
-        video_processor=None,
-        chat_template=None,
-        reduction_ratio=DEFAULT_REDUCTION_RATIO,
-        guidance_max_length=512,
-        empty_guidance="cls_similarity",
-        **kwargs,
-    ):
-        self.set_qwen_guidance(reduction_ratio, guidance_max_length, empty_guidance)
-        super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs)
 
 
 for processor_class in (

@@ -369,24 +369,17 @@ def plot(rows: list[Row], path: Path, title: str) -> bool:
     Prefill speed-up and ideal (FLOPs) speed-up against the visual tokens kept, for the VisionTrim rows; False when
     matplotlib is missing (nothing drawn).
     """
-    pyplot = plots.pyplot()
-    if pyplot is None:
-        return False
     budget_rows = sorted((row for row in rows[1:] if row.name.startswith("VisionTrim")), key=lambda r: r.visual_tokens)
     tokens = [row.visual_tokens for row in budget_rows]
-    figure, axes = pyplot.subplots(figsize=(6, 4), dpi=120)
-    axes.plot(tokens, [1 / row.ratios["prefill_time"] for row in budget_rows], "o-", label="measured prefill speed-up")
-    axes.plot(tokens, [1 / row.ratios["prefill_flops"] for row in budget_rows], "s--", label="FLOPs ratio (ideal)")
-    axes.plot(tokens, [1 / row.ratios["end_to_end_time"] for row in budget_rows], "^:", label="end-to-end speed-up")
-    axes.set_xlabel("visual tokens into the LLM")
-    axes.set_ylabel("x faster than stock (same weights, same run)")
-    axes.set_title(title, fontsize=9)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    pyplot.close(figure)
-    return True
+    lines = [
+        (tokens, [1 / row.ratios[ratio] for row in budget_rows], style, label)
+        for ratio, style, label in (
+            ("prefill_time", "o-", "measured prefill speed-up"),
+            ("prefill_flops", "s--", "FLOPs ratio (ideal)"),
+            ("end_to_end_time", "^:", "end-to-end speed-up"),
+        )
+    ]
+    return plots.speedup_plot(path, title, lines)
 
 
 def bench_video(video_path: str | None) -> np.ndarray:

@@ -140,29 +140,19 @@ def table(rows: list[QwenRow], tower: Timing) -> str:
 
 
 def plot(sizes: list[dict], path: Path, title: str) -> bool:
-    """Measured prefill speed-up and FLOPs ratio against the visual tokens kept, per image size; False without
-    matplotlib (nothing drawn)."""
-    pyplot = plots.pyplot()
-    if pyplot is None:
-        return False
-    figure, axes = pyplot.subplots(figsize=(6, 4), dpi=120)
+    """
+    Measured prefill speed-up and FLOPs ratio against the visual tokens kept, per image size; False without
+    matplotlib (nothing drawn).
+    """
+    lines = []
     for entry in sizes:
         budget_rows = [row for row in entry["rows"] if row.name == "stock" or row.name.startswith("VisionTrim")]
         rows = sorted(budget_rows, key=lambda row: row.visual_tokens)
-        label = "{} x {}".format(*entry["image_size"])
+        size = "{} x {}".format(*entry["image_size"])
         tokens = [row.visual_tokens for row in rows]
-        axes.plot(tokens, [1 / row.ratios["prefill_time"] for row in rows], "o-", label=f"{label}: prefill speed-up")
-        axes.plot(tokens, [1 / row.ratios["prefill_flops"] for row in rows], "s--", label=f"{label}: FLOPs ratio")
-    axes.set_xscale("log")
-    axes.set_xlabel("visual tokens into the LLM")
-    axes.set_ylabel("x faster than stock (same weights, same run)")
-    axes.set_title(title, fontsize=9)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    pyplot.close(figure)
-    return True
+        lines.append((tokens, [1 / row.ratios["prefill_time"] for row in rows], "o-", f"{size}: prefill speed-up"))
+        lines.append((tokens, [1 / row.ratios["prefill_flops"] for row in rows], "s--", f"{size}: FLOPs ratio"))
+    return plots.speedup_plot(path, title, lines, log_tokens=True)
 
 
 def bench_size(size: tuple[int, int], model, processor, stock, stock_processor, prompt: str, args, dtype) -> dict:

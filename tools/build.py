@@ -121,6 +121,25 @@ LLAVA_15_SHAPES = Shapes(
 )
 
 
+def train_bpe_tokenizer(special_tokens: list[str], vocab_size: int = 400, **settings) -> PreTrainedTokenizerFast:
+    """
+    A byte-level BPE tokenizer trained in memory on `TRAINING_TEXT`, `special_tokens` first in its vocabulary, left
+    padding; `settings` are `PreTrainedTokenizerFast`'s (its special tokens' roles).
+    """
+    unk_token = settings.get("unk_token")
+    backend = Tokenizer(models.BPE(unk_token=unk_token) if unk_token else models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(TRAINING_TEXT, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, padding_side="left", **settings)
+
+
 def build_tokenizer(
     vocab_size: int = 400, image_token: bool = True, video_token: bool = False
 ) -> PreTrainedTokenizerFast:
@@ -131,25 +150,15 @@ def build_tokenizer(
     """
     special_tokens = ["<unk>", "<s>", "</s>", "<pad>"] + ([IMAGE_TOKEN] if image_token else [])
     special_tokens += [VIDEO_TOKEN] if video_token else []
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(TRAINING_TEXT, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    tokenizer = train_bpe_tokenizer(
+        special_tokens,
+        vocab_size,
+        unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        unk_token="<unk>",
         pad_token="<pad>",
         extra_special_tokens=({"image_token": IMAGE_TOKEN} if image_token else {})
         | ({"video_token": VIDEO_TOKEN} if video_token else {}),
-        padding_side="left",
     )
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
     return tokenizer

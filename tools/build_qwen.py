@@ -8,7 +8,6 @@ download: for the benchmark and the tests. The vision tower's layout is real (14
 from dataclasses import dataclass, field
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -28,7 +27,7 @@ from ..processing_visiontrim import (
     VisionTrimQwen2VLProcessor,
     VisionTrimQwenVideoProcessor,
 )
-from .build import TRAINING_TEXT
+from .build import train_bpe_tokenizer
 
 
 QWEN_ARCHITECTURES = ("qwen2.5-vl", "qwen2-vl")
@@ -99,22 +98,12 @@ QWEN2_5_VL_7B_VISION_SHAPES = QwenShapes(
 
 def build_qwen_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained in memory with Qwen's special tokens and chat template, left padding."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(QWEN_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(TRAINING_TEXT, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    tokenizer = train_bpe_tokenizer(
+        list(QWEN_SPECIAL_TOKENS),
+        vocab_size,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-        padding_side="left",
     )
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return tokenizer

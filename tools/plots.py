@@ -3,6 +3,7 @@
 
 import functools
 import logging
+from pathlib import Path
 from types import ModuleType
 
 
@@ -31,3 +32,29 @@ def warn_missing_matplotlib() -> None:
         "them: %s, then run again.",
         INSTALL_HINT,
     )
+
+
+def speedup_plot(
+    path: Path, title: str, lines: list[tuple[list[int], list[float], str, str]], log_tokens: bool = False
+) -> bool:
+    """
+    The benchmarks' plot: speed-ups over stock against the visual tokens kept, one line per `(tokens, speed-ups,
+    matplotlib style, label)`, saved to `path`; False when matplotlib is missing (nothing drawn).
+    """
+    pyplot_module = pyplot()
+    if pyplot_module is None:
+        return False
+    figure, axes = pyplot_module.subplots(figsize=(6, 4), dpi=120)
+    for tokens, speedups, style, label in lines:
+        axes.plot(tokens, speedups, style, label=label)
+    if log_tokens:
+        axes.set_xscale("log")
+    axes.set_xlabel("visual tokens into the LLM")
+    axes.set_ylabel("x faster than stock (same weights, same run)")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8 if len(lines) > 3 else None)
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot_module.close(figure)
+    return True
