@@ -17,7 +17,12 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from ..configuration_visiontrim import QwenSettings, VisionTrimQwen2_5_VLConfig, VisionTrimQwen2VLConfig
+from ..configuration_visiontrim import (
+    QwenSettings,
+    VisionTrimQwen2_5_VLConfig,
+    VisionTrimQwen2VLConfig,
+    settings_fields,
+)
 from ..modeling_visiontrim_qwen2_vl import (
     VisionTrimQwen2_5_VLForConditionalGeneration,
     VisionTrimQwen2VLForConditionalGeneration,
@@ -198,14 +203,7 @@ def build_qwen_processor(config: QwenSettings, min_pixels: int = 56 * 56, max_pi
 def stock_qwen_with_same_weights(model):
     """The stock Qwen model of `model`'s architecture holding the same weights (its base model's submodules)."""
     config_class, stock_class = STOCK_CLASSES[model.config.model_type]
-    settings = {
-        "reduction_ratio",
-        "dominant_ratio",
-        "merge_iterations",
-        "merge_update",
-        "empty_guidance",
-        "dvts_layer",
-    }
+    settings = settings_fields(type(model.config))
     stock_config = config_class(**{key: value for key, value in model.config.to_dict().items() if key not in settings})
     with torch.device("meta"):
         stock = stock_class(stock_config).eval()
