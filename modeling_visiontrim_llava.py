@@ -88,6 +88,18 @@ def signature_of(function: Callable) -> inspect.Signature:
     return inspect.signature(function)
 
 
+def forward_inputs(stock_forward: Callable, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    """
+    The arguments of a call to `stock_forward` (a bound method) by name, its `**kwargs` spread out, and the guidance
+    inputs (`GUIDANCE_INPUTS`) taken out of them: `(inputs, guidance)`.
+    """
+    inputs = signature_of(stock_forward.__func__).bind(stock_forward.__self__, *args, **kwargs).arguments
+    inputs.pop("self")
+    inputs.update(inputs.pop("kwargs", {}))
+    guidance = {name: inputs.pop(name) for names in GUIDANCE_INPUTS.values() for name in names if name in inputs}
+    return inputs, guidance
+
+
 def guidance_docstring(*modalities: str) -> str:
     return "".join(
         GUIDANCE_DOCSTRING.format(ids=ids, mask=mask, unit=m) for m in modalities for ids, mask in [GUIDANCE_INPUTS[m]]
@@ -266,10 +278,7 @@ class VisionTrimModelMixin:
         they are.
         """
         stock_forward = super().forward
-        inputs = signature_of(stock_forward.__func__).bind(self, *args, **kwargs).arguments
-        inputs.pop("self")
-        inputs.update(inputs.pop("kwargs", {}))
-        guidance = {name: inputs.pop(name) for names in GUIDANCE_INPUTS.values() for name in names if name in inputs}
+        inputs, guidance = forward_inputs(stock_forward, args, kwargs)
         encoded = dict(inputs.get("mm_encoder_outputs") or {})
         for modality, pixels_name in MEDIA_PIXELS.items():
             pixels = inputs.get(pixels_name)

@@ -34,7 +34,7 @@ from .compression_visiontrim import (
     record_outputs,
 )
 from .configuration_visiontrim import QwenSettings, VisionTrimQwen2_5_VLConfig, VisionTrimQwen2VLConfig
-from .modeling_visiontrim_llava import GUIDANCE_INPUTS, VisionTrimGenerationMixin, signature_of, with_guidance_inputs
+from .modeling_visiontrim_llava import GUIDANCE_INPUTS, VisionTrimGenerationMixin, forward_inputs, with_guidance_inputs
 
 
 # Each modality's pixels and grid inputs.
@@ -315,10 +315,7 @@ class QwenModelMixin:
         compression on the M-RoPE positions can be those of the kept tokens (`get_rope_index`).
         """
         stock_forward = super().forward
-        inputs = signature_of(stock_forward.__func__).bind(self, *args, **kwargs).arguments
-        inputs.pop("self")
-        inputs.update(inputs.pop("kwargs", {}))
-        guidance = {name: inputs.pop(name) for names in GUIDANCE_INPUTS.values() for name in names if name in inputs}
+        inputs, guidance = forward_inputs(stock_forward, args, kwargs)
         if not self.config.compression_enabled:
             return stock_forward(**inputs)
         encoded = dict(inputs.get("mm_encoder_outputs") or {})
