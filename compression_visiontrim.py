@@ -180,15 +180,38 @@ def dominant_token_scores(features: torch.Tensor, attention: torch.Tensor, score
 
     batch, num_patches, dim = features.shape
     grid_size = round(num_patches**0.5)
-    local_affinity = local_token_affinity(features.view(batch, grid_size, grid_size, dim)).view(batch, num_patches)
-    return variance_weighted_fusion(torch.softmax(cls_attention, dim=-1), local_affinity)
+    return global_local_scores(cls_attention, features.view(batch, grid_size, grid_size, dim))
+
+
+def global_local_scores(
+    global_attention: torch.Tensor, grid: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """
+    The paper's DVTS score (`dvts_score="global_local"`) of tokens on a grid: `G = softmax(g_raw)` of the raw global
+    attention (CLS -> patch for CLIP towers, the normalised attention each unit receives for towers without a CLS
+    token) and LTAM's `Lo = softmax(softmax(l))`, fused by `variance_weighted_fusion`.
+
+    Args:
+        global_attention: `(batch, height * width)` the raw global term `g_raw`, raster order.
+        grid: `(batch, height, width, dim)` the features LTAM compares.
+        valid: `(batch, height, width)` bool, each grid's own cells when grids of different sizes are padded to one
+            shape; None when every grid fills it.
+    Returns:
+        `(batch, height * width)` float32 scores (0 outside `valid`).
+    """
+    flat_valid = valid.flatten(1) if valid is not None else None
+    local_affinity = local_token_affinity(grid, valid).flatten(1)
+    return variance_weighted_fusion(masked_softmax(global_attention.float(), flat_valid), local_affinity, flat_valid)
 
 
 def select_dominant_tokens(
     features: torch.Tensor, attention: torch.Tensor, num_tokens: int, score: str
 ) -> torch.LongTensor:
     """DVTS: the `(batch, num_tokens)` indices of the best-scored patches (`dominant_token_scores`), ascending."""
-    return top_indices_in_order(dominant_token_scores(features, attention, score), num_tokens)
+    scores = dominant_token_scores(features, attention, score)
+    every_patch = torch.ones_like(scores, dtype=torch.bool)
+    kept = top_k_mask(scores, torch.full((scores.shape[0],), num_tokens, device=scores.device), every_patch)
+    return positions_where(kept, num_tokens)
 
 
 def text_guided_complement(
@@ -271,16 +294,10 @@ def merge_step(
     return (original_seeds + assigned_sum) / (1 + assigned_count)
 
 
-def top_indices_in_order(scores: torch.Tensor, k: int) -> torch.LongTensor:
-    """The `(batch, k)` indices of the `k` highest `scores` `(batch, n)`, ties to the lower index, sorted ascending."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    return order[:, :k].sort(dim=-1).values
-
-
 def top_k_mask(scores: torch.Tensor, k: torch.LongTensor, valid: torch.Tensor) -> torch.Tensor:
     """
     `(batch, n)` bool: the `k[b]` highest `scores` `(batch, n)` among each row's `valid` entries, ties to the lower
-    index (as `top_indices_in_order`).
+    index.
     """
     order = torch.sort(scores.float().masked_fill(~valid, float("-inf")), dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(
@@ -297,14 +314,107 @@ def positions_where(mask: torch.Tensor, count: int) -> torch.LongTensor:
     return torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[:, :count]
 
 
-def positions_where_false(mask: torch.Tensor, count: int) -> torch.LongTensor:
-    """The `(batch, count)` ascending positions where `mask` `(batch, n)` is False; every row has exactly `count`."""
-    return positions_where(~mask, count)
-
-
 def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """`tokens` `(batch, n, dim)` at `indices` `(batch, k)` -> `(batch, k, dim)`."""
     return tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+@dataclass
+class Guidance:
+    """
+    What TGVC ranks and merges tokens by: each item's question, embedded per token in the space `projection` maps the
+    vision tokens into (CLIP's joint space through `visual_projection`, or the LLM's input space through the identity).
+    """
+
+    embeds: torch.Tensor  # (items, text, proj): L2-normalised float32 token embeddings
+    mask: torch.Tensor  # (items, text) bool; an all-False row: the item has no question
+    projection: nn.Module  # (…, dim) tokens -> (…, proj)
+    logit_scale: torch.Tensor  # scalar log of the similarity scale `s` (CLIP's logit_scale; 0 for s = 1)
+
+
+@dataclass
+class CompressedTokens:
+    """`compress_tokens`' output for items (crops, frames or temporal slices) padded to one length."""
+
+    features: torch.Tensor  # (items, max_dominant + max_complement, dim): DVTS tokens, then merged TGVC seeds
+    valid: torch.Tensor  # (items, max_dominant + max_complement) bool: each item's own tokens
+    dominant_indices: torch.LongTensor  # (items, max_dominant): positions DVTS kept, ascending, then padding
+    dominant_valid: torch.Tensor  # (items, max_dominant) bool
+    complement_seed_indices: torch.LongTensor  # (items, max_complement): the TGVC seeds' positions, likewise
+    complement_seed_valid: torch.Tensor  # (items, max_complement) bool
+
+
+def compress_tokens(
+    tokens: torch.Tensor,
+    scores: torch.Tensor | None,
+    num_dominant: torch.LongTensor,
+    num_complement: torch.LongTensor,
+    guidance: Guidance | None,
+    global_tokens: torch.Tensor | None,
+    merge_iterations: int,
+    merge_update: str,
+    valid: torch.Tensor | None = None,
+) -> CompressedTokens:
+    """
+    VisionTrim on a batch of items, whatever the model family: DVTS keeps each item's `num_dominant` best-scored
+    tokens (raster order), then TGVC picks `num_complement` seeds among the others by their relevance to the guidance
+    and merges the rest into them. The family supplies the scores (global source and local term), the guidance
+    (embedder) and the layout (`valid`).
+
+    Args:
+        tokens: `(items, tokens, dim)` the tokens kept or merged, raster order (padded items: each one's own first).
+        scores: `(items, tokens)` DVTS scores (`global_local_scores`, `dominant_token_scores`); None when no item
+            keeps a DVTS token.
+        num_dominant, num_complement: `(items,)` each item's `K_d` and `K_c`.
+        guidance: the question of each item; None when no item has a TGVC seed.
+        global_tokens: `(items, dim)` each item's global token (CLS, or the mean token), which guides the items
+            whose guidance has no text (`config.empty_guidance="cls_similarity"`).
+        merge_iterations, merge_update: the TGVC merge (`text_guided_complement`).
+        valid: `(items, tokens)` bool, the real tokens of items padded to one length; None: all.
+    """
+    batch, num_tokens, _ = tokens.shape
+    device = tokens.device
+    if valid is None:
+        valid = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
+    max_dominant, max_complement = int(num_dominant.max()), int(num_complement.max())
+    if max_dominant > 0:
+        is_dominant = top_k_mask(scores, num_dominant, valid)
+    else:
+        is_dominant = torch.zeros_like(valid)
+    dominant_indices = positions_where(is_dominant, max_dominant)
+    dominant_valid = torch.arange(max_dominant, device=device) < num_dominant.unsqueeze(-1)
+    dominant = gather_tokens(tokens, dominant_indices)
+    if max_complement == 0:
+        return CompressedTokens(
+            dominant, dominant_valid, dominant_indices, dominant_valid, dominant_indices[:, :0], dominant_valid[:, :0]
+        )
+
+    is_remaining = valid & ~is_dominant
+    remaining_indices = positions_where(is_remaining, int(is_remaining.sum(dim=-1).max()))
+    remaining_valid = is_remaining.gather(1, remaining_indices)
+    remaining = gather_tokens(tokens, remaining_indices)
+    text_embeds, text_mask = add_class_guidance(guidance.embeds, guidance.mask, global_tokens, guidance.projection)
+    seeds, seed_positions = text_guided_complement(
+        remaining,
+        F.normalize(guidance.projection(remaining).float(), dim=-1),
+        text_embeds.to(device),
+        text_mask.to(device),
+        guidance.logit_scale,
+        guidance.projection,
+        num_complement,
+        merge_iterations,
+        merge_update,
+        token_mask=remaining_valid,
+    )
+    seed_valid = torch.arange(max_complement, device=device) < num_complement.unsqueeze(-1)
+    return CompressedTokens(
+        torch.cat([dominant, seeds.to(dominant.dtype)], dim=1),
+        torch.cat([dominant_valid, seed_valid], dim=1),
+        dominant_indices,
+        dominant_valid,
+        remaining_indices.gather(1, seed_positions),
+        seed_valid,
+    )
 
 
 # Outputs of the projections recorded while the vision tower runs, per thread/task (see `record_outputs`).
@@ -588,52 +698,41 @@ def compress_crops(
             f"{config.num_patches} ({config.vision_config.image_size} px / patch "
             f"{config.vision_config.patch_size}): feed images at the tower's resolution."
         )
-    num_dominant = config.dominant_tokens
-    if num_dominant > 0:
+    scores = None
+    if config.dominant_tokens > 0:
         rows = run.key.shape[1] if config.dvts_score == "received_attention" else 1  # the CLS row is enough
         attention = head_mean_attention(run.query[:, :rows], run.key, run.num_heads, run.scaling)
-        dominant_indices = select_dominant_tokens(patches, attention, num_dominant, config.dvts_score)
-    else:
-        dominant_indices = torch.empty(num_crops, 0, dtype=torch.long, device=patches.device)
-    dominant = gather_tokens(patches, dominant_indices)
-    if not config.tgvc_enabled:
-        return CompressedCrops(dominant, dominant_indices, dominant_indices[:, :0], crops_per_unit)
-
-    text_embeds, text_mask = encode_guidance(
-        text_encoder,
-        guidance_input_ids,
-        guidance_attention_mask,
-        len(crops_per_unit),
-        config.empty_guidance,
-        input_name,
-        guidance_cache,
-    )
-    repeats = torch.tensor(crops_per_unit, device=text_embeds.device)
-    text_embeds = text_embeds.repeat_interleave(repeats, dim=0).to(patches.device)
-    text_mask = text_mask.repeat_interleave(repeats, dim=0).to(patches.device)
-    text_embeds, text_mask = add_class_guidance(text_embeds, text_mask, class_tokens, visual_projection)
-
-    is_dominant = torch.zeros(num_crops, num_patches, dtype=torch.bool, device=patches.device)
-    is_dominant = is_dominant.scatter(1, dominant_indices, True)
-    remaining_indices = positions_where_false(is_dominant, num_patches - num_dominant)
-    remaining = gather_tokens(patches, remaining_indices)
-    remaining_embeds = F.normalize(visual_projection(remaining).float(), dim=-1)
-    merged, seed_positions = text_guided_complement(
-        remaining,
-        remaining_embeds,
-        text_embeds,
-        text_mask,
-        logit_scale,
-        visual_projection,
-        config.complement_tokens,
+        scores = dominant_token_scores(patches, attention, config.dvts_score)
+    guidance = None
+    if config.tgvc_enabled:
+        text_embeds, text_mask = encode_guidance(
+            text_encoder,
+            guidance_input_ids,
+            guidance_attention_mask,
+            len(crops_per_unit),
+            config.empty_guidance,
+            input_name,
+            guidance_cache,
+        )
+        repeats = torch.tensor(crops_per_unit, device=text_embeds.device)
+        guidance = Guidance(
+            text_embeds.repeat_interleave(repeats, dim=0).to(patches.device),
+            text_mask.repeat_interleave(repeats, dim=0).to(patches.device),
+            visual_projection,
+            logit_scale,
+        )
+    compressed = compress_tokens(
+        patches,
+        scores,
+        torch.full((num_crops,), config.dominant_tokens, device=patches.device),
+        torch.full((num_crops,), config.complement_tokens, device=patches.device),
+        guidance,
+        class_tokens,
         config.merge_iterations,
         config.merge_update,
     )
     return CompressedCrops(
-        torch.cat([dominant, merged], dim=1),
-        dominant_indices,
-        remaining_indices.gather(1, seed_positions),
-        crops_per_unit,
+        compressed.features, compressed.dominant_indices, compressed.complement_seed_indices, crops_per_unit
     )
 
 
@@ -741,8 +840,10 @@ def compress_units(
     unit_rows, unit_cols = patch_rows // run.merge_size, patch_cols // run.merge_size
     units_per_slice = unit_rows * unit_cols
 
-    query, valid_patches = pad_segments(run.query, frames * patch_rows * patch_cols)
-    key, _ = pad_segments(run.key, frames * patch_rows * patch_cols)
+    # Each temporal slice attends only within itself (the scored block's `cu_seqlens` segments).
+    patches_per_slice = (patch_rows * patch_cols).repeat_interleave(frames)
+    query, valid_patches = pad_segments(run.query, patches_per_slice)
+    key, _ = pad_segments(run.key, patches_per_slice)
     received = received_attention(query, key, valid_patches, run.num_heads, run.scaling)
     received = received.view(received.shape[0], -1, unit_size).sum(dim=-1)
     unit_received = received[valid_patches[:, ::unit_size]]  # (units,) in media order: slices consecutive
@@ -768,50 +869,34 @@ def compress_units(
     global_scores = on_grid(unit_received.float())
     global_scores = global_scores / global_scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     unit_features = on_grid(run.features.view(-1, unit_size, run.features.shape[-1]).float().mean(dim=1))
-    local_affinity = local_token_affinity(
-        unit_features.view(num_slices, max_rows, max_cols, -1), valid.view(num_slices, max_rows, max_cols)
-    ).flatten(1)
-    scores = variance_weighted_fusion(global_scores, local_affinity, valid)
+    grid_valid = valid.view(num_slices, max_rows, max_cols)
+    scores = global_local_scores(global_scores, unit_features.view(num_slices, max_rows, max_cols, -1), grid_valid)
 
     budgets = [config.kept_tokens(units) for units in slice_units.tolist()]
     num_dominant = torch.tensor([dominant for dominant, _ in budgets], device=grid.device)
     num_complement = torch.tensor([complement for _, complement in budgets], device=grid.device)
-    is_dominant = top_k_mask(scores, num_dominant, valid)
-    dominant_cells = positions_where(is_dominant, int(num_dominant.max()))
-    dominant_valid = torch.arange(dominant_cells.shape[1], device=grid.device) < num_dominant.unsqueeze(-1)
     merged = on_grid(run.outputs.pooler_output)
-    dominant = gather_tokens(merged, dominant_cells)
-
-    if int(num_complement.max()) > 0:
-        is_remaining = valid & ~is_dominant
-        remaining_cells = positions_where(is_remaining, int(is_remaining.sum(dim=-1).max()))
-        remaining_valid = is_remaining.gather(1, remaining_cells)
-        remaining = gather_tokens(merged, remaining_cells)
-        slice_text = text_embeds.repeat_interleave(frames.to(text_embeds.device), dim=0).to(merged.device)
-        slice_mask = text_mask.repeat_interleave(frames.to(text_mask.device), dim=0).to(merged.device)
-        slice_means = (merged * valid.unsqueeze(-1)).sum(dim=1) / slice_units.unsqueeze(-1)
-        slice_text, slice_mask = add_class_guidance(slice_text, slice_mask, slice_means, nn.Identity())
-        seeds, seed_positions = text_guided_complement(
-            remaining,
-            F.normalize(remaining.float(), dim=-1),
-            slice_text,
-            slice_mask,
-            torch.zeros((), device=merged.device),
+    guidance = None
+    if text_embeds is not None:
+        guidance = Guidance(
+            text_embeds.repeat_interleave(frames.to(text_embeds.device), dim=0).to(merged.device),
+            text_mask.repeat_interleave(frames.to(text_mask.device), dim=0).to(merged.device),
             nn.Identity(),
-            num_complement,
-            config.merge_iterations,
-            config.merge_update,
-            token_mask=remaining_valid,
+            torch.zeros((), device=merged.device),
         )
-        seed_cells = remaining_cells.gather(1, seed_positions)
-        seed_valid = torch.arange(seed_cells.shape[1], device=grid.device) < num_complement.unsqueeze(-1)
-    else:
-        seeds = merged[:, :0]
-        seed_cells = dominant_cells[:, :0]
-        seed_valid = dominant_valid[:, :0]
+    slice_means = (merged * valid.unsqueeze(-1)).sum(dim=1) / slice_units.unsqueeze(-1)
+    compressed = compress_tokens(
+        merged,
+        scores,
+        num_dominant,
+        num_complement,
+        guidance,
+        slice_means,
+        config.merge_iterations,
+        config.merge_update,
+        valid,
+    )
 
-    kept_valid = torch.cat([dominant_valid, seed_valid], dim=1)
-    kept_cells = torch.cat([dominant_cells, seed_cells], dim=1)
     first_slice = F.pad(frames.cumsum(0), (1, 0))[:-1].repeat_interleave(frames)
     slice_start = (torch.arange(num_slices, device=grid.device) - first_slice) * slice_units
 
@@ -819,15 +904,16 @@ def compress_units(
         """Padded grid cells -> the unit's raster index in its image or video (slice offset included)."""
         return slice_start.unsqueeze(-1) + (cells // max_cols) * slice_cols.unsqueeze(-1) + cells % max_cols
 
+    kept_cells = torch.cat([compressed.dominant_indices, compressed.complement_seed_indices], dim=1)
     tokens_per_slice = num_dominant + num_complement
     tokens_per_media = torch.zeros(len(frames), dtype=torch.long, device=grid.device).index_add_(
         0, torch.arange(len(frames), device=grid.device).repeat_interleave(frames), tokens_per_slice
     )
     return CompressedUnits(
-        torch.cat([dominant, seeds.to(dominant.dtype)], dim=1)[kept_valid],
-        unit_index(kept_cells)[kept_valid],
-        unit_index(dominant_cells)[dominant_valid],
-        unit_index(seed_cells)[seed_valid],
+        compressed.features[compressed.valid],
+        unit_index(kept_cells)[compressed.valid],
+        unit_index(compressed.dominant_indices)[compressed.dominant_valid],
+        unit_index(compressed.complement_seed_indices)[compressed.complement_seed_valid],
         tokens_per_media.tolist(),
     )
 
