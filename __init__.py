@@ -11,48 +11,20 @@ under vLLM's pinned Transformers without the Transformers model classes.
 import importlib
 from typing import Any
 
+from .architectures import exports
+
 
 __version__ = "0.1.0"
 
-# Public name -> the module that defines it.
-_EXPORTS = {
-    "configuration_visiontrim": (
-        "VisionTrimLlavaConfig",
-        "VisionTrimLlavaNextConfig",
-        "VisionTrimLlavaNextVideoConfig",
-        "VisionTrimQwen2VLConfig",
-        "VisionTrimQwen2_5_VLConfig",
-        "VisionTrimSettings",
-        "VisionTrimVideoLlavaConfig",
-    ),
-    "modeling_visiontrim_llava": (
-        "VisionTrimLlavaForConditionalGeneration",
-        "VisionTrimLlavaModel",
-        "VisionTrimLlavaNextForConditionalGeneration",
-        "VisionTrimLlavaNextModel",
-        "VisionTrimLlavaNextVideoForConditionalGeneration",
-        "VisionTrimLlavaNextVideoModel",
-        "VisionTrimVideoLlavaForConditionalGeneration",
-        "VisionTrimVideoLlavaModel",
-    ),
-    "modeling_visiontrim_qwen2_vl": (
-        "VisionTrimQwen2VLForConditionalGeneration",
-        "VisionTrimQwen2VLModel",
-        "VisionTrimQwen2_5_VLForConditionalGeneration",
-        "VisionTrimQwen2_5_VLModel",
-    ),
-    "processing_visiontrim": (
-        "VisionTrimLlavaNextProcessor",
-        "VisionTrimLlavaNextVideoProcessor",
-        "VisionTrimProcessor",
-        "VisionTrimQwen2VLProcessor",
-        "VisionTrimQwen2_5_VLProcessor",
-        "VisionTrimQwenVideoProcessor",
-        "VisionTrimVideoLlavaProcessor",
-        "VisionTrimVideoProcessor",
-    ),
+# Public name -> the module that defines it: every architecture's classes (`architectures.py`), and the rest.
+_MODULE_OF = {
+    **exports(),
+    "CompressionSettings": "configuration_visiontrim",
+    "QwenSettings": "configuration_visiontrim_qwen2_vl",
+    "VisionTrimSettings": "configuration_visiontrim_llava",
+    "VisionTrimQwenVideoProcessor": "video_processing_visiontrim",
+    "VisionTrimVideoProcessor": "video_processing_visiontrim",
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = sorted(_MODULE_OF)
 

@@ -25,7 +25,7 @@ from transformers import CLIPTextModelWithProjection
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging
 
-from .configuration_visiontrim import QwenSettings, VisionTrimSettings
+from .configuration_visiontrim import CompressionSettings
 
 
 logger = logging.get_logger(__name__)
@@ -377,10 +377,7 @@ def compress_tokens(
     if valid is None:
         valid = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
     max_dominant, max_complement = int(num_dominant.max()), int(num_complement.max())
-    if max_dominant > 0:
-        is_dominant = top_k_mask(scores, num_dominant, valid)
-    else:
-        is_dominant = torch.zeros_like(valid)
+    is_dominant = top_k_mask(scores, num_dominant, valid) if max_dominant > 0 else torch.zeros_like(valid)
     dominant_indices = positions_where(is_dominant, max_dominant)
     dominant_valid = torch.arange(max_dominant, device=device) < num_dominant.unsqueeze(-1)
     dominant = gather_tokens(tokens, dominant_indices)
@@ -604,7 +601,7 @@ class GuidanceEmbeddingCache:
     used only without gradients. Its capacity is `config.guidance_cache_size`, read live.
     """
 
-    def __init__(self, config: VisionTrimSettings):
+    def __init__(self, config: CompressionSettings):
         self.config = config
         self.entries: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.weights_stamp: tuple | None = None
@@ -666,7 +663,7 @@ def add_class_guidance(
 
 def compress_crops(
     run: VisionTowerRun,
-    config: VisionTrimSettings,
+    config: CompressionSettings,
     visual_projection: nn.Module,
     logit_scale: torch.Tensor,
     text_encoder: CLIPTextModelWithProjection,
@@ -812,7 +809,7 @@ class CompressedUnits:
 
 def compress_units(
     run: QwenTowerRun,
-    config: QwenSettings,
+    config: CompressionSettings,
     text_embeds: torch.Tensor | None,
     text_mask: torch.Tensor | None,
 ) -> CompressedUnits:

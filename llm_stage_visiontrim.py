@@ -24,7 +24,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .compression_visiontrim import gather_tokens, merge_step
-from .configuration_visiontrim import VisionTrimSettings
+from .configuration_visiontrim_llava import VisionTrimSettings
 
 
 def causal_attention_probabilities(

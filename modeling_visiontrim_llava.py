@@ -6,16 +6,12 @@ per video frame) are compressed by DVTS + TGVC before the projector.
 Each class adds to its stock Transformers class only what VisionTrim changes. A base model (`*Model`) takes
 `VisionTrimModelMixin`: the CLIP text tower and head, `forward` encoding the media before the LLM, and the LLM-stage
 decoder; it overrides `get_image_features` / `get_video_features` to compress. A generation class
-(`*ForConditionalGeneration`) takes `VisionTrimGenerationMixin` and names its base model and its `forward`. The
+(`*ForConditionalGeneration`) takes `LlavaGenerationMixin` and names its base model and its `forward`. The
 algorithm is in `compression_visiontrim.py` (vision stage) and `llm_stage_visiontrim.py` (LLM stage).
 """
 
-import functools
-import inspect
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,7 +49,7 @@ from .compression_visiontrim import (
     compress_crops,
     run_vision_tower,
 )
-from .configuration_visiontrim import (
+from .configuration_visiontrim_llava import (
     AnyresSettings,
     VisionTrimLlavaConfig,
     VisionTrimLlavaNextConfig,
@@ -63,47 +59,17 @@ from .configuration_visiontrim import (
     vision_attention_layer,
 )
 from .llm_stage_visiontrim import build_language_model, llm_stage_inputs
+from .modeling_visiontrim_utils import (
+    MEDIA_PIXELS,
+    VisionTrimGenerationMixin,
+    forward_inputs,
+    signature_of,
+    with_guidance_inputs,
+)
 
 
 # CLIP's initial temperature, log(1 / 0.07); trained CLIP checkpoints bring their own value.
 CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)
-# The pixels input of each modality, and its guidance inputs (the processor's names, one row per image or video).
-MEDIA_PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
-GUIDANCE_INPUTS = {
-    "image": ("guidance_input_ids", "guidance_attention_mask"),
-    "video": ("video_guidance_input_ids", "video_guidance_attention_mask"),
-}
-GUIDANCE_DOCSTRING = r"""
-        {ids} (`torch.LongTensor` of shape `({unit}s, text)`, *optional*):
-            CLIP-tokenised guidance text of each {unit}, shared by all its crops or frames (the VisionTrim processor
-            returns it); needed when TGVC is on.
-        {mask} (`torch.Tensor` of shape `({unit}s, text)`, *optional*):
-            Mask of `{ids}`; a row of zeros marks an empty guidance text.
-"""
-
-
-@functools.cache
-def signature_of(function: Callable) -> inspect.Signature:
-    """`inspect.signature(function)`, cached: a base model reads its stock methods' signatures at every call."""
-    return inspect.signature(function)
-
-
-def forward_inputs(stock_forward: Callable, args: tuple, kwargs: dict) -> tuple[dict, dict]:
-    """
-    The arguments of a call to `stock_forward` (a bound method) by name, its `**kwargs` spread out, and the guidance
-    inputs (`GUIDANCE_INPUTS`) taken out of them: `(inputs, guidance)`.
-    """
-    inputs = signature_of(stock_forward.__func__).bind(stock_forward.__self__, *args, **kwargs).arguments
-    inputs.pop("self")
-    inputs.update(inputs.pop("kwargs", {}))
-    guidance = {name: inputs.pop(name) for names in GUIDANCE_INPUTS.values() for name in names if name in inputs}
-    return inputs, guidance
-
-
-def guidance_docstring(*modalities: str) -> str:
-    return "".join(
-        GUIDANCE_DOCSTRING.format(ids=ids, mask=mask, unit=m) for m in modalities for ids, mask in [GUIDANCE_INPUTS[m]]
-    )
 
 
 @dataclass
@@ -481,41 +447,8 @@ class VideoModelMixin(VisionTrimModelMixin):
         return self.encoder_output(run, compressed, self.video_pooler_output(features, *pixel_values_videos.shape[:2]))
 
 
-class VisionTrimGenerationMixin:
-    """
-    What VisionTrim adds to a LLaVA-family generation class: its base model is the VisionTrim one
-    (`base_model_class`), built in place of the stock one. Its `forward` is the stock one with the guidance inputs in
-    the signature (`with_guidance_inputs`).
-    """
-
-    base_model_class: type[PreTrainedModel]
-
-    def __init__(self, config: VisionTrimSettings):
-        PreTrainedModel.__init__(self, config)
-        self.model = self.base_model_class(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`; a weight file that cannot be read is named in the error."""
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        except SafetensorError as error:
-            damaged = []
-            for path in sorted(Path(pretrained_model_name_or_path).glob("*.safetensors")):
-                try:
-                    with safe_open(path, "pt") as weights:
-                        weights.keys()
-                except SafetensorError:
-                    damaged.append(str(path))
-            where = ", ".join(damaged) or f"a weight file of {pretrained_model_name_or_path}"
-            raise OSError(
-                f"{where} cannot be read as safetensors ({error}): the file is damaged or incomplete. Download or "
-                "copy it again; `python -m visiontrim verify FOLDER` checks a converted folder's files."
-            ) from error
+class LlavaGenerationMixin(VisionTrimGenerationMixin):
+    """What the LLaVA-family generation classes add: the prompt's length for the LLM stage."""
 
     def _update_model_kwargs_for_generation(
         self, outputs, model_kwargs: dict, is_encoder_decoder: bool = False, num_new_tokens: int = 1
@@ -533,37 +466,6 @@ class VisionTrimGenerationMixin:
         )
 
 
-def with_guidance_inputs(forward: Callable, *modalities: str) -> Callable:
-    """
-    A generation class's stock `forward` with the guidance inputs of `modalities` in its signature, where `generate()`
-    looks for the kwargs it accepts; they travel in `**kwargs` to the base model. `labels` are refused while the LLM
-    stage is on: its logits then cover the kept positions only.
-    """
-    signature = inspect.signature(forward)
-    *parameters, var_keyword = signature.parameters.values()
-    guidance = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=torch.Tensor | None)
-        for modality in modalities
-        for name in GUIDANCE_INPUTS[modality]
-    ]
-    signature = signature.replace(parameters=[*parameters, *guidance, var_keyword])
-
-    @functools.wraps(forward)
-    def forward_with_guidance(self, *args, **kwargs):
-        if self.config.llm_stage_enabled and signature.bind(self, *args, **kwargs).arguments.get("labels") is not None:
-            raise ValueError(
-                "The LLM stage drops visual positions inside the LLM, so its logits do not line up with `labels`: "
-                "compute the loss with `config.llm_stage_layer=None`."
-            )
-        return forward(self, *args, **kwargs)
-
-    forward_with_guidance.__signature__ = signature
-    forward_with_guidance.__doc__ = (
-        f"`{forward.__qualname__}` plus the guidance text:\n{guidance_docstring(*modalities)}"
-    )
-    return forward_with_guidance
-
-
 class VisionTrimLlavaModel(VisionTrimModelMixin, LlavaModel):
     """`LlavaModel` whose image features are the DVTS + TGVC tokens of each image, `config.visual_tokens` per image."""
 
@@ -577,7 +479,7 @@ class VisionTrimLlavaModel(VisionTrimModelMixin, LlavaModel):
         self.post_init()
 
 
-class VisionTrimLlavaForConditionalGeneration(VisionTrimGenerationMixin, LlavaForConditionalGeneration):
+class VisionTrimLlavaForConditionalGeneration(LlavaGenerationMixin, LlavaForConditionalGeneration):
     """
     LLaVA-1.5 with VisionTrim: the LLM sees `config.visual_tokens` tokens per image (DVTS-selected dominant tokens,
     then TGVC-merged question-relevant tokens) instead of every patch token. Inputs come from `VisionTrimProcessor`.
@@ -604,7 +506,7 @@ class VisionTrimLlavaNextModel(AnyresModelMixin, LlavaNextModel):
         self.post_init()
 
 
-class VisionTrimLlavaNextForConditionalGeneration(VisionTrimGenerationMixin, LlavaNextForConditionalGeneration):
+class VisionTrimLlavaNextForConditionalGeneration(LlavaGenerationMixin, LlavaNextForConditionalGeneration):
     """
     LLaVA-NeXT (anyres) with VisionTrim: every crop of an image (base view and high-res crops) is compressed to
     `config.visual_tokens` tokens by DVTS + TGVC, guided by the image's question. Inputs come from
@@ -650,7 +552,7 @@ class VisionTrimVideoLlavaModel(VideoModelMixin, VideoLlavaModel):
         return features
 
 
-class VisionTrimVideoLlavaForConditionalGeneration(VisionTrimGenerationMixin, VideoLlavaForConditionalGeneration):
+class VisionTrimVideoLlavaForConditionalGeneration(LlavaGenerationMixin, VideoLlavaForConditionalGeneration):
     """
     Video-LLaVA with VisionTrim: each image and each video frame is compressed to `config.visual_tokens` tokens by
     DVTS + TGVC, guided by its prompt's question. Inputs come from `VisionTrimVideoLlavaProcessor`.
@@ -684,9 +586,7 @@ class VisionTrimLlavaNextVideoModel(VideoModelMixin, AnyresModelMixin, LlavaNext
         return features.unflatten(0, (videos, frames)).flatten(1, 2)
 
 
-class VisionTrimLlavaNextVideoForConditionalGeneration(
-    VisionTrimGenerationMixin, LlavaNextVideoForConditionalGeneration
-):
+class VisionTrimLlavaNextVideoForConditionalGeneration(LlavaGenerationMixin, LlavaNextVideoForConditionalGeneration):
     """
     LLaVA-NeXT-Video with VisionTrim: image crops and video frames are each compressed to `config.visual_tokens`
     tokens by DVTS + TGVC, guided by their prompt's question. Inputs come from `VisionTrimLlavaNextVideoProcessor`.

@@ -33,8 +33,8 @@ from .compression_visiontrim import (
     compress_units,
     record_outputs,
 )
-from .configuration_visiontrim import QwenSettings, VisionTrimQwen2_5_VLConfig, VisionTrimQwen2VLConfig
-from .modeling_visiontrim_llava import GUIDANCE_INPUTS, VisionTrimGenerationMixin, forward_inputs, with_guidance_inputs
+from .configuration_visiontrim_qwen2_vl import QwenSettings, VisionTrimQwen2_5_VLConfig, VisionTrimQwen2VLConfig
+from .modeling_visiontrim_utils import GUIDANCE_INPUTS, VisionTrimGenerationMixin, forward_inputs, with_guidance_inputs
 
 
 # Each modality's pixels and grid inputs.
@@ -373,8 +373,8 @@ class VisionTrimQwen2_5_VLModel(QwenModelMixin, Qwen2_5_VLModel):
 
 class VisionTrimQwen2_5_VLForConditionalGeneration(QwenGenerationMixin, Qwen2_5_VLForConditionalGeneration):
     """
-    Qwen2.5-VL with VisionTrim: an image of `N` merged tokens gives the LLM `max(1, round(N * (1 - reduction_ratio)))`
-    of them (DVTS-selected, then TGVC-merged), at their own M-RoPE positions. Inputs come from
+    Qwen2.5-VL with VisionTrim: an image of `N` merged tokens gives the LLM `max(1, round_half_up(N * (1 -
+    reduction_ratio)))` of them (DVTS-selected, then TGVC-merged), at their own M-RoPE positions. Inputs come from
     `VisionTrimQwen2_5_VLProcessor`.
     """
 

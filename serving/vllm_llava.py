@@ -37,6 +37,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import ProcessorInputs, TimingContext
 
+from ..architectures import ARCHITECTURES
 from ..compression_visiontrim import (
     CompressedCrops,
     GuidanceEmbeddingCache,
@@ -45,7 +46,7 @@ from ..compression_visiontrim import (
     compress_crops,
     record_outputs,
 )
-from ..configuration_visiontrim import vision_attention_layer
+from ..configuration_visiontrim_llava import vision_attention_layer
 from ..processing_visiontrim import guidance_from_prompt
 from .weight_names import vllm_weight_name
 
@@ -298,10 +299,11 @@ class UnservedArchitecture(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         architecture = vllm_config.model_config.hf_config.architectures[0]
+        served = " and ".join(a.display_name for a in ARCHITECTURES if a.vllm_served)
         raise ValueError(
-            f"{architecture} is not served by the VisionTrim vLLM plugin, which serves the VisionTrim LLaVA-1.5 and "
-            "LLaVA-NeXT image models; run video models with Transformers "
-            "(`AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)`)."
+            f"{architecture} is not served by the VisionTrim vLLM plugin, which serves VisionTrim {served} folders; "
+            "run this folder with Transformers (`AutoModelForImageTextToText.from_pretrained(path, "
+            "trust_remote_code=True)`)."
         )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -4,22 +4,25 @@ vLLM general plugin: registers the VisionTrim architectures with vLLM's model re
 `vllm serve PATH --trust-remote-code` and `LLM(model=PATH, trust_remote_code=True)` load a VisionTrim folder.
 
 vLLM calls `register` in each of its processes (entry point group `vllm.general_plugins`); the model classes are
-given by name and imported only when a VisionTrim folder is loaded. VisionTrim LLaVA-1.5 and LLaVA-NeXT are served;
-the video architectures are registered so that loading one fails with a message that says so, rather than vLLM
-falling back to its generic Transformers backend (which would run the folder's code outside vLLM's kernels).
+given by name and imported only when a VisionTrim folder is loaded. The architectures the table in
+`architectures.py` marks as served are; every other VisionTrim architecture is registered too, so that loading one
+fails with a message that names what the plugin serves, rather than vLLM falling back to its generic Transformers
+backend (which would run the folder's code outside vLLM's kernels).
 """
 
-SERVED_ARCHITECTURES = {
-    "VisionTrimLlavaForConditionalGeneration": "VisionTrimLlavaForConditionalGeneration",
-    "VisionTrimLlavaNextForConditionalGeneration": "VisionTrimLlavaNextForConditionalGeneration",
-    "VisionTrimVideoLlavaForConditionalGeneration": "UnservedArchitecture",
-    "VisionTrimLlavaNextVideoForConditionalGeneration": "UnservedArchitecture",
-}
+from ..architectures import ARCHITECTURES
+
+
+def served_class(architecture_name: str) -> str:
+    """The class in `serving.vllm_llava` that vLLM builds for a VisionTrim architecture's folders."""
+    architecture = next(a for a in ARCHITECTURES if a.class_names["model"] == architecture_name)
+    return architecture_name if architecture.vllm_served else "UnservedArchitecture"
 
 
 def register() -> None:
     from vllm import ModelRegistry
 
-    for architecture, class_name in SERVED_ARCHITECTURES.items():
-        if architecture not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(architecture, f"visiontrim.serving.vllm_llava:{class_name}")
+    for architecture in ARCHITECTURES:
+        name = architecture.class_names["model"]
+        if name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(name, f"visiontrim.serving.vllm_llava:{served_class(name)}")

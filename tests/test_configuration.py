@@ -115,7 +115,7 @@ def test_config_json_stores_every_compression_setting(tmp_path):
     assert "visual_tokens" not in stored  # derived, never a second source of truth
     assert {key: stored[key] for key in NON_DEFAULT_SETTINGS} == NON_DEFAULT_SETTINGS
     assert stored["projection_dim"] == 16 and stored["guidance_config"]["projection_dim"] == 16
-    assert stored["auto_map"]["AutoConfig"] == "configuration_visiontrim.VisionTrimLlavaConfig"
+    assert stored["auto_map"]["AutoConfig"] == "configuration_visiontrim_llava.VisionTrimLlavaConfig"
 
     reloaded = VisionTrimLlavaConfig.from_pretrained(tmp_path)
     for field in ("reduction_ratio", *NON_DEFAULT_SETTINGS):

@@ -256,7 +256,7 @@ def test_llava_hf_checkpoint_converts_to_a_loadable_repository_equal_to_stock(tm
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((output / shard).is_file() for shard in shards)
     assert not list(output.glob("*.bin")) and not list(output.glob("*.pt"))
-    for name in ("configuration_visiontrim.py", "modeling_visiontrim_llava.py", "processing_visiontrim.py",
+    for name in ("configuration_visiontrim_llava.py", "modeling_visiontrim_llava.py", "processing_visiontrim_llava.py",
                  "compression_visiontrim.py", "processor_config.json", "chat_template.jinja", "generation_config.json",
                  "tokenizer.json", "guidance_tokenizer/tokenizer.json", "README.md"):  # fmt: skip
         assert (output / name).is_file(), name

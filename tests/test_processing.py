@@ -208,7 +208,7 @@ def test_16_bit_grayscale_images_keep_their_range(processor):
 
 
 def test_a_guidance_text_cut_to_77_clip_tokens_is_warned_about(processor):
-    logger = sys.modules[type(processor).__module__].logger
+    logger = sys.modules[type(processor).tokenize_guidance.__module__].logger
     long_question = "USER: <image>\n" + "Is the cat on the left of the red sofa? " * 12 + "ASSISTANT:"
     image = Image.new("RGB", (336, 336))
     with mock.patch.object(logger, "warning_once") as warning:

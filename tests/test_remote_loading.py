@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,13 +15,34 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 from helpers import NON_DEFAULT_SETTINGS, QUESTION_PROMPT, load_remote, save_checkpoint, working_directory
 
 
-REMOTE_CODE_FILES = (
-    "configuration_visiontrim.py",
-    "modeling_visiontrim_llava.py",
-    "processing_visiontrim.py",
+# The remote code a folder ships: the family-agnostic core, then each family's own files, nothing of another family.
+CORE_FILES = {
     "compression_visiontrim.py",
+    "configuration_visiontrim.py",
+    "modeling_visiontrim_utils.py",
+    "processing_visiontrim.py",
+}
+LLAVA_FILES = CORE_FILES | {
+    "configuration_visiontrim_llava.py",
     "llm_stage_visiontrim.py",
-)
+    "modeling_visiontrim_llava.py",
+    "processing_visiontrim_llava.py",
+}
+QWEN_FILES = CORE_FILES | {
+    "configuration_visiontrim_qwen2_vl.py",
+    "modeling_visiontrim_qwen2_vl.py",
+    "processing_visiontrim_qwen2_vl.py",
+    "video_processing_visiontrim.py",
+}
+SHIPPED_FILES = {
+    "llava": LLAVA_FILES,
+    "llava-next": LLAVA_FILES,
+    "video-llava": LLAVA_FILES | {"video_processing_visiontrim.py"},
+    "llava-next-video": LLAVA_FILES | {"video_processing_visiontrim.py"},
+    "qwen2.5-vl": QWEN_FILES,
+    "qwen2-vl": QWEN_FILES,
+}
+REMOTE_CODE_FILES = tuple(sorted(LLAVA_FILES))
 
 
 def test_checkpoint_folder_is_a_hub_repository(checkpoint):
@@ -35,11 +57,11 @@ def test_checkpoint_folder_is_a_hub_repository(checkpoint):
     assert not list(checkpoint.glob("*.bin"))  # safetensors only, never pickle
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["auto_map"] == {
-        "AutoConfig": "configuration_visiontrim.VisionTrimLlavaConfig",
+        "AutoConfig": "configuration_visiontrim_llava.VisionTrimLlavaConfig",
         "AutoModelForImageTextToText": "modeling_visiontrim_llava.VisionTrimLlavaForConditionalGeneration",
     }
     processor_config = json.loads((checkpoint / "processor_config.json").read_text())
-    assert processor_config["auto_map"] == {"AutoProcessor": "processing_visiontrim.VisionTrimProcessor"}
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_visiontrim_llava.VisionTrimProcessor"}
     assert processor_config["reduction_ratio"] == config["reduction_ratio"]
     with safe_open(checkpoint / "model.safetensors", "pt") as weights:
         names = set(weights.keys())
@@ -204,3 +226,68 @@ def test_pipeline_chat_with_only_an_image(checkpoint, photos, tmp_path):
     messages = [{"role": "user", "content": [{"type": "image", "image": photos[0]}]}]
     reply = pipe(text=messages, max_new_tokens=3, do_sample=False)
     assert reply[0]["generated_text"][-1]["role"] == "assistant"
+
+
+# Loads each folder given and generates from an image and a question in a fresh interpreter in which `import
+# visiontrim` fails, printing the model's class and module.
+EACH_FOLDER_WITHOUT_PACKAGE = (
+    WITHOUT_PACKAGE.split("folder, photo = sys.argv[1:]")[0]
+    + """
+photo, *folders = sys.argv[1:]
+for folder in folders:
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[Image.open(photo).convert("RGB")], text=[prompt], return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert output.shape[1] == inputs["input_ids"].shape[1] + 2, output.shape
+    print(type(model).__name__, type(model).__module__)
+"""
+)
+
+
+def test_each_folder_ships_the_core_and_its_own_family_only(tmp_path):
+    from visiontrim.tools.build import build_config, build_model, build_processor
+    from visiontrim.tools.build_qwen import build_qwen_config, build_qwen_model, build_qwen_processor
+    from visiontrim.tools.demo import sample_photo
+
+    copies = []
+    for arch, expected in SHIPPED_FILES.items():
+        folder = tmp_path / arch
+        if arch.startswith("qwen"):
+            config = build_qwen_config(arch)
+            build_qwen_model(config).save_pretrained(folder)
+            build_qwen_processor(config).save_pretrained(folder)
+        else:
+            config = build_config(arch=arch)
+            build_model(config).save_pretrained(folder)
+            build_processor(config).save_pretrained(folder)
+        written = {path.name for path in folder.rglob("*.py")}
+        assert written == expected, (arch, written ^ expected)
+        other_family = "llava" if arch.startswith("qwen") else "qwen"
+        for name in written - {"video_processing_visiontrim.py"}:  # the Pillow video processors of both families
+            imports = [line for line in (folder / name).read_text().splitlines() if "import" in line]
+            assert not [line for line in imports if other_family in line.lower()], (arch, name)
+        copies.append(tmp_path / "copies" / arch)
+        shutil.copytree(folder, copies[-1])  # only what save_pretrained wrote travels
+    environment = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf")}
+    result = subprocess.run(
+        [sys.executable, "-c", EACH_FOLDER_WITHOUT_PACKAGE, str(sample_photo("chelsea.jpg")), *map(str, copies)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=environment,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = [line.split() for line in result.stdout.splitlines()]
+    assert [name for name, _ in loaded] == [
+        "VisionTrimLlavaForConditionalGeneration",
+        "VisionTrimLlavaNextForConditionalGeneration",
+        "VisionTrimVideoLlavaForConditionalGeneration",
+        "VisionTrimLlavaNextVideoForConditionalGeneration",
+        "VisionTrimQwen2_5_VLForConditionalGeneration",
+        "VisionTrimQwen2VLForConditionalGeneration",
+    ]
+    assert all(module.startswith("transformers_modules.") for _, module in loaded)

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..compression_visiontrim import GuidanceEmbeddingCache, compress_crops, encode_guidance, run_vision_tower
-from ..configuration_visiontrim import vision_attention_layer
+from ..configuration_visiontrim_llava import vision_attention_layer
 from . import plots
 from .arguments import existing_file, image_file, model_folder, non_empty_text, non_negative_int, positive_int
 from .build import LLAVA_15_SHAPES, Shapes, stock_llava_with_same_weights, stock_processor

@@ -33,7 +33,7 @@ from transformers import (
     VideoLlavaProcessor,
 )
 
-from ..configuration_visiontrim import (
+from ..configuration_visiontrim_llava import (
     CLIP_L14_TEXT_CONFIG,
     VisionTrimLlavaConfig,
     VisionTrimLlavaNextConfig,
@@ -47,14 +47,14 @@ from ..modeling_visiontrim_llava import (
     VisionTrimLlavaNextVideoForConditionalGeneration,
     VisionTrimVideoLlavaForConditionalGeneration,
 )
-from ..processing_visiontrim import (
-    VideoProcessorCheckMixin,
+from ..processing_visiontrim import VideoProcessorCheckMixin
+from ..processing_visiontrim_llava import (
     VisionTrimLlavaNextProcessor,
     VisionTrimLlavaNextVideoProcessor,
     VisionTrimProcessor,
     VisionTrimVideoLlavaProcessor,
-    VisionTrimVideoProcessor,
 )
+from ..video_processing_visiontrim import VisionTrimVideoProcessor
 
 
 IMAGE_TOKEN = "<image>"

@@ -17,21 +17,14 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from ..configuration_visiontrim import (
-    QwenSettings,
-    VisionTrimQwen2_5_VLConfig,
-    VisionTrimQwen2VLConfig,
-    settings_fields,
-)
+from ..configuration_visiontrim import settings_fields
+from ..configuration_visiontrim_qwen2_vl import QwenSettings, VisionTrimQwen2_5_VLConfig, VisionTrimQwen2VLConfig
 from ..modeling_visiontrim_qwen2_vl import (
     VisionTrimQwen2_5_VLForConditionalGeneration,
     VisionTrimQwen2VLForConditionalGeneration,
 )
-from ..processing_visiontrim import (
-    VisionTrimQwen2_5_VLProcessor,
-    VisionTrimQwen2VLProcessor,
-    VisionTrimQwenVideoProcessor,
-)
+from ..processing_visiontrim_qwen2_vl import VisionTrimQwen2_5_VLProcessor, VisionTrimQwen2VLProcessor
+from ..video_processing_visiontrim import VisionTrimQwenVideoProcessor
 from .build import train_bpe_tokenizer
 
 

@@ -1,0 +1,168 @@
+# Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
+"""
+Pillow video processors for VisionTrim folders, which must not need torchvision: CLIP preprocessing of every frame
+(Video-LLaVA, LLaVA-NeXT-Video) and Qwen2-VL's packed patches. They take sampled frames; neither decodes a file.
+"""
+
+import torch
+from transformers import CLIPImageProcessorPil
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.video_processing_utils import VideoProcessorMixin
+from transformers.video_utils import VideoMetadata, make_batched_videos
+
+
+class VisionTrimVideoProcessor(VideoProcessorMixin):
+    r"""
+    Turns sampled video frames into `pixel_values_videos` `(videos, frames, 3, height, width)` with CLIP's
+    preprocessing on every frame (resize the shortest edge, centre crop, rescale, normalise), done with Pillow: the
+    steps of Transformers' `VideoLlavaVideoProcessor` / `LlavaNextVideoVideoProcessor`, which need torchvision. It
+    neither decodes nor samples: give each video as its frames (an array `(frames, height, width, 3)` or a list of
+    images), e.g. from `tools.evaluation.video.sample_frames`.
+
+    Args:
+        size (`dict`, defaults to `{"shortest_edge": 224}`), crop_size (`dict`, defaults to 224 x 224), resample,
+        do_resize, do_center_crop, do_rescale, rescale_factor, do_normalize, image_mean, image_std, do_convert_rgb:
+            as in [`CLIPImageProcessor`].
+    """
+
+    model_input_names = ["pixel_values_videos"]
+    # The settings it shares with Transformers' video processors, and passes on to the frames' CLIP image processor.
+    frame_settings = (
+        "size",
+        "crop_size",
+        "resample",
+        "do_resize",
+        "do_center_crop",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+        "do_convert_rgb",
+    )
+
+    def __init__(
+        self,
+        size: dict[str, int] | None = None,
+        crop_size: dict[str, int] | None = None,
+        resample: PILImageResampling = PILImageResampling.BICUBIC,
+        do_resize: bool = True,
+        do_center_crop: bool = True,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        do_convert_rgb: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.size = size or {"shortest_edge": 224}
+        self.crop_size = crop_size or {"height": 224, "width": 224}
+        self.resample = resample
+        self.do_resize = do_resize
+        self.do_center_crop = do_center_crop
+        self.do_rescale = do_rescale
+        self.rescale_factor = rescale_factor
+        self.do_normalize = do_normalize
+        self.image_mean = list(image_mean or OPENAI_CLIP_MEAN)
+        self.image_std = list(image_std or OPENAI_CLIP_STD)
+        self.do_convert_rgb = do_convert_rgb
+
+    def frame_processor(self) -> CLIPImageProcessorPil:
+        """The Pillow CLIP image processor applied to each frame."""
+        return CLIPImageProcessorPil(**{name: getattr(self, name) for name in self.frame_settings})
+
+    def preprocess(self, videos, return_tensors: str | None = None, **kwargs) -> BatchFeature:
+        """`pixel_values_videos`: one `(frames, 3, height, width)` entry per video, stacked with `return_tensors`."""
+        videos = make_batched_videos(videos)
+        frame_processor = self.frame_processor()
+        processed = [frame_processor(list(video), return_tensors="pt")["pixel_values"] for video in videos]
+        frame_counts = [frames.shape[0] for frames in processed]
+        if return_tensors is None:
+            return BatchFeature({"pixel_values_videos": [frames.numpy() for frames in processed]})
+        if len(set(frame_counts)) > 1:
+            raise ValueError(
+                f"The videos have {frame_counts} frames: the videos of one batch need the same number of frames "
+                "(Video-LLaVA and LLaVA-NeXT-Video stack them into one tensor). Sample the same number of frames "
+                "from each video, or process them in separate batches."
+            )
+        return BatchFeature({"pixel_values_videos": torch.stack(processed)}, tensor_type=return_tensors)
+
+
+class VisionTrimQwenVideoProcessor(VideoProcessorMixin):
+    r"""
+    Turns sampled video frames into Qwen2-VL / Qwen2.5-VL's packed `pixel_values_videos` `(patches, 3 * 2 * 14 * 14)`
+    and `video_grid_thw` `(videos, 3)`, with Pillow: every frame resized to a multiple of 28 px within `size`
+    (`smart_resize`), normalised, and consecutive frame pairs patched together (the last frame repeated for an odd
+    count), as Transformers' `Qwen2VLVideoProcessor` does with torchvision. It neither decodes nor samples: give each
+    video as its frames, sampled at `fps` frames per second (the M-RoPE time step of Qwen2.5-VL).
+
+    Args:
+        size (`dict`, defaults to `{"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28}`):
+            The fewest and most pixels of a frame.
+        patch_size, temporal_patch_size, merge_size, image_mean, image_std: as in [`Qwen2VLVideoProcessor`].
+        fps (`float`, defaults to 2.0): the rate the frames were sampled at.
+    """
+
+    model_input_names = ["pixel_values_videos", "video_grid_thw"]
+
+    def __init__(
+        self,
+        size: dict[str, int] | None = None,
+        patch_size: int = 14,
+        temporal_patch_size: int = 2,
+        merge_size: int = 2,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        fps: float = 2.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.size = size or {"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28}
+        self.patch_size = patch_size
+        self.temporal_patch_size = temporal_patch_size
+        self.merge_size = merge_size
+        self.image_mean = list(image_mean or OPENAI_CLIP_MEAN)
+        self.image_std = list(image_std or OPENAI_CLIP_STD)
+        self.fps = fps
+
+    def frame_processor(self) -> Qwen2VLImageProcessorPil:
+        """The Pillow Qwen image processor applied to each frame (one frame per temporal patch)."""
+        return Qwen2VLImageProcessorPil(
+            size=self.size,
+            patch_size=self.patch_size,
+            temporal_patch_size=1,
+            merge_size=self.merge_size,
+            image_mean=self.image_mean,
+            image_std=self.image_std,
+        )
+
+    def preprocess(self, videos, return_tensors: str | None = None, **kwargs) -> BatchFeature:
+        """`pixel_values_videos` (all videos' patches, packed), `video_grid_thw` and each video's `video_metadata`."""
+        frame_processor = self.frame_processor()
+        pixels, grids, metadata = [], [], []
+        for video in make_batched_videos(videos):
+            frames = list(video)
+            frames += frames[-1:] * (-len(frames) % self.temporal_patch_size)
+            processed = frame_processor(frames, return_tensors="pt")
+            _, height, width = processed["image_grid_thw"][0].tolist()
+            slices = len(frames) // self.temporal_patch_size
+            patches = processed["pixel_values"].view(slices, self.temporal_patch_size, height * width, 3, -1)
+            pixels.append(patches.permute(0, 2, 3, 1, 4).reshape(slices * height * width, -1))
+            grids.append([slices, height, width])
+            metadata.append(VideoMetadata(total_num_frames=len(video), fps=self.fps))
+        encoding = BatchFeature(
+            {"pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.tensor(grids)},
+            tensor_type=return_tensors,
+        )
+        encoding["video_metadata"] = metadata
+        return encoding
+
+
+VisionTrimVideoProcessor.register_for_auto_class("AutoVideoProcessor")
+VisionTrimQwenVideoProcessor.register_for_auto_class("AutoVideoProcessor")
+
+__all__ = ["VisionTrimQwenVideoProcessor", "VisionTrimVideoProcessor"]
