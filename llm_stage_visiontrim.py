@@ -4,17 +4,19 @@ VisionTrim's optional LLM stage (see `ALGORITHM.md`, stage 3): during prefill, a
 tokens are ranked by that layer's attention to the prompt's text, `llm_stage_tokens` per image are kept, the others
 are merged into them, and layers >= `L` run on the shorter sequence with the kept tokens' original positions.
 
-The scoring, keep and merge steps are plain batched functions; `LlmStageDecoderMixin` wires them into a Llama-family
-decoder, with the cache bookkeeping that lets later decode steps mask each layer for its own cache length.
+The scoring, keep and merge steps are plain batched functions, composed by the prune step (`prune_visual_tokens`);
+the mask step (`pruned_causal_mask`) masks layers >= `L` for their own cache length at every later step. What a
+prompt kept lives on its cache (`LlmStageCache.visiontrim_pruning`), and `LlmStageDecoderMixin` is the stock
+Llama / Mistral decoder loop with these two steps before layer `L`.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, LlamaModel, MistralModel
+from transformers import AutoModel, LlamaModel, MistralModel, PreTrainedConfig
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -167,37 +169,177 @@ def pruned_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class LlmStagePruning:
-    """Which prompt positions the layers from `llm_stage_layer` on keep; saved on the cache for the decode steps."""
+    """
+    What the LLM stage kept of a prompt: layers >= `llm_stage_layer` hold these positions of it (`index.shape[1]`
+    cache entries per row), layers below all `prompt_length`.
+    """
 
-    index: torch.LongTensor  # (batch, kept): kept prompt positions, left-padded
+    index: torch.LongTensor  # (batch, kept): the kept prompt positions of each row, in order, left-padded
     valid: torch.BoolTensor  # (batch, kept): False at padding slots
-    prompt_length: int
+    prompt_length: int  # the prompt's length before pruning
+
+
+@dataclass
+class LlmStagePrompt:
+    """What the prune step reads of a prefill besides its hidden states; each mask is `(batch, tokens)`."""
+
+    visual_mask: torch.Tensor  # True at visual tokens
+    key_mask: torch.Tensor  # False at padding
+    layout_mask: torch.Tensor | None  # True at layout visual tokens (LLaVA-NeXT's image_newline)
+    keep: torch.Tensor | None  # the positions to keep, instead of ranking them
+    text_length: int | None  # how many leading positions' text ranks the visual tokens (None: all)
+
+
+class LlmStageCache(DynamicCache):
+    """
+    A `DynamicCache` that also holds what the LLM stage kept of its prompt (`visiontrim_pruning`, None while nothing
+    was pruned), so every later step can mask layers >= `llm_stage_layer` for their shorter cache.
+    """
+
+    visiontrim_pruning: LlmStagePruning | None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.visiontrim_pruning = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorders the layers and the kept positions (`(batch,)` `beam_idx`) for beam search."""
+        super().reorder_cache(beam_idx)
+        if (pruning := self.visiontrim_pruning) is not None:
+            rows = beam_idx.to(pruning.index.device)
+            self.visiontrim_pruning = replace(pruning, index=pruning.index[rows], valid=pruning.valid[rows])
+
+
+def generation_cache(cache: Cache | None, config: VisionTrimSettings) -> Cache | None:
+    """The cache `generate()` made, or while the LLM stage is on an `LlmStageCache` in place of its `DynamicCache`."""
+    if not config.llm_stage_enabled or type(cache) is not DynamicCache:
+        return cache
+    stage_cache = LlmStageCache(config=config.get_text_config(decoder=True), offloading=cache.offloading)
+    stage_cache.layers = cache.layers  # the (empty) layers as `generate()` set them up, e.g. to record past states
+    return stage_cache
+
+
+def decoder_causal_mask(
+    config: PreTrainedConfig,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    position_ids: torch.LongTensor,
+    layer_idx: int | None = None,
+) -> torch.Tensor | None:
+    """
+    The stock Llama / Mistral decoder mask (with Mistral's sliding window when set) for `inputs_embeds`
+    `(batch, tokens, dim)`, a 2D padding mask `(batch, keys)` and the cache length of layer `layer_idx`.
+    """
+    mask_function = create_causal_mask
+    if getattr(config, "sliding_window", None) is not None:
+        mask_function = create_sliding_window_causal_mask
+    return mask_function(
+        config=config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        cache=cache,
+        position_ids=position_ids,
+        layer_idx=layer_idx,
+    )
+
+
+def prune_visual_tokens(
+    layer: nn.Module,
+    layer_input: torch.Tensor,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    position_ids: torch.LongTensor,
+    prompt: LlmStagePrompt,
+    settings: VisionTrimSettings,
+) -> tuple[torch.Tensor, torch.LongTensor, LlmStagePruning]:
+    """
+    The prune step, after decoder layer `L-1` of a prefill: scores the visual tokens by that layer's attention to the
+    prompt's text, keeps the best `llm_stage_tokens` of each image (or `prompt.keep`), merges the others into them,
+    and keeps only the kept positions (text included; padding dropped).
+
+    Args:
+        layer: decoder layer `L-1`.
+        layer_input: `(batch, tokens, dim)` its input.
+        hidden_states: `(batch, tokens, dim)` its output.
+        position_embeddings: its RoPE `(cos, sin)`, each `(batch, tokens, head_dim)`.
+        position_ids: `(batch or 1, tokens)`.
+    Returns:
+        `(batch, kept, dim)` hidden states and `(batch, kept)` original position ids of the kept positions, and the
+        pruning (rows that keep fewer positions are left-padded).
+    """
+    keep = prompt.keep
+    if keep is None:
+        probabilities = causal_attention_probabilities(
+            layer.self_attn,
+            layer.input_layernorm(layer_input),
+            position_embeddings,
+            prompt.key_mask,
+            getattr(layer.self_attn.config, "sliding_window", None),
+        )
+        text = prompt.key_mask.clone()
+        text[:, prompt.text_length or hidden_states.shape[1] :] = False
+        scores = llm_stage_scores(probabilities, prompt.visual_mask, text, settings.llm_stage_score)
+        keep = keep_per_image(scores, prompt.visual_mask, settings.llm_stage_tokens, prompt.layout_mask)
+    keep = keep.bool() & prompt.key_mask
+    merged = merge_into_kept(
+        hidden_states, keep, prompt.visual_mask, settings.merge_iterations, settings.merge_update, prompt.layout_mask
+    )
+    index, valid = pruned_order(keep)
+    kept_positions = position_ids.expand(index.shape[0], -1).gather(1, index)
+    return gather_tokens(merged, index), kept_positions, LlmStagePruning(index, valid, hidden_states.shape[1])
+
+
+def pruned_causal_mask(
+    config: PreTrainedConfig,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    position_ids: torch.LongTensor,
+    pruning: LlmStagePruning,
+    layer_idx: int,
+) -> torch.Tensor | None:
+    """
+    The mask step: the attention mask of layers >= `L` (`layer_idx`) at the prune step and at every step after it,
+    built for that layer's cache length. Its keys are the kept prompt slots (`pruning.valid`), then every token after
+    the prompt (`attention_mask`'s columns from `pruning.prompt_length` on; all valid without it).
+
+    Args:
+        hidden_states: `(batch, tokens, dim)` the step's input to layer `L`.
+        attention_mask: `(batch, prompt_length + later tokens)` the 2D padding mask of the whole sequence, or None.
+        position_ids: `(batch or 1, tokens)` the step's position ids.
+    """
+    cached = cache.get_seq_length(layer_idx) if cache is not None else 0
+    later = cached + hidden_states.shape[1] - pruning.index.shape[1]
+    after_prompt = (
+        attention_mask[:, pruning.prompt_length :]
+        if attention_mask is not None
+        else torch.ones(hidden_states.shape[0], later, dtype=torch.long, device=hidden_states.device)
+    )
+    padding = torch.cat([pruning.valid.long(), after_prompt.long()], dim=1)
+    return decoder_causal_mask(config, hidden_states, padding, cache, position_ids, layer_idx)
 
 
 class LlmStageDecoderMixin:
     """
-    A Llama-family decoder with VisionTrim's LLM stage (`config.llm_stage_layer` of the VisionTrim config set as
-    `visiontrim_config`): during prefill, the visual tokens are ranked by layer `L-1`'s attention to the prompt's text,
-    `llm_stage_tokens` per image are kept, the others merged into them, and layers >= `L` run on the shorter sequence
-    with the kept tokens' original positions. Their cache holds the short prefix; every later step masks each layer
-    for its own cache length. With the stage off (or no visual token) this is the stock decoder, step for step; a
-    prompt continued on a cache that already holds tokens is not pruned.
+    A Llama-family decoder with VisionTrim's LLM stage (`visiontrim_config.llm_stage_layer` = `L`): the stock decoder
+    loop, plus after layer `L-1` the prune step (`prune_visual_tokens`) of a prefill and the mask step for the later
+    layers (`pruned_causal_mask`) of that prefill and of every step on its cache. With the stage off (or no visual
+    token) this is the stock decoder, step for step; a prompt continued on a cache that already holds tokens is not
+    pruned.
     """
 
-    visiontrim_config: VisionTrimSettings | None = None
+    visiontrim_config: VisionTrimSettings | None
 
-    def build_mask(self, inputs_embeds, attention_mask, cache, position_ids, layer_idx=None):
-        mask_function = create_causal_mask
-        if getattr(self.config, "sliding_window", None) is not None:
-            mask_function = create_sliding_window_causal_mask
-        return mask_function(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-            layer_idx=layer_idx,
-        )
+    def __init__(self, config: PreTrainedConfig, visiontrim_config: VisionTrimSettings | None = None) -> None:
+        super().__init__(config)
+        self.visiontrim_config = visiontrim_config
+
+    @property
+    def llm_stage(self) -> VisionTrimSettings | None:
+        """The VisionTrim settings while the LLM stage is on (read live), else None."""
+        settings = self.visiontrim_config
+        return settings if settings is not None and settings.llm_stage_enabled else None
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
@@ -229,86 +371,28 @@ class LlmStageDecoderMixin:
             with `use_cache=False` recomputes it whole at every step): only the prompt's text ranks the visual
             tokens, so every step keeps what the first one kept. Default: all positions.
         """
+        stage = self.llm_stage  # VisionTrim: None while the LLM stage is off
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = (DynamicCache if stage is None else LlmStageCache)(config=self.config)  # VisionTrim: its cache
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        stage = (
-            self.visiontrim_config
-            if self.visiontrim_config is not None and self.visiontrim_config.llm_stage_enabled
-            else None
-        )
-        pruning = getattr(cache, "visiontrim_pruning", None) if stage is not None else None
-        # Only a prompt on an empty cache is pruned: its positions are the whole prefix the later layers will see.
-        prune_now = (
-            stage is not None
-            and pruning is None
-            and (cache is None or cache.get_seq_length() == 0)
-            and visual_token_mask is not None
-            and inputs_embeds.shape[1] > 1
-            and bool(visual_token_mask.any())
-        )
-        batch, tokens = inputs_embeds.shape[:2]
-        key_mask = (
-            attention_mask.bool()
-            if attention_mask is not None
-            else torch.ones(batch, tokens, dtype=torch.bool, device=inputs_embeds.device)
-        )
-        causal_mask = self.build_mask(inputs_embeds, attention_mask, cache, position_ids)
+        causal_mask = decoder_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        probabilities = None
+        # VisionTrim: the prompt this forward prunes, or what an earlier forward on this cache kept.
+        prompt, pruning = self.llm_stage_state(
+            cache, attention_mask, visual_token_mask, visual_keep_mask, layout_token_mask, llm_stage_prompt_length
+        )
 
         for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            if stage is not None and index == stage.llm_stage_layer and (prune_now or pruning is not None):
-                if prune_now:
-                    keep = visual_keep_mask
-                    if keep is None:
-                        prompt = key_mask.clone()
-                        prompt[:, llm_stage_prompt_length or tokens :] = False
-                        scores = llm_stage_scores(probabilities, visual_token_mask, prompt, stage.llm_stage_score)
-                        keep = keep_per_image(scores, visual_token_mask, stage.llm_stage_tokens, layout_token_mask)
-                    keep = keep.bool() & key_mask
-                    hidden_states = merge_into_kept(
-                        hidden_states,
-                        keep,
-                        visual_token_mask,
-                        stage.merge_iterations,
-                        stage.merge_update,
-                        layout_token_mask,
-                    )
-                    kept, valid = pruned_order(keep)
-                    pruning = LlmStagePruning(kept, valid, tokens)
-                    if cache is not None:
-                        cache.visiontrim_pruning = pruning
-                    hidden_states = gather_tokens(hidden_states, kept)
-                    position_ids = position_ids.expand(batch, -1).gather(1, kept)
-                    layer_mask = valid.long()
-                else:  # a decode step: the kept prefix, then every token seen since
-                    seen = cache.get_seq_length(stage.llm_stage_layer) + tokens - pruning.index.shape[1]
-                    tail = (
-                        attention_mask[:, pruning.prompt_length :]
-                        if attention_mask is not None
-                        else torch.ones(batch, seen, dtype=torch.long, device=inputs_embeds.device)
-                    )
-                    layer_mask = torch.cat([pruning.valid.long(), tail.long()], dim=1)
-                causal_mask = self.build_mask(hidden_states, layer_mask, cache, position_ids, stage.llm_stage_layer)
-                position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-            if prune_now and visual_keep_mask is None and index == stage.llm_stage_layer - 1:
-                probabilities = causal_attention_probabilities(
-                    decoder_layer.self_attn,
-                    decoder_layer.input_layernorm(hidden_states),
-                    position_embeddings,
-                    key_mask,
-                    getattr(self.config, "sliding_window", None),
-                )
+            layer_input = hidden_states  # VisionTrim: layer L-1's input scores the visual tokens
             hidden_states = decoder_layer(
                 hidden_states,
                 attention_mask=causal_mask,
@@ -318,8 +402,52 @@ class LlmStageDecoderMixin:
                 use_cache=use_cache,
                 **kwargs,
             )
+            # VisionTrim: after layer L-1, the layers run on the kept positions, masked for their own cache length.
+            if stage is not None and index == stage.llm_stage_layer - 1 and (prompt or pruning):
+                if prompt is not None:
+                    hidden_states, position_ids, pruning = prune_visual_tokens(
+                        decoder_layer, layer_input, hidden_states, position_embeddings, position_ids, prompt, stage
+                    )
+                    position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+                    if cache is not None:
+                        cache.visiontrim_pruning = pruning
+                causal_mask = pruned_causal_mask(
+                    self.config, hidden_states, attention_mask, cache, position_ids, pruning, index + 1
+                )
 
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache,
+        )
+
+    def llm_stage_state(
+        self,
+        cache: Cache | None,
+        attention_mask: torch.Tensor | None,
+        visual_token_mask: torch.Tensor | None,
+        visual_keep_mask: torch.Tensor | None,
+        layout_token_mask: torch.Tensor | None,
+        text_length: int | None,
+    ) -> tuple[LlmStagePrompt | None, LlmStagePruning | None]:
+        """
+        What the prune step reads of this forward (the masks are `(batch, tokens)`, see `forward`), and what an
+        earlier prune step kept of the prompt on `cache`; None and None while the stage is off. Only a prompt with
+        visual tokens on an empty cache is pruned: its positions are the whole prefix the later layers see.
+        """
+        if self.llm_stage is None:
+            return None, None
+        if cache is not None and cache.get_seq_length() > 0:
+            return None, cache.visiontrim_pruning if isinstance(cache, LlmStageCache) else None
+        if visual_token_mask is None or visual_token_mask.shape[1] < 2 or not bool(visual_token_mask.any()):
+            return None, None
+        if cache is not None and not isinstance(cache, LlmStageCache):
+            raise ValueError(
+                f"The LLM stage keeps what it pruned on its cache, an `LlmStageCache`; got a {type(cache).__name__}. "
+                "Pass no cache (one is made), an `LlmStageCache`, or set `config.llm_stage_layer=None`."
+            )
+        key_mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual_token_mask)
+        return LlmStagePrompt(visual_token_mask, key_mask, layout_token_mask, visual_keep_mask, text_length), None
 
 
 class VisionTrimLlamaModel(LlmStageDecoderMixin, LlamaModel):
@@ -338,9 +466,7 @@ def build_language_model(config: VisionTrimSettings) -> nn.Module:
     decoder_class = LLM_STAGE_DECODERS.get(config.text_config.model_type)
     if decoder_class is None:
         return AutoModel.from_config(config.text_config)
-    decoder = decoder_class._from_config(config.text_config)
-    decoder.visiontrim_config = config
-    return decoder
+    return decoder_class._from_config(config.text_config, visiontrim_config=config)
 
 
 def llm_stage_inputs(
@@ -380,15 +506,22 @@ def llm_stage_inputs(
 
 
 __all__ = [
+    "LlmStageCache",
     "LlmStageDecoderMixin",
+    "LlmStagePrompt",
+    "LlmStagePruning",
     "VisionTrimLlamaModel",
     "VisionTrimMistralModel",
     "build_language_model",
     "causal_attention_probabilities",
+    "decoder_causal_mask",
+    "generation_cache",
     "keep_per_image",
+    "llm_stage_inputs",
     "llm_stage_scores",
     "merge_into_kept",
+    "prune_visual_tokens",
+    "pruned_causal_mask",
     "pruned_order",
-    "llm_stage_inputs",
     "visual_unit_index",
 ]

@@ -58,7 +58,7 @@ from .configuration_visiontrim_llava import (
     VisionTrimVideoLlavaConfig,
     vision_attention_layer,
 )
-from .llm_stage_visiontrim import build_language_model, llm_stage_inputs
+from .llm_stage_visiontrim import build_language_model, generation_cache, llm_stage_inputs
 from .modeling_visiontrim_utils import (
     MEDIA_PIXELS,
     VisionTrimGenerationMixin,
@@ -448,7 +448,17 @@ class VideoModelMixin(VisionTrimModelMixin):
 
 
 class LlavaGenerationMixin(VisionTrimGenerationMixin):
-    """What the LLaVA-family generation classes add: the prompt's length for the LLM stage."""
+    """What the LLaVA-family generation classes add for the LLM stage: its cache, and the prompt's length."""
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """
+        `GenerationMixin`'s, with an `LlmStageCache` in place of the `DynamicCache` it makes while the LLM stage is on
+        (the cache holds what the stage kept of the prompt); a cache passed in is used as it is.
+        """
+        passed_in = model_kwargs.get("cache") is not None
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if not passed_in and "cache" in model_kwargs:
+            model_kwargs["cache"] = generation_cache(model_kwargs["cache"], self.config)
 
     def _update_model_kwargs_for_generation(
         self, outputs, model_kwargs: dict, is_encoder_decoder: bool = False, num_new_tokens: int = 1

@@ -6,7 +6,7 @@ per-layer cache lengths, parity when off, save/load, errors.
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaModel, MistralConfig, MistralModel
+from transformers import DynamicCache, LlamaConfig, LlamaModel, MistralConfig, MistralModel
 
 from visiontrim import VisionTrimLlavaConfig
 from visiontrim.llm_stage_visiontrim import (
@@ -332,6 +332,16 @@ def test_a_prompt_continued_on_a_filled_cache_is_not_pruned(stage_checkpoint, ph
     total = first["input_ids"].shape[1] + second["input_ids"].shape[1]
     assert getattr(output.cache, "visiontrim_pruning", None) is None
     assert [output.cache.get_seq_length(layer) for layer in range(3)] == [total] * 3
+
+
+def test_what_the_stage_kept_lives_on_its_own_cache(stage_checkpoint, photos):
+    model, processor = load_remote(stage_checkpoint)
+    inputs = processor(images=photos[0], text=QUESTION_PROMPT, return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert type(generated.cache).__name__ == "LlmStageCache"
+    assert generated.cache.visiontrim_pruning.prompt_length == inputs["input_ids"].shape[1]
+    with pytest.raises(ValueError, match=r"keeps what it pruned on its cache, an `LlmStageCache`; got a DynamicCache"):
+        model(**inputs, cache=DynamicCache(), use_cache=True)
 
 
 def test_inputs_embeds_without_input_ids_are_refused_while_the_stage_is_on(stage_checkpoint, photos):
