@@ -36,6 +36,7 @@ from vllm.model_executor.models.utils import AutoWeightsLoader
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import ProcessorInputs, TimingContext
+from vllm.platforms import current_platform
 
 from ..architectures import ARCHITECTURES
 from ..compression_visiontrim import (
@@ -71,6 +72,28 @@ def padded_guidance(
         nn.utils.rnn.pad_sequence(list(input_ids), batch_first=True),
         nn.utils.rnn.pad_sequence(list(attention_mask), batch_first=True),
     )
+
+
+def check_head_size(vllm_config: VllmConfig) -> None:
+    """
+    Refuses, at load, an LLM whose attention head size vLLM's CPU attention does not support: vLLM itself starts such
+    an engine, reports it healthy, and dies at the first request.
+    """
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    text_config = vllm_config.model_config.hf_config.text_config
+    head_size = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_size not in supported:
+        raise ValueError(
+            f"{vllm_config.model_config.model} has an LLM attention head size of {head_size} "
+            f"(hidden_size {text_config.hidden_size} / {text_config.num_attention_heads} heads), which vLLM's CPU "
+            f"attention does not support (head sizes {supported}): the first request would stop the engine. Serve it "
+            "on a GPU, or give the LLM a supported head size (for the tiny builder: "
+            "`build_config(Shapes(llm_heads=2, llm_kv_heads=2), ...)`, 64 / 2 = 32)."
+        )
 
 
 class VisionTrimProcessingInfoMixin:
@@ -169,6 +192,7 @@ class VisionTrimVllmMixin:
                 'prefill. Serve a copy whose config.json has `"llm_stage_layer": null` (vision stage only), or run '
                 "this folder with Transformers."
             )
+        check_head_size(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         with self._mark_tower_model(vllm_config, "image"):
             self.guidance_encoder = CLIPTextModelWithProjection(config.guidance_config)
