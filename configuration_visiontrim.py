@@ -1,14 +1,24 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-The VisionTrim settings every model family shares (`CompressionSettings`) and the budget arithmetic its configs and
-processors use. A family's configuration file (`configuration_visiontrim_<family>.py`) adds its own settings.
+The VisionTrim settings every model family shares (`CompressionSettings`), the rules they are checked by and the budget
+arithmetic its configs and processors use. A family's configuration file (`configuration_visiontrim_<family>.py`) adds
+its own settings.
+
+The configs are `@strict` dataclasses, as every Transformers config (huggingface_hub's `strict`, which Transformers
+does not re-export), made so by `strict_settings`. A rule on one setting is a field validator (`validated_field`): it
+runs on construction and before every assignment, so a refused value is never stored. A rule relating settings (to
+each other or to the stock config) is a class validator, a `validate_*` method: it runs on construction, by
+`config.validate()` and by `save_pretrained`. Processors that keep a copy of a setting check it by the same functions.
 """
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
+from huggingface_hub.dataclasses import strict, validated_field
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import PreTrainedConfig
 
 
@@ -31,23 +41,73 @@ def visual_tokens_per_crop(num_patches: int, reduction_ratio: float) -> int:
     return round_half_up(num_patches * (1 - reduction_ratio))
 
 
-def check_reduction_ratio(reduction_ratio: Any, owner: str, num_patches: int | None = None) -> None:
-    """
-    Raises a `ValueError` naming `owner.reduction_ratio` unless it is a number in [0, 1) and, for crops of a fixed
-    `num_patches`, keeps at least one token (families whose budget is `max(1, ...)` pass no `num_patches`).
-    """
+# Field validators: each raises a `ValueError` whose message follows the field's name ("must be ...").
+
+
+def valid_reduction_ratio(reduction_ratio: Any) -> None:
+    """A number in [0, 1) (its type is checked here too, for the processors, whose copy has no field type)."""
     if isinstance(reduction_ratio, bool) or not isinstance(reduction_ratio, (int, float)):
-        raise ValueError(f"{owner}.reduction_ratio must be a number in [0, 1), got {reduction_ratio!r}.")
+        raise ValueError(f"must be a number in [0, 1), got {reduction_ratio!r}.")
     if not 0 <= reduction_ratio < 1:
         raise ValueError(
-            f"{owner}.reduction_ratio must be in [0, 1) (the share of each image's vision tokens removed; 0 switches "
-            f"compression off), got {reduction_ratio}."
+            "must be in [0, 1) (the share of each image's vision tokens removed; 0 switches compression off), got "
+            f"{reduction_ratio}."
         )
-    if num_patches is not None and visual_tokens_per_crop(num_patches, reduction_ratio) < 1:
+
+
+def valid_dominant_ratio(dominant_ratio: float) -> None:
+    """In [0, 1]."""
+    if not 0 <= dominant_ratio <= 1:
+        raise ValueError(
+            "must be in [0, 1] (the share of kept tokens chosen by DVTS; 1 = DVTS only, 0 = TGVC only), got "
+            f"{dominant_ratio!r}."
+        )
+
+
+def non_negative(value: int) -> None:
+    """A count: >= 0."""
+    if value < 0:
+        raise ValueError(f"must be an integer >= 0, got {value!r}.")
+
+
+def one_of(allowed: tuple[str, ...]) -> Callable[[Any], None]:
+    """The field validator that accepts only the values in `allowed`."""
+
+    def validator(value: Any) -> None:
+        if value not in allowed:
+            raise ValueError(f"must be one of {allowed}, got {value!r}.")
+
+    return validator
+
+
+valid_empty_guidance = one_of(EMPTY_GUIDANCE_RULES)
+
+
+def check_setting(validator: Callable[[Any], None], value: Any, owner: str, name: str) -> None:
+    """Runs a field validator on a setting held outside a config (a processor's copy), naming `owner.name`."""
+    try:
+        validator(value)
+    except ValueError as error:
+        raise ValueError(f"{owner}.{name} {error}") from None
+
+
+def check_keeps_a_token(reduction_ratio: float, num_patches: int, owner: str) -> None:
+    """Raises a `ValueError` naming `owner.reduction_ratio` unless a crop of `num_patches` patches keeps a token."""
+    if visual_tokens_per_crop(num_patches, reduction_ratio) < 1:
         raise ValueError(
             f"{owner}.reduction_ratio={reduction_ratio} keeps no token of the {num_patches} patches of a crop; the "
             f"largest ratio that keeps one token is {1 - 1 / num_patches:.6f}."
         )
+
+
+def check_reduction_ratio(reduction_ratio: Any, owner: str, num_patches: int | None = None) -> None:
+    """
+    A processor's `reduction_ratio`, by the config's rules: `valid_reduction_ratio` and, for crops of a fixed
+    `num_patches`, `check_keeps_a_token` (families whose budget is `max(1, ...)` pass no `num_patches`).
+    """
+    check_setting(valid_reduction_ratio, reduction_ratio, owner, "reduction_ratio")
+    if num_patches is not None:
+        check_keeps_a_token(reduction_ratio, num_patches, owner)
 
 
 @functools.cache
@@ -65,32 +125,54 @@ def settings_fields(config_class: type) -> frozenset[str]:
     return frozenset(field.name for field in fields(settings_class)) - {"guidance_config"}
 
 
+def strict_settings(config_class: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
+    """
+    `@strict` for a model config with VisionTrim settings. A refused value raises a `ValueError`, as VisionTrim configs
+    always have, where `@strict` alone raises huggingface_hub's `StrictDataclass*ValidationError` wrappers (not
+    `ValueError`s): a VisionTrim field's validator (or type) error names `<config class>.<field>`, a class validator's
+    error is raised as the validator raised it.
+    """
+    config_class = strict(config_class)
+    strict_setattr, strict_validate = config_class.__setattr__, config_class.validate
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """`@strict`'s `__setattr__`, a refused VisionTrim setting raising a `ValueError` that names it."""
+        try:
+            strict_setattr(self, name, value)  # validates before it sets: a refused value is never stored
+        except StrictDataclassFieldValidationError as error:
+            if name not in settings_fields(type(self)):
+                raise
+            detail = error.__cause__
+            if not isinstance(detail, ValueError):  # the check of the field's type
+                annotation = self.__dataclass_fields__[name].type
+                detail = f"must be {getattr(annotation, '__name__', annotation)}, got {value!r}."
+            raise ValueError(f"{type(self).__name__}.{name} {detail}") from None
+
+    def validate(self) -> None:
+        """`@strict`'s `validate`, a broken rule raising the validator's own error."""
+        try:
+            strict_validate(self)
+        except StrictDataclassClassValidationError as error:
+            raise error.__cause__ from None
+
+    validate.__is_defined_by_strict_decorator__ = True  # lets a subclass be `@strict` in turn
+    config_class.__setattr__, config_class.validate = __setattr__, validate
+    return config_class
+
+
 @dataclass(kw_only=True)
 class CompressionSettings:
     """
     The settings every VisionTrim config has, whatever the model family (`VisionTrimSettings` for LLaVA,
-    `QwenSettings` for Qwen2-VL / Qwen2.5-VL), checked whenever one is set. See `VisionTrimSettings` for each field.
-    A subclass adds fields and extends `check_compression_settings`.
+    `QwenSettings` for Qwen2-VL / Qwen2.5-VL). See `VisionTrimSettings` for each field. A subclass adds fields, with
+    their validators, and `validate_*` class validators.
     """
 
-    reduction_ratio: int | float = DEFAULT_REDUCTION_RATIO
-    dominant_ratio: int | float = 0.75
-    merge_iterations: int = 3
-    merge_update: str = "add"
-    empty_guidance: str = "cls_similarity"
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # `from_pretrained(..., reduction_ratio=...)` sets fields after construction: check those values too.
-        if name in settings_fields(type(self)) and getattr(self, "_post_init_done", False):
-            previous = getattr(self, name)
-            super().__setattr__(name, value)
-            try:
-                self.check_compression_settings()
-            except ValueError:
-                super().__setattr__(name, previous)
-                raise
-        else:
-            super().__setattr__(name, value)
+    reduction_ratio: int | float = validated_field(valid_reduction_ratio, default=DEFAULT_REDUCTION_RATIO)
+    dominant_ratio: int | float = validated_field(valid_dominant_ratio, default=0.75)
+    merge_iterations: int = validated_field(non_negative, default=3)
+    merge_update: str = validated_field(one_of(MERGE_UPDATES), default="add")
+    empty_guidance: str = validated_field(valid_empty_guidance, default="cls_similarity")
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
@@ -114,31 +196,12 @@ class CompressionSettings:
         """Whether the LLM stage runs; only families with an LLM-stage decoder turn it on."""
         return False
 
-    def check_compression_settings(self) -> None:
-        """Raises a `ValueError` that names the field and its allowed values for any invalid compression setting."""
-        owner = type(self).__name__
-        dominant_ratio = self.dominant_ratio
-        if (
-            isinstance(dominant_ratio, bool)
-            or not isinstance(dominant_ratio, (int, float))
-            or not 0 <= dominant_ratio <= 1
-        ):
-            raise ValueError(
-                f"{owner}.dominant_ratio must be in [0, 1] (the share of kept tokens chosen by DVTS; 1 = DVTS only, "
-                f"0 = TGVC only), got {dominant_ratio!r}."
-            )
-        for name, allowed in (("merge_update", MERGE_UPDATES), ("empty_guidance", EMPTY_GUIDANCE_RULES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{owner}.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
-        value = self.merge_iterations
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{owner}.merge_iterations must be an integer >= 0, got {value!r}.")
-
 
 __all__ = [
     "CompressionSettings",
     "check_reduction_ratio",
     "round_half_up",
     "settings_fields",
+    "strict_settings",
     "visual_tokens_per_crop",
 ]

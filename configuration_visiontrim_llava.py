@@ -4,6 +4,7 @@
 from dataclasses import dataclass
 from typing import Any
 
+from huggingface_hub.dataclasses import validated_field
 from transformers import (
     CLIPTextConfig,
     LlavaConfig,
@@ -16,15 +17,18 @@ from transformers import (
 from .configuration_visiontrim import (
     DEFAULT_REDUCTION_RATIO,
     CompressionSettings,
-    check_reduction_ratio,
+    check_keeps_a_token,
+    non_negative,
+    one_of,
     round_half_up,
+    strict_settings,
     visual_tokens_per_crop,
 )
 
 
 try:
     from transformers.configuration_utils import SubConfigSpec
-except ImportError:  # Transformers < 5.20 (vLLM's pin): sub-configs are declared by class in `sub_configs`
+except ImportError:  # Transformers < 5.20 (vLLM's pin): see `declare_guidance_config_before_5_20`
     SubConfigSpec = None
 
 
@@ -88,6 +92,23 @@ def vision_attention_layer(
     return layer % (num_layers + 1) - 1
 
 
+def declare_guidance_config_before_5_20(config_class: type[PreTrainedConfig]) -> None:
+    """
+    The fallback for Transformers < 5.20 (vLLM's pin), which has no `SubConfigSpec`: declares `guidance_config` in
+    the class's `sub_configs` and builds it (a `CLIPTextConfig`, by default CLIP ViT-L/14's text tower) at the start
+    of `__post_init__`, as Transformers >= 5.20 does from `sub_configs_defaults`.
+    """
+    config_class.sub_configs = {**config_class.sub_configs, "guidance_config": CLIPTextConfig}
+    post_init = config_class.__post_init__
+
+    def __post_init__(self, **kwargs) -> None:
+        if not isinstance(self.guidance_config, CLIPTextConfig):
+            self.guidance_config = CLIPTextConfig(**(self.guidance_config or CLIP_L14_TEXT_CONFIG))
+        post_init(self, **kwargs)
+
+    config_class.__post_init__ = __post_init__
+
+
 @dataclass(kw_only=True)
 class VisionTrimSettings(CompressionSettings):
     """
@@ -134,30 +155,27 @@ class VisionTrimSettings(CompressionSettings):
 
     guidance_config: dict | PreTrainedConfig | None = None
     projection_dim: int = 768
-    dvts_score: str = "global_local"
-    guidance_cache_size: int = 256
+    dvts_score: str = validated_field(one_of(DVTS_SCORES), default="global_local")
+    guidance_cache_size: int = validated_field(non_negative, default=256)
     llm_stage_layer: int | None = None
     llm_stage_tokens: int | None = None
-    llm_stage_score: str = "both"
+    llm_stage_score: str = validated_field(one_of(LLM_STAGE_SCORES), default="both")
 
     def __init_subclass__(cls, **kwargs):
         """Declares `guidance_config` a sub-config (a `CLIPTextConfig`, by default CLIP ViT-L/14's text tower)."""
         if "model_type" in cls.__dict__:  # a model config, not a settings mixin
-            if SubConfigSpec is not None:
+            if SubConfigSpec is None:
+                declare_guidance_config_before_5_20(cls)
+            else:
                 guidance = SubConfigSpec(config_class=CLIPTextConfig, init_kwargs=CLIP_L14_TEXT_CONFIG)
                 cls.sub_configs_defaults = {**cls.sub_configs_defaults, "guidance_config": guidance}
-            else:
-                cls.sub_configs = {**cls.sub_configs, "guidance_config": CLIPTextConfig}
         super().__init_subclass__(**kwargs)
 
     def __post_init__(self, visual_tokens: int | None = None, **kwargs):
-        if SubConfigSpec is None and not isinstance(self.guidance_config, CLIPTextConfig):
-            self.guidance_config = CLIPTextConfig(**(self.guidance_config or CLIP_L14_TEXT_CONFIG))
         super().__post_init__(**kwargs)
         if visual_tokens is not None:
             check_budgets_agree(visual_tokens, self.reduction_ratio, self.num_patches, type(self).__name__)
             self.reduction_ratio = reduction_ratio_for_tokens(visual_tokens, self.num_patches, type(self).__name__)
-        self.check_compression_settings()
 
     @property
     def num_patches(self) -> int:
@@ -197,45 +215,45 @@ class VisionTrimSettings(CompressionSettings):
         """The visual tokens per crop the LLM sees, with the settings that decide it (for error messages)."""
         return f"{self.visual_tokens} per crop (config.reduction_ratio={self.reduction_ratio})"
 
-    def check_compression_settings(self) -> None:
-        super().check_compression_settings()
-        owner = type(self).__name__
-        check_reduction_ratio(self.reduction_ratio, owner, self.num_patches)
-        if self.dvts_score not in DVTS_SCORES:
-            raise ValueError(f"{owner}.dvts_score must be one of {DVTS_SCORES}, got {self.dvts_score!r}.")
-        value = self.guidance_cache_size
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{owner}.guidance_cache_size must be an integer >= 0, got {value!r}.")
-        if self.guidance_config.projection_dim != self.projection_dim:
+    def validate_budget_keeps_a_token(self) -> None:
+        """Class validator: `reduction_ratio` keeps at least one of a crop's `num_patches` tokens."""
+        check_keeps_a_token(self.reduction_ratio, self.num_patches, type(self).__name__)
+
+    def validate_projection_dim(self) -> None:
+        """Class validator: `projection_dim` is the guidance tower's `projection_dim`."""
+        owner, projection_dim = type(self).__name__, self.guidance_config.projection_dim
+        if projection_dim != self.projection_dim:
             raise ValueError(
                 f"{owner}.projection_dim ({self.projection_dim}) must equal guidance_config.projection_dim "
-                f"({self.guidance_config.projection_dim}): text and image embeddings are compared in one space."
+                f"({projection_dim}): text and image embeddings are compared in one space."
             )
-        self._check_llm_stage(owner)
+
+    def validate_vision_feature_layer(self) -> None:
+        """Class validator: with compression on, DVTS has one vision layer's attention to read."""
         if self.compression_enabled:
             vision_attention_layer(
                 self.vision_feature_layer,
                 self.vision_feature_select_strategy,
                 self.vision_config.num_hidden_layers,
-                owner,
+                type(self).__name__,
             )
 
-    def _check_llm_stage(self, owner: str) -> None:
-        if self.llm_stage_score not in LLM_STAGE_SCORES:
-            raise ValueError(
-                f"{owner}.llm_stage_score must be one of {LLM_STAGE_SCORES}, got {self.llm_stage_score!r}."
-            )
+    def validate_llm_stage(self) -> None:
+        """
+        Class validator: an LLM stage that is on prunes at a layer of the LLM (a Llama or Mistral one) to fewer tokens
+        than an image brings into it.
+        """
         if not self.llm_stage_enabled:  # llm_stage_layer is the switch; llm_stage_tokens waits for it
             return
-        num_layers = self.text_config.num_hidden_layers
+        owner, num_layers = type(self).__name__, self.text_config.num_hidden_layers
         layer, tokens = self.llm_stage_layer, self.llm_stage_tokens
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < num_layers:
+        if not 1 <= layer < num_layers:
             raise ValueError(
                 f"{owner}.llm_stage_layer must be an integer in [1, {num_layers - 1}] (a layer of the "
                 f"{num_layers}-layer LLM to prune at; None or 0 switches the stage off), got {layer!r}."
             )
         entering = self.min_visual_tokens_per_image
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens < entering:
+        if tokens is None or not 1 <= tokens < entering:
             raise ValueError(
                 f"{owner}.llm_stage_tokens must be an integer in [1, {entering - 1}]: fewer than the {entering} "
                 f"visual tokens an image can bring into the LLM; got {tokens!r}."
@@ -247,6 +265,7 @@ class VisionTrimSettings(CompressionSettings):
             )
 
 
+@strict_settings
 class VisionTrimLlavaConfig(VisionTrimSettings, LlavaConfig):
     r"""
     Configuration of [`VisionTrimLlavaForConditionalGeneration`]: a [`LlavaConfig`] plus the VisionTrim settings of
@@ -278,11 +297,6 @@ class AnyresSettings(VisionTrimSettings):
 
     crop_newline: bool = True
 
-    def check_compression_settings(self) -> None:
-        super().check_compression_settings()
-        if not isinstance(self.crop_newline, bool):
-            raise ValueError(f"{type(self).__name__}.crop_newline must be True or False, got {self.crop_newline!r}.")
-
     @property
     def min_visual_tokens_per_image(self) -> int:
         """
@@ -300,6 +314,7 @@ class AnyresSettings(VisionTrimSettings):
         return f"{super().describe_budget()}{newline} (config.crop_newline={self.crop_newline})"
 
 
+@strict_settings
 class VisionTrimLlavaNextConfig(AnyresSettings, LlavaNextConfig):
     r"""
     Configuration of [`VisionTrimLlavaNextForConditionalGeneration`]: a [`LlavaNextConfig`] plus the VisionTrim
@@ -314,6 +329,7 @@ class VisionTrimLlavaNextConfig(AnyresSettings, LlavaNextConfig):
     model_type = "visiontrim_llava_next"
 
 
+@strict_settings
 class VisionTrimVideoLlavaConfig(VisionTrimSettings, VideoLlavaConfig):
     r"""
     Configuration of [`VisionTrimVideoLlavaForConditionalGeneration`]: a [`VideoLlavaConfig`] plus the VisionTrim
@@ -330,6 +346,7 @@ class VisionTrimVideoLlavaConfig(VisionTrimSettings, VideoLlavaConfig):
     model_type = "visiontrim_video_llava"
 
 
+@strict_settings
 class VisionTrimLlavaNextVideoConfig(AnyresSettings, LlavaNextVideoConfig):
     r"""
     Configuration of [`VisionTrimLlavaNextVideoForConditionalGeneration`]: a [`LlavaNextVideoConfig`] plus the

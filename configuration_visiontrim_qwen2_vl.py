@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
-from .configuration_visiontrim import CompressionSettings, check_reduction_ratio, round_half_up, visual_tokens_per_crop
+from .configuration_visiontrim import CompressionSettings, round_half_up, strict_settings, visual_tokens_per_crop
 
 
 def qwen_visual_tokens(units: int, reduction_ratio: float) -> int:
@@ -51,7 +51,6 @@ class QwenSettings(CompressionSettings):
                 f"{visual_tokens} of every 576 tokens."
             )
         super().__post_init__(**kwargs)
-        self.check_compression_settings()
 
     @property
     def scored_block(self) -> int:
@@ -73,13 +72,10 @@ class QwenSettings(CompressionSettings):
         ratio = self.reduction_ratio
         return f"max(1, round_half_up(N * (1 - {ratio}))) of each image's N merged tokens (reduction_ratio)"
 
-    def check_compression_settings(self) -> None:
-        super().check_compression_settings()
-        owner = type(self).__name__
-        check_reduction_ratio(self.reduction_ratio, owner)
-        depth = self.vision_config.depth
-        layer = self.dvts_layer
-        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < depth):
+    def validate_dvts_layer(self) -> None:
+        """Class validator: `dvts_layer` is None or a full-attention block of the vision tower."""
+        owner, depth, layer = type(self).__name__, self.vision_config.depth, self.dvts_layer
+        if layer is not None and not 0 <= layer < depth:
             raise ValueError(
                 f"{owner}.dvts_layer must be None (the last full-attention block) or a vision block index in "
                 f"[0, {depth - 1}], got {layer!r}."
@@ -92,6 +88,7 @@ class QwenSettings(CompressionSettings):
             )
 
 
+@strict_settings
 class VisionTrimQwen2_5_VLConfig(QwenSettings, Qwen2_5_VLConfig):
     r"""
     Configuration of [`VisionTrimQwen2_5_VLForConditionalGeneration`]: a [`Qwen2_5_VLConfig`] plus the VisionTrim
@@ -108,6 +105,7 @@ class VisionTrimQwen2_5_VLConfig(QwenSettings, Qwen2_5_VLConfig):
     model_type = "visiontrim_qwen2_5_vl"
 
 
+@strict_settings
 class VisionTrimQwen2VLConfig(QwenSettings, Qwen2VLConfig):
     r"""
     Configuration of [`VisionTrimQwen2VLForConditionalGeneration`]: a [`Qwen2VLConfig`] plus the VisionTrim settings

@@ -9,7 +9,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import logging
 from transformers.video_processing_utils import VideoProcessorMixin
 
-from .configuration_visiontrim import EMPTY_GUIDANCE_RULES
+from .configuration_visiontrim import check_setting, valid_empty_guidance
 
 
 logger = logging.get_logger(__name__)
@@ -109,11 +109,8 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
     guidance_special_tokens = True
 
     def set_empty_guidance(self, empty_guidance: str) -> None:
-        """Sets `empty_guidance`, refusing an unknown rule with the field's name."""
-        if empty_guidance not in EMPTY_GUIDANCE_RULES:
-            raise ValueError(
-                f"{type(self).__name__}.empty_guidance must be one of {EMPTY_GUIDANCE_RULES}, got {empty_guidance!r}."
-            )
+        """Sets `empty_guidance`, refusing an unknown rule (by the config field's validator) with the field's name."""
+        check_setting(valid_empty_guidance, empty_guidance, type(self).__name__, "empty_guidance")
         self.empty_guidance = empty_guidance
 
     def __call__(

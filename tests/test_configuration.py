@@ -1,12 +1,24 @@
-"""VisionTrimLlavaConfig: the budget and its split, derived counts, validation, and what config.json stores."""
+"""
+VisionTrimLlavaConfig: the budget and its split, derived counts, validation (of every VisionTrim config), and what
+config.json stores.
+"""
 
 import json
 import re
 
 import pytest
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPTextConfig, LlavaConfig
 
 from visiontrim import VisionTrimLlavaConfig
+from visiontrim.configuration_visiontrim import check_reduction_ratio, strict_settings
+from visiontrim.configuration_visiontrim_llava import (
+    CLIP_L14_TEXT_CONFIG,
+    VisionTrimLlavaNextConfig,
+    VisionTrimSettings,
+    declare_guidance_config_before_5_20,
+)
+from visiontrim.configuration_visiontrim_qwen2_vl import VisionTrimQwen2_5_VLConfig
+from visiontrim.processing_visiontrim import GuidanceProcessingMixin
 from visiontrim.tools.build import build_config
 
 from helpers import NON_DEFAULT_SETTINGS, load_remote, save_checkpoint, working_directory
@@ -64,7 +76,7 @@ def test_visual_tokens_is_read_only():
         ({"reduction_ratio": 1.0}, "reduction_ratio", r"must be in \[0, 1\)"),
         ({"reduction_ratio": -0.1}, "reduction_ratio", r"must be in \[0, 1\)"),
         ({"reduction_ratio": 0.9995}, "reduction_ratio", r"=0.9995 keeps no token of the 576 patches"),
-        ({"reduction_ratio": True}, "reduction_ratio", r"must be a number in \[0, 1\)"),
+        ({"reduction_ratio": True}, "reduction_ratio", r"must be int \| float, got True"),
         ({"visual_tokens": 577}, "visual_tokens", r"must be an integer in \[1, 576\]"),
         ({"visual_tokens": 0}, "visual_tokens", r"must be an integer in \[1, 576\]"),
         ({"visual_tokens": 64.0}, "visual_tokens", r"must be an integer in \[1, 576\]"),
@@ -104,6 +116,128 @@ def test_assignment_after_construction_is_checked_and_rolled_back():
     assert config.visual_tokens == 128
     config.reduction_ratio = 1 - 192 / 576
     assert config.visual_tokens == 192
+
+
+# One rule on one setting each (a field validator, or the field's type): checked on every assignment.
+FIELD_RULES = [
+    (VisionTrimLlavaConfig, "reduction_ratio", -0.1, r"must be in \[0, 1\) \(the share of each image's vision tokens"),
+    (VisionTrimLlavaConfig, "reduction_ratio", "0.5", r"must be int \| float, got '0.5'\."),
+    (VisionTrimLlavaConfig, "dominant_ratio", 1.5, r"must be in \[0, 1\] \(the share of kept tokens chosen by DVTS"),
+    (VisionTrimLlavaConfig, "merge_iterations", -1, r"must be an integer >= 0, got -1\."),
+    (VisionTrimLlavaConfig, "merge_iterations", 2.0, r"must be int, got 2\.0\."),
+    (VisionTrimLlavaConfig, "merge_update", "average", r"must be one of \('add', 'mean'\), got 'average'\."),
+    (VisionTrimLlavaConfig, "empty_guidance", "ignore", r"must be one of \('error', 'cls_similarity'\)"),
+    (VisionTrimLlavaConfig, "dvts_score", "attention", r"must be one of \('global_local', 'received_attention'\)"),
+    (VisionTrimLlavaConfig, "guidance_cache_size", -2, r"must be an integer >= 0, got -2\."),
+    (VisionTrimLlavaConfig, "llm_stage_score", "max", r"must be one of \('both', 'text_to_image', 'image_to_text'\)"),
+    (VisionTrimLlavaConfig, "llm_stage_layer", True, r"must be int \| None, got True\."),
+    (VisionTrimLlavaNextConfig, "crop_newline", "yes", r"must be bool, got 'yes'\."),
+    (VisionTrimQwen2_5_VLConfig, "reduction_ratio", 1.0, r"must be in \[0, 1\)"),
+    (VisionTrimQwen2_5_VLConfig, "dvts_layer", 7.0, r"must be int \| None, got 7\.0\."),
+]
+
+
+@pytest.mark.parametrize(("config_class", "field", "value", "message"), FIELD_RULES)
+def test_a_field_rule_refuses_at_construction_and_assignment_and_keeps_the_old_value(
+    config_class, field, value, message
+):
+    pattern = "^" + re.escape(f"{config_class.__name__}.{field} ") + message
+    with pytest.raises(ValueError, match=pattern) as refused:
+        config_class(**{field: value})
+    assert type(refused.value) is ValueError  # not huggingface_hub's wrapper: the rule's message, once
+    config = config_class()
+    before = getattr(config, field)
+    with pytest.raises(ValueError, match=pattern):
+        setattr(config, field, value)
+    assert getattr(config, field) == before
+
+
+# Rules relating settings (class validators): checked on construction, by `validate()` and by `save_pretrained`.
+CLASS_RULES = [
+    (VisionTrimLlavaConfig, {"reduction_ratio": 0.9995}, r"VisionTrimLlavaConfig\.reduction_ratio=0\.9995 keeps no"),
+    (VisionTrimLlavaConfig, {"projection_dim": 512}, r"VisionTrimLlavaConfig\.projection_dim \(512\) must equal"),
+    (
+        VisionTrimLlavaConfig,
+        {"vision_feature_select_strategy": "full"},
+        r"VisionTrimLlavaConfig\.vision_feature_select_strategy must be 'default'",
+    ),
+    (VisionTrimLlavaConfig, {"llm_stage_layer": 32}, r"VisionTrimLlavaConfig\.llm_stage_layer must be an integer in"),
+    (
+        VisionTrimLlavaNextConfig,
+        {"llm_stage_layer": 2, "llm_stage_tokens": 192},
+        r"VisionTrimLlavaNextConfig\.llm_stage_tokens must be an integer in \[1, 191\]: fewer than the 192 visual",
+    ),
+    (
+        VisionTrimQwen2_5_VLConfig,
+        {"dvts_layer": 32},
+        r"VisionTrimQwen2_5_VLConfig\.dvts_layer must be None \(the last full-attention block\) or a vision block",
+    ),
+    (VisionTrimQwen2_5_VLConfig, {"dvts_layer": 8}, r"VisionTrimQwen2_5_VLConfig\.dvts_layer=8 is a window-attention"),
+]
+
+
+@pytest.mark.parametrize(("config_class", "settings", "message"), CLASS_RULES)
+def test_a_rule_relating_settings_refuses_at_construction_validate_and_save(config_class, settings, message, tmp_path):
+    with pytest.raises(ValueError, match="^" + message) as refused:
+        config_class(**settings)
+    assert type(refused.value) is ValueError
+    config = config_class()
+    for name, value in settings.items():
+        setattr(config, name, value)  # each value fits its field: only their combination breaks a rule
+    with pytest.raises(ValueError, match="^" + message):
+        config.validate()
+    with pytest.raises(ValueError, match="^" + message):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_processors_check_their_copies_by_the_config_rules():
+    for owner in ("VisionTrimProcessor", "VisionTrimQwen2_5_VLProcessor"):
+        with pytest.raises(ValueError, match=rf"^{owner}\.reduction_ratio must be in \[0, 1\)"):
+            check_reduction_ratio(1.0, owner)
+    with pytest.raises(ValueError, match=r"^VisionTrimProcessor\.reduction_ratio must be a number in \[0, 1\)"):
+        check_reduction_ratio(True, "VisionTrimProcessor")
+    with pytest.raises(ValueError, match=r"^VisionTrimProcessor\.reduction_ratio=0\.9995 keeps no token of the 576"):
+        check_reduction_ratio(0.9995, "VisionTrimProcessor", num_patches=576)
+    check_reduction_ratio(0.9995, "VisionTrimQwen2_5_VLProcessor")  # Qwen keeps max(1, ...) tokens
+
+    class Processor(GuidanceProcessingMixin):
+        pass
+
+    with pytest.raises(ValueError, match=r"^Processor\.empty_guidance must be one of \('error', 'cls_similarity'\)"):
+        Processor.__new__(Processor).set_empty_guidance("ignore")
+
+
+def test_guidance_config_fallback_before_transformers_5_20():
+    class Config(VisionTrimSettings, LlavaConfig):  # no `model_type` of its own: no sub-config declared
+        pass
+
+    assert Config().guidance_config is None
+    declare_guidance_config_before_5_20(Config)
+    assert Config.sub_configs == {**LlavaConfig.sub_configs, "guidance_config": CLIPTextConfig}
+    default = Config().guidance_config
+    assert isinstance(default, CLIPTextConfig)
+    assert {key: getattr(default, key) for key in CLIP_L14_TEXT_CONFIG} == CLIP_L14_TEXT_CONFIG
+    assert Config(guidance_config={"projection_dim": 16}, projection_dim=16).guidance_config.projection_dim == 16
+    given = CLIPTextConfig(projection_dim=32)
+    assert Config(guidance_config=given, projection_dim=32).guidance_config is given
+
+
+def test_a_model_config_declared_without_sub_config_specs_uses_the_fallback(monkeypatch, tmp_path):
+    monkeypatch.setattr("visiontrim.configuration_visiontrim_llava.SubConfigSpec", None)  # as Transformers < 5.20
+
+    @strict_settings
+    class Config(VisionTrimSettings, LlavaConfig):
+        model_type = "visiontrim_llava_fallback_test"
+
+    assert "guidance_config" not in Config.sub_configs_defaults
+    config = Config(visual_tokens=32, guidance_config={"projection_dim": 16}, projection_dim=16)
+    assert isinstance(config.guidance_config, CLIPTextConfig) and config.visual_tokens == 32
+    config.save_pretrained(tmp_path)
+    reloaded = Config.from_pretrained(tmp_path)
+    assert reloaded.guidance_config.to_dict() == config.guidance_config.to_dict()
+    with pytest.raises(ValueError, match=r"^Config\.projection_dim \(768\) must equal"):
+        Config(guidance_config={"projection_dim": 16})
 
 
 def test_config_json_stores_every_compression_setting(tmp_path):
