@@ -204,12 +204,16 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
                 padding_side="right",
                 **special,
             )
+        input_ids = guidance["input_ids"]
         masks = [
             mask if row.strip() else [0] * len(mask)
             for row, mask in zip(rows, guidance["attention_mask"], strict=True)
         ]
+        if not input_ids[0]:  # every row empty, without special tokens: one masked padding column keeps them integers
+            input_ids = [[self.guidance_tokenizer.pad_token_id or 0] for _ in rows]
+            masks = [[0] for _ in rows]
         return BatchFeature(
-            {f"{input_name}_input_ids": guidance["input_ids"], f"{input_name}_attention_mask": masks},
+            {f"{input_name}_input_ids": input_ids, f"{input_name}_attention_mask": masks},
             tensor_type=return_tensors,
         )
 

@@ -215,6 +215,58 @@ def test_pipeline_answers_a_chat_with_an_image(tmp_path):
     assert isinstance(answer[0]["generated_text"], list)
 
 
+def test_pipeline_answers_a_chat_with_only_an_image(tmp_path):
+    from transformers import pipeline
+
+    config = build_qwen_config("qwen2.5-vl", reduction_ratio=0.75)
+    build_qwen_model(config).save_pretrained(tmp_path)
+    build_qwen_processor(config).save_pretrained(tmp_path)
+    chat = [{"role": "user", "content": [{"type": "image", "image": random_image(112, 140)}]}]
+    answer = pipeline("image-text-to-text", model=str(tmp_path), trust_remote_code=True)(
+        text=chat, max_new_tokens=3, do_sample=False
+    )
+    assert answer[0]["generated_text"][-1]["role"] == "assistant"
+
+
+@torch.no_grad()
+def test_an_image_without_a_question_is_guided_by_its_mean_token_alone_or_in_a_batch(arch):
+    model, processor = model_and_processor(arch, reduction_ratio=0.5)
+    images = [random_image(140, 112, seed=3), random_image(224, 336, seed=4)]
+    bare = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}]}], add_generation_prompt=True
+    )
+    alone = processor(images=images[:1], text=[bare], return_tensors="pt")
+    assert alone["guidance_input_ids"].dtype == torch.long and not alone["guidance_attention_mask"].any()
+    batch = processor(
+        images=images, text=[bare, chat_prompt(processor, QUESTIONS[0])], return_tensors="pt", padding=True
+    )
+
+    def encode(inputs):
+        return model.model.get_image_features(
+            inputs["pixel_values"],
+            inputs["image_grid_thw"],
+            inputs["guidance_input_ids"],
+            inputs["guidance_attention_mask"],
+        )
+
+    one, both = encode(alone), encode(batch)
+    assert one.complement_seed_units.numel() > 0  # TGVC ran, guided by the image's mean merged token
+    assert torch.equal(one.kept_units[0], both.kept_units[0])
+    torch.testing.assert_close(one.pooler_output[0], both.pooler_output[0], rtol=0, atol=1e-5)
+    assert model.generate(**alone, max_new_tokens=2, do_sample=False).shape[1] == alone["input_ids"].shape[1] + 2
+    video = processor(
+        videos=[[random_image(112, 112, seed=s) for s in range(4)]],
+        text=[bare.replace("<|image_pad|>", "<|video_pad|>")],
+        return_tensors="pt",
+    )
+    assert video["video_guidance_input_ids"].dtype == torch.long
+    assert model.generate(**video, max_new_tokens=2, do_sample=False).shape[1] == video["input_ids"].shape[1] + 2
+
+    strict_processor = build_qwen_processor(build_qwen_config(arch, reduction_ratio=0.5, empty_guidance="error"))
+    with pytest.raises(ValueError, match="have no question"):
+        strict_processor(images=images[:1], text=[bare], return_tensors="pt")
+
+
 def test_errors_say_what_to_change():
     with pytest.raises(ValueError, match="window-attention block"):
         build_qwen_config("qwen2.5-vl", dvts_layer=0)
