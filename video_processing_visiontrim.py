@@ -4,6 +4,8 @@ Pillow video processors for VisionTrim folders, which must not need torchvision:
 (Video-LLaVA, LLaVA-NeXT-Video) and Qwen2-VL's packed patches. They take sampled frames; neither decodes a file.
 """
 
+import os
+
 import torch
 from transformers import CLIPImageProcessorPil
 from transformers.feature_extraction_utils import BatchFeature
@@ -11,6 +13,21 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImage
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VideoMetadata, make_batched_videos
+
+
+def sampled_videos(videos, owner: str) -> list:
+    """
+    `videos` as a batch of sampled frames (`make_batched_videos`), refusing a file path or URL: these processors
+    neither decode nor sample.
+    """
+    paths = [videos] if isinstance(videos, (str, os.PathLike)) else videos
+    if isinstance(paths, (list, tuple)) and any(isinstance(video, (str, os.PathLike)) for video in paths):
+        raise ValueError(
+            f"{owner} takes each video as its sampled frames (a list of images or a (frames, height, width, 3) "
+            "array), not a file path or URL: decode it first, e.g. with `visiontrim.tools.evaluation.video."
+            "sample_frames(path, 8)` (PyAV: pip install av), the reader `python -m visiontrim eval video-run` uses."
+        )
+    return make_batched_videos(videos)
 
 
 class VisionTrimVideoProcessor(VideoProcessorMixin):
@@ -77,7 +94,7 @@ class VisionTrimVideoProcessor(VideoProcessorMixin):
 
     def preprocess(self, videos, return_tensors: str | None = None, **kwargs) -> BatchFeature:
         """`pixel_values_videos`: one `(frames, 3, height, width)` entry per video, stacked with `return_tensors`."""
-        videos = make_batched_videos(videos)
+        videos = sampled_videos(videos, type(self).__name__)
         frame_processor = self.frame_processor()
         processed = [frame_processor(list(video), return_tensors="pt")["pixel_values"] for video in videos]
         frame_counts = [frames.shape[0] for frames in processed]
@@ -144,7 +161,7 @@ class VisionTrimQwenVideoProcessor(VideoProcessorMixin):
         """`pixel_values_videos` (all videos' patches, packed), `video_grid_thw` and each video's `video_metadata`."""
         frame_processor = self.frame_processor()
         pixels, grids, metadata = [], [], []
-        for video in make_batched_videos(videos):
+        for video in sampled_videos(videos, type(self).__name__):
             frames = list(video)
             frames += frames[-1:] * (-len(frames) % self.temporal_patch_size)
             processed = frame_processor(frames, return_tensors="pt")

@@ -267,6 +267,14 @@ def test_an_image_without_a_question_is_guided_by_its_mean_token_alone_or_in_a_b
         strict_processor(images=images[:1], text=[bare], return_tensors="pt")
 
 
+@pytest.mark.parametrize("video", ["clip.mp4", ["clip.mp4"], ["https://example.com/clip.mp4"]])
+def test_a_video_file_path_is_refused_with_what_to_pass_instead(video):
+    _, processor = model_and_processor("qwen2.5-vl")
+    prompt = chat_prompt(processor, "What happens?", media="video")
+    with pytest.raises(ValueError, match=r"not a file path or URL: decode it first.*sample_frames"):
+        processor(videos=video, text=[prompt], return_tensors="pt")
+
+
 def test_errors_say_what_to_change():
     with pytest.raises(ValueError, match="window-attention block"):
         build_qwen_config("qwen2.5-vl", dvts_layer=0)

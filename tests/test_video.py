@@ -213,6 +213,8 @@ def test_video_inputs_errors_say_what_to_change(built):
         model(**dict(inputs, input_ids=one_placeholder_short))
     with pytest.raises(ValueError, match=r"expected \(videos, frames, channels, height, width\)"):
         model(**dict(inputs, pixel_values_videos=inputs["pixel_values_videos"][0]))
+    with pytest.raises(ValueError, match=r"not a file path or URL: decode it first.*sample_frames"):
+        processor(text=VIDEO_PROMPT, videos="clip.mp4")
 
 
 def test_frames_are_sampled_uniformly_with_pyav(tmp_path):
