@@ -5,6 +5,8 @@ What every VisionTrim processor shares: the question of each image (video) read 
 adds its placeholder counts and guidance tokenizer.
 """
 
+from collections import OrderedDict
+
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import logging
 from transformers.video_processing_utils import VideoProcessorMixin
@@ -53,6 +55,37 @@ def guidance_from_prompt(prompt: str, *media_tokens: str) -> str:
     for token in media_tokens:
         turn = turn.replace(token, " ")
     return " ".join(turn.split())
+
+
+def has_user_turn(prompt: str) -> bool:
+    """Whether `prompt` holds a user-turn marker of a chat format `guidance_from_prompt` knows."""
+    return any(marker in prompt for marker in USER_TURN_MARKERS)
+
+
+def unknown_format_warning(question: str) -> str:
+    """What to log, once, when a prompt in no known chat format guides TGVC by `question` (its whole text)."""
+    shown = question if len(question) <= 80 else f"{question[:80]}..."
+    return (
+        f"A prompt has no user-turn marker of a chat format VisionTrim knows ({', '.join(USER_TURN_MARKERS)}), so "
+        f"TGVC is guided by its whole text without media markers: {shown!r}. If that is not the question, pass "
+        "`guidance_text=` with it (vLLM: mm_processor_kwargs={'guidance_text': ...}), or build the prompt with "
+        "`processor.apply_chat_template(messages)`."
+    )
+
+
+def question_of_messages(messages: list[dict]) -> str:
+    """
+    The question of a chat: the text parts of its last user message, joined (`""` when it has none, e.g. an image
+    only). Content is a string or a list of parts as Transformers' chat templates take them.
+    """
+    user_messages = [message for message in messages if message.get("role") == "user"]
+    if not user_messages:
+        return ""
+    content = user_messages[-1].get("content") or ""
+    if isinstance(content, str):
+        return " ".join(content.split())
+    texts = [part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+    return " ".join(" ".join(texts).split())
 
 
 def to_8_bit(images):
@@ -107,6 +140,43 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
 
     # Whether the guidance keeps its tokenizer's special tokens (CLIP's BOS and EOS: the text tower expects them).
     guidance_special_tokens = True
+    # How many recent chats' rendered prompts `apply_chat_template` remembers the question of.
+    chat_questions_size = 64
+
+    def apply_chat_template(self, conversation: list[dict] | list[list[dict]], *args, **kwargs):
+        """
+        The stock `apply_chat_template`. It also remembers each chat's question (the text of its last user message,
+        `question_of_messages`) for its rendered prompt, so that when that prompt comes back to this processor (with
+        `tokenize=True`, or from a pipeline) TGVC is guided by the question from the messages, not by the question
+        parsed back out of the rendered prompt.
+        """
+        rendered = super().apply_chat_template(conversation, *args, **{**kwargs, "tokenize": False})
+        chats = [conversation] if conversation and isinstance(conversation[0], dict) else list(conversation)
+        prompts = [rendered] if isinstance(rendered, str) else list(rendered)
+        questions = self.__dict__.setdefault("_chat_questions", OrderedDict())
+        for prompt, chat in zip(prompts, chats, strict=True):
+            questions[prompt] = question_of_messages(chat.get("messages", []) if isinstance(chat, dict) else chat)
+            questions.move_to_end(prompt)
+        while len(questions) > self.chat_questions_size:
+            questions.popitem(last=False)
+        if not kwargs.get("tokenize", False):
+            return rendered
+        return super().apply_chat_template(conversation, *args, **kwargs)
+
+    def question_of_prompt(self, prompt: str) -> str:
+        """
+        The question of a prompt: the one of the chat it was rendered from by `apply_chat_template`, else the last user
+        turn parsed out of it (`guidance_from_prompt`). A prompt in no chat format this processor knows guides TGVC
+        by its whole text (logged once, with how to pass the question instead).
+        """
+        chat_questions = self.__dict__.get("_chat_questions", {})
+        if prompt in chat_questions:
+            return chat_questions[prompt]
+        question = guidance_from_prompt(prompt, *self.media_tokens)
+        if not has_user_turn(prompt) and not self.__dict__.get("_warned_unknown_format"):
+            self._warned_unknown_format = True
+            logger.warning(unknown_format_warning(question))
+        return question
 
     def set_empty_guidance(self, empty_guidance: str) -> None:
         """Sets `empty_guidance`, refusing an unknown rule (by the config field's validator) with the field's name."""
@@ -161,7 +231,7 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
                 raise ValueError(
                     "Pass `text` (the prompts) or `guidance_text=` with the images or videos: TGVC needs a question."
                 )
-            guidance_text = [guidance_from_prompt(prompt, *self.media_tokens) for prompt in prompts]
+            guidance_text = [self.question_of_prompt(prompt) for prompt in prompts]
         if len(guidance_text) != len(items_per_prompt):
             unit = "prompt" if prompts else ("video" if token == getattr(self, "video_token", None) else "image")
             raise ValueError(
@@ -218,4 +288,12 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
         )
 
 
-__all__ = ["GuidanceProcessingMixin", "VideoProcessorCheckMixin", "guidance_from_prompt", "to_8_bit"]
+__all__ = [
+    "GuidanceProcessingMixin",
+    "VideoProcessorCheckMixin",
+    "guidance_from_prompt",
+    "has_user_turn",
+    "question_of_messages",
+    "to_8_bit",
+    "unknown_format_warning",
+]

@@ -20,6 +20,7 @@ from transformers import BatchFeature, CLIPTextModelWithProjection
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 from vllm.config import VllmConfig
 from vllm.distributed import tensor_model_parallel_all_gather
+from vllm.logger import init_logger
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
@@ -48,9 +49,13 @@ from ..compression_visiontrim import (
     record_outputs,
 )
 from ..configuration_visiontrim_llava import vision_attention_layer
-from ..processing_visiontrim import guidance_from_prompt
+from ..processing_visiontrim import guidance_from_prompt, has_user_turn, unknown_format_warning
 from .weight_names import vllm_weight_name
 
+
+# Under vLLM's "vllm" logger, whose handler vLLM sets up: the processor's own warnings go to a logger that `vllm serve`
+# leaves at level ERROR.
+logger = init_logger(f"vllm.{__name__}")
 
 # What a dummy (memory-profiling) prompt asks, so that profiling runs TGVC's text path like a real request.
 PROFILING_QUESTION = "What is shown in the image?"
@@ -136,11 +141,17 @@ class QuestionGuidanceMixin:
     vLLM's cache keys include it.
     """
 
+    # Whether a prompt in no known chat format was logged (with the text that guided TGVC) already.
+    warned_unknown_format = False
+
     def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext):
         if "guidance_text" not in inputs.hf_processor_mm_kwargs and inputs.mm_data_items.get_all_counts():
             processor = self.info.get_hf_processor()
             prompt = self.info.get_tokenizer().decode(inputs.prompt)
             guidance = guidance_from_prompt(prompt, processor.image_token)
+            if not has_user_turn(prompt) and not QuestionGuidanceMixin.warned_unknown_format:
+                QuestionGuidanceMixin.warned_unknown_format = True  # once per server process
+                logger.warning(unknown_format_warning(guidance))
             inputs = replace(
                 inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, "guidance_text": guidance}
             )
@@ -154,11 +165,19 @@ class QuestionGuidanceMixin:
                 "mm_processor_kwargs['guidance_text'] must be one string, the text that guides TGVC for every image "
                 f"of the prompt; got {type(guidance).__name__}."
             )
+        processor = self.info.get_hf_processor(**hf_kwargs)
+        guidance_length = len(processor.guidance_tokenizer(guidance)["input_ids"])
+        if guidance_length > processor.guidance_max_length:
+            logger.warning_once(
+                "A guidance text is %d CLIP tokens, longer than the CLIP text tower's %d positions: TGVC is guided by "
+                "its first ones only. Put the question first, or pass a shorter mm_processor_kwargs['guidance_text'] "
+                "(with `vllm serve --trust-request-mm-kwargs`).",
+                guidance_length,
+                processor.guidance_max_length,
+            )
         # One guidance text per prompt: vLLM's dummy text (LLaVA-NeXT) is one prompt; without text, one per image.
         rows = 1 if "text" in hf_data else len(hf_data.get("images", []))
-        return self.info.ctx.call_hf_processor(
-            self.info.get_hf_processor(**hf_kwargs), hf_data, {**hf_kwargs, "guidance_text": [guidance] * rows}
-        )
+        return self.info.ctx.call_hf_processor(processor, hf_data, {**hf_kwargs, "guidance_text": [guidance] * rows})
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]

@@ -217,3 +217,53 @@ def test_a_guidance_text_cut_to_77_clip_tokens_is_warned_about(processor):
         long = processor(images=image, text=long_question, return_tensors="pt")
     assert warning.call_count == 1 and "longer than 77 CLIP tokens" in warning.call_args[0][0]
     assert long["guidance_input_ids"].shape[1] == 77 and short["guidance_input_ids"].shape[1] < 77
+
+
+# A chat format no prompt parser knows: only the chat messages say where the question is.
+UNKNOWN_TEMPLATE = (
+    "{% for message in messages %}<<{{ message['role'] }}>> {% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %} <<end>>\n"
+    "{% endfor %}{% if add_generation_prompt %}<<assistant>> {% endif %}"
+)
+
+
+def clip_ids(processor, text: str) -> list[int]:
+    return processor.guidance_tokenizer(text)["input_ids"]
+
+
+def test_a_chat_is_guided_by_the_question_of_its_messages_whatever_the_template(photos):
+    processor = build_processor(build_config())
+    processor.chat_template = UNKNOWN_TEMPLATE
+    question = "What animal is in the picture?"
+    chat = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hello."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hi."}]},
+        {"role": "user", "content": [{"type": "text", "text": question}]},
+    ]
+    rendered = processor.apply_chat_template(chat, add_generation_prompt=True)
+    assert guidance_from_prompt(rendered, "<image>") != question  # parsing the prompt back would get it wrong
+    inputs = processor(images=photos[0], text=rendered, return_tensors="pt")
+    assert inputs["guidance_input_ids"][0].tolist() == clip_ids(processor, question)
+    # tokenize=True (what the image-text-to-text pipeline calls) takes the same question.
+    chat[0]["content"][0]["image"] = photos[0]
+    tokenized = processor.apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    assert tokenized["guidance_input_ids"][0].tolist() == clip_ids(processor, question)
+    # An image-only chat has no question (empty_guidance decides), whatever else the prompt holds.
+    bare = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}])
+    assert not processor(images=photos[0], text=bare, return_tensors="pt")["guidance_attention_mask"].any()
+
+
+def test_a_raw_prompt_in_an_unknown_format_is_logged_once_with_the_text_used(photos):
+    processor = build_processor(build_config())
+    logger = sys.modules[type(processor).tokenize_guidance.__module__].logger
+    with mock.patch.object(logger, "warning") as warning:
+        processor(images=photos[0], text=QUESTION_PROMPT, return_tensors="pt")
+        assert not warning.called  # a known format: its user turn is the question
+        for question in ("Which animal?", "Which colour?"):
+            inputs = processor(images=photos[0], text=f"<<user>> <image>\n{question} <<end>>", return_tensors="pt")
+    assert warning.call_count == 1
+    message = warning.call_args[0][0]
+    assert "'<<user>> Which animal? <<end>>'" in message and "guidance_text=" in message
+    assert inputs["guidance_input_ids"][0].tolist() == clip_ids(processor, "<<user>> Which colour? <<end>>")
