@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from visiontrim.serving.server import image_chat_request, vllm_server
 from visiontrim.serving.weight_names import vllm_weight_name
 from visiontrim.tools.build import (
     Shapes,
@@ -29,7 +28,9 @@ from visiontrim.tools.build import (
     stock_llava_with_same_weights,
     stock_processor,
 )
+from visiontrim.tools.build_qwen import build_qwen_config, build_qwen_model, build_qwen_processor
 from visiontrim.tools.demo import sample_photo
+from visiontrim.tools.vllm_server import image_chat_request, vllm_server
 
 from helpers import load_remote
 
@@ -44,6 +45,7 @@ CAT_QUESTION = "What animal is in the picture?"
 CUP_QUESTION = "Is there a cup of coffee on the table? Answer with one word."
 PAIR_QUESTION = "What differs between the two pictures?"
 OTHER_QUESTION = "What colour is the background?"
+LONG_QUESTION = "Is the cat on the left of the red sofa, next to the window? " * 8
 
 
 def prompt(question: str, num_images: int = 1) -> str:
@@ -75,8 +77,10 @@ def vllm_python() -> Path:
     return python
 
 
-def save_folder(folder: Path, stock: bool = False, arch: str = "llava", **compression) -> Path:
-    config = build_config(VLLM_SHAPES, arch=arch, **compression)
+def save_folder(
+    folder: Path, stock: bool = False, arch: str = "llava", shapes: Shapes = VLLM_SHAPES, **compression
+) -> Path:
+    config = build_config(shapes, arch=arch, **compression)
     model, processor = build_model(config, seed=0), build_processor(config)
     if stock:
         model, processor = stock_llava_with_same_weights(model), stock_processor(processor)
@@ -85,6 +89,13 @@ def save_folder(folder: Path, stock: bool = False, arch: str = "llava", **compre
     if stock:  # Transformers 5.24 saves `vision_tower.embeddings.*`; vLLM's own LLaVA reads llava-hf's names only
         weights = load_file(folder / "model.safetensors")
         save_file({vllm_weight_name(name): weight for name, weight in weights.items()}, folder / "model.safetensors")
+    return folder
+
+
+def save_qwen_folder(folder: Path) -> Path:
+    config = build_qwen_config("qwen2.5-vl", reduction_ratio=0.75)
+    build_qwen_model(config).save_pretrained(folder)
+    build_qwen_processor(config).save_pretrained(folder)
     return folder
 
 
@@ -140,7 +151,8 @@ def engines(vllm_python, folder, photos, tmp_path_factory) -> dict[str, dict]:
       processor outputs made here, and a chat request;
     - "uncompressed" (reduction_ratio=0) and "stock" (vLLM's own LLaVA, same weights): the mixed batch;
     - "next" (a VisionTrim LLaVA-NeXT folder): the mixed batch;
-    - "staged" (the LLM stage on) and "video" (Video-LLaVA), last: folders the plugin refuses.
+    - "staged" (the LLM stage on), "video" (Video-LLaVA), "qwen" (Qwen2.5-VL) and "narrow" (LLM heads of 16), last:
+      folders the plugin refuses.
     """
     work = tmp_path_factory.mktemp("vllm-engines")
     _, processor = load_remote(folder)
@@ -177,6 +189,8 @@ def engines(vllm_python, folder, photos, tmp_path_factory) -> dict[str, dict]:
         "next": {"model": str(save_folder(work / "next", arch="llava-next")), **batch_job},
         "staged": {"model": str(save_folder(work / "staged", llm_stage_layer=1, llm_stage_tokens=32))},
         "video": {"model": str(save_folder(work / "video", arch="video-llava"))},
+        "qwen": {"model": str(save_qwen_folder(work / "qwen"))},
+        "narrow": {"model": str(save_folder(work / "narrow", shapes=Shapes()))},  # LLM head size 16
     }
     results = run_jobs(vllm_python, work, jobs)
     results["offline"]["features_input"] = features_input
@@ -250,21 +264,37 @@ def test_llm_stage_is_refused_at_load(engines):
     assert "does not run" in error
 
 
+def served_tokens(answer: dict) -> list[int]:
+    return [int(entry["token"].removeprefix("token_id:")) for entry in answer["choices"][0]["logprobs"]["content"]]
+
+
 def test_vllm_serve_answers_a_chat_completion_like_offline(vllm_python, folder, photos, offline, tmp_path):
     options = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--seed", "0"]
+    options.append("--trust-request-mm-kwargs")  # without it, vLLM refuses a request's mm_processor_kwargs
     environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     vllm = Path(vllm_python).parent / "vllm"
-    with vllm_server(vllm, str(folder), tmp_path / "serve.log", options, 300, cwd=tmp_path, env=environment) as port:
-        image_url = "data:image/jpeg;base64," + base64.b64encode(Path(photos["cat"]).read_bytes()).decode()
-        tokens_out = {"logprobs": True, "return_tokens_as_token_ids": True}
-        http_request = image_chat_request(port, str(folder), image_url, CAT_QUESTION, MAX_TOKENS, **tokens_out)
-        with urllib.request.urlopen(http_request, timeout=120) as response:
-            answer = json.loads(response.read())
-    served_tokens = [
-        int(entry["token"].removeprefix("token_id:")) for entry in answer["choices"][0]["logprobs"]["content"]
-    ]
-    assert served_tokens == offline["chat"][0]
-    assert answer["usage"]["prompt_tokens"] == offline["chat_prompt_tokens"][0]
+    log = tmp_path / "serve.log"
+    image_url = "data:image/jpeg;base64," + base64.b64encode(Path(photos["cat"]).read_bytes()).decode()
+    tokens_out = {"logprobs": True, "return_tokens_as_token_ids": True}
+    answers = []
+    with vllm_server(vllm, str(folder), log, options, 300, cwd=tmp_path, env=environment) as port:
+        for question, extra in (
+            (CAT_QUESTION, {}),
+            (CAT_QUESTION, {"mm_processor_kwargs": {"guidance_text": OTHER_QUESTION}}),
+            (LONG_QUESTION, {}),
+        ):
+            http_request = image_chat_request(
+                port, str(folder), image_url, question, MAX_TOKENS, **tokens_out, **extra
+            )
+            with urllib.request.urlopen(http_request, timeout=120) as response:
+                answers.append(json.loads(response.read()))
+    assert served_tokens(answers[0]) == offline["chat"][0]
+    assert answers[0]["usage"]["prompt_tokens"] == offline["chat_prompt_tokens"][0]
+    # A request's own guidance text guides TGVC as the offline override does.
+    assert served_tokens(answers[1]) == offline["rounds"][3]["tokens"][0]
+    # A question past CLIP's 77 positions is answered, and the log says TGVC saw its start only.
+    assert served_tokens(answers[2]) and answers[2]["usage"]["prompt_tokens"] > answers[0]["usage"]["prompt_tokens"]
+    assert "longer than the CLIP text tower's 77 positions" in log.read_text()
 
 
 def test_llava_next_placeholders_and_greedy_tokens_equal_transformers(engines, photos):
@@ -280,6 +310,13 @@ def test_llava_next_placeholders_and_greedy_tokens_equal_transformers(engines, p
     assert result["rounds"][0]["tokens"] == transformers_greedy(result["folder"], BATCH, photos)
 
 
-def test_video_architectures_are_refused_at_load(engines):
-    error = engines["video"]["load_error"]
-    assert "VisionTrimVideoLlavaForConditionalGeneration is not served by the VisionTrim vLLM plugin" in error
+def test_every_unserved_visiontrim_architecture_is_refused_naming_what_is_served(engines):
+    for name, architecture in (("video", "VisionTrimVideoLlava"), ("qwen", "VisionTrimQwen2_5_VL")):
+        error = engines[name]["load_error"]
+        assert f"{architecture}ForConditionalGeneration is not served by the VisionTrim vLLM plugin" in error
+        assert "serves VisionTrim LLaVA-1.5 and LLaVA-NeXT folders" in error
+
+
+def test_a_head_size_vllm_cpu_attention_lacks_is_refused_at_load(engines):
+    error = engines["narrow"]["load_error"]
+    assert "LLM attention head size of 16" in error and "vLLM's CPU attention does not support" in error

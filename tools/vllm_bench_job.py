@@ -23,7 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from visiontrim.serving.server import image_chat_request, vllm_server
+from visiontrim.tools.vllm_server import image_chat_request, vllm_server
 
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its block count is read
