@@ -1,6 +1,6 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-`python -m visiontrim [options]`: the main job (stock LLaVA vs VisionTrim on one photo);
+`python -m visiontrim [options]`: the main job (stock vs VisionTrim on one photo);
 `python -m visiontrim bench [options]`: the benchmark;
 `python -m visiontrim bench-vllm [options]`: the vLLM serving benchmark;
 `python -m visiontrim eval run|score [options]`: the evaluation runner;
@@ -21,7 +21,7 @@ from .tools.evaluation import cli as evaluation
 COMMANDS = {
     "bench": (
         bench,
-        "Stock LLaVA vs VisionTrim with the same weights at the published budgets: speed, FLOPs, memory.",
+        "Stock vs VisionTrim with the same weights at the published budgets: speed, FLOPs, memory.",
     ),
     "bench-vllm": (
         vllm_bench,
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         module = demo
         parser = argparse.ArgumentParser(
             prog="visiontrim",
-            description="Run one photo and a question through stock LLaVA and VisionTrim with the same weights: "
-            "tokens fed to the LLM, the grid cells DVTS kept and the TGVC seeds, and prefill times. Subcommands: "
+            description="Run one photo and a question through stock and VisionTrim with the same weights: tokens "
+            "fed to the LLM, the grid cells DVTS kept and the TGVC seeds, and prefill times. Subcommands: "
             + ", ".join(COMMANDS)
             + ".",
         )

@@ -6,6 +6,7 @@ table imports no model code (the vLLM plugin reads it under vLLM's pinned Transf
 """
 
 import importlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ class Architecture:
     processor: str  # the VisionTrim processor class
     videos: bool  # whether it takes videos
     vllm_served: bool  # whether the vLLM plugin serves its folders
+    anyres: bool = False  # whether an image is several crops (LLaVA-NeXT's anyres: a base view and high-res crops)
 
     @property
     def model_type(self) -> str:
@@ -68,7 +70,15 @@ class Architecture:
 ARCHITECTURES = (
     Architecture("llava", "LLaVA-1.5", "llava", "llava", "Llava", "VisionTrimProcessor", False, True),
     Architecture(
-        "llava-next", "LLaVA-NeXT", "llava", "llava_next", "LlavaNext", "VisionTrimLlavaNextProcessor", False, True
+        "llava-next",
+        "LLaVA-NeXT",
+        "llava",
+        "llava_next",
+        "LlavaNext",
+        "VisionTrimLlavaNextProcessor",
+        False,
+        True,
+        anyres=True,
     ),
     Architecture(
         "video-llava",
@@ -89,6 +99,7 @@ ARCHITECTURES = (
         "VisionTrimLlavaNextVideoProcessor",
         True,
         False,
+        anyres=True,
     ),
     Architecture(
         "qwen2.5-vl",
@@ -103,11 +114,13 @@ ARCHITECTURES = (
     Architecture("qwen2-vl", "Qwen2-VL", "qwen2_vl", "qwen2_vl", "Qwen2VL", "VisionTrimQwen2VLProcessor", True, False),
 )
 ARCHITECTURE_NAMES = tuple(architecture.name for architecture in ARCHITECTURES)
+# The families: the LLaVA models (a CLIP tower, guided by a CLIP text tower) and the Qwen2-VL models.
+LLAVA_FAMILY, QWEN_FAMILY = "llava", "qwen2_vl"
 
 
-def supported() -> str:
-    """The supported architectures, for messages: "llava (LLaVA-1.5), ..."."""
-    return ", ".join(f"{architecture.name} ({architecture.display_name})" for architecture in ARCHITECTURES)
+def supported(among: Iterable[Architecture] = ARCHITECTURES) -> str:
+    """The supported architectures (or those of `among`), for messages: "llava (LLaVA-1.5), ..."."""
+    return ", ".join(f"{architecture.name} ({architecture.display_name})" for architecture in among)
 
 
 def architecture_named(name: str) -> Architecture:
@@ -123,11 +136,20 @@ def architecture_of(config: Any) -> Architecture:
     The architecture of a config (or config dict): a VisionTrim one by its model_type, or a stock one it converts
     (`llava`, `qwen2_5_vl`, ...). A `ValueError` names the supported architectures otherwise.
     """
-    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    model_type = _model_type(config)
     for architecture in ARCHITECTURES:
         if model_type in (architecture.model_type, architecture.stock_model_type):
             return architecture
     raise ValueError(f"model_type {model_type!r} is not an architecture VisionTrim supports: {supported()}.")
+
+
+def is_visiontrim(config: Any) -> bool:
+    """Whether a config (or config dict) of a supported architecture is VisionTrim's, not the stock one."""
+    return _model_type(config) == architecture_of(config).model_type
+
+
+def _model_type(config: Any) -> str | None:
+    return config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
 
 
 def exports() -> dict[str, str]:
@@ -139,4 +161,14 @@ def exports() -> dict[str, str]:
     }
 
 
-__all__ = ["ARCHITECTURES", "ARCHITECTURE_NAMES", "Architecture", "architecture_named", "architecture_of", "supported"]
+__all__ = [
+    "ARCHITECTURES",
+    "ARCHITECTURE_NAMES",
+    "LLAVA_FAMILY",
+    "QWEN_FAMILY",
+    "Architecture",
+    "architecture_named",
+    "architecture_of",
+    "is_visiontrim",
+    "supported",
+]

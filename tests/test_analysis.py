@@ -1,4 +1,7 @@
-"""Attention analysis: measurements on hand-built maps, recorded rows equal to eager attention, shapes and masses."""
+"""
+Attention analysis: measurements on hand-built maps, recorded rows equal to eager attention, shapes and masses for
+every LLaVA-family architecture, and the refusal of the others.
+"""
 
 import json
 import logging
@@ -14,7 +17,6 @@ from transformers import LlamaConfig, LlamaModel
 from visiontrim.__main__ import main
 from visiontrim.tools import plots
 from visiontrim.tools.analysis import (
-    GRID,
     analyze_sample,
     attention_entropy,
     box_centre_cells,
@@ -23,8 +25,12 @@ from visiontrim.tools.analysis import (
     top_k_share,
 )
 from visiontrim.tools.build import stock_llava_with_same_weights, stock_processor
+from visiontrim.tools.build_qwen import build_qwen_config
 
 from helpers import assert_plot, load_remote, save_checkpoint
+
+
+GRID = 24
 
 
 def test_centre_of_mass_by_hand():
@@ -74,7 +80,7 @@ def test_box_centre_follows_the_preprocessing(remote):
     assert box_centre_cells([0, 0, 60, 40], photo, processor).tolist() == pytest.approx([20 * 0.84 / 14, -58.8 / 14])
 
 
-@pytest.mark.parametrize("arch", ["llava", "llava-next"])
+@pytest.mark.parametrize("arch", ["llava", "llava-next", "video-llava", "llava-next-video"])
 def test_sample_measurements_for_visiontrim_and_stock(tmp_path, photos, arch):
     model, processor = load_remote(save_checkpoint(tmp_path, arch=arch))
     stock, stock_proc = stock_llava_with_same_weights(model), stock_processor(processor)
@@ -83,7 +89,7 @@ def test_sample_measurements_for_visiontrim_and_stock(tmp_path, photos, arch):
         sample = analyze_sample(net, net_processor, photos[0], question, [0, 1], top_k=4, box=[100, 50, 300, 250])
         visual_tokens = sample["visual_attention"].shape[-1]
         inputs = net_processor(images=photos[0], text=f"USER: <image>\n{question} ASSISTANT:")
-        assert visual_tokens == inputs["input_ids"][0].count(net.config.image_token_id)
+        assert visual_tokens == int((torch.as_tensor(inputs["input_ids"][0]) == net.config.image_token_id).sum())
         assert sample["visual_attention"].shape == (2, 2, visual_tokens) and sample["cells"].shape == (
             visual_tokens,
             3,
@@ -98,13 +104,15 @@ def test_sample_measurements_for_visiontrim_and_stock(tmp_path, photos, arch):
         assert (sample["entropy"] <= math.log(visual_tokens) + 1e-6).all() and (
             sample["top_k_share"] <= 1 + 1e-6
         ).all()
-        assert ((sample["centre_of_mass"] >= 0) & (sample["centre_of_mass"] <= GRID - 1)).all()
-        assert sample["crop_image"].shape == (336, 336, 3) and not numpy.isnan(sample["box_centre"]).any()
-        crops = sample["grids"].shape[2]
-        if compressed:  # 64 tokens per crop, and for LLaVA-NeXT one newline per crop
-            assert on_grid.sum() == 64 * crops and (~on_grid).sum() == (crops if arch == "llava-next" else 0)
-        elif arch == "llava":
-            assert visual_tokens == 576 and on_grid.all()
+        grid = 16 if arch == "video-llava" else GRID  # Video-LLaVA's 224 px towers
+        assert sample["grids"].shape[-2:] == (grid, grid)
+        assert ((sample["centre_of_mass"] >= 0) & (sample["centre_of_mass"] <= grid - 1)).all()
+        assert sample["crop_image"].shape == (grid * 14, grid * 14, 3) and not numpy.isnan(sample["box_centre"]).any()
+        crops, anyres = sample["grids"].shape[2], arch in ("llava-next", "llava-next-video")
+        if compressed:  # the budget per crop, and for LLaVA-NeXT one newline per crop
+            assert on_grid.sum() == net.config.visual_tokens * crops and (~on_grid).sum() == (crops if anyres else 0)
+        elif not anyres:
+            assert visual_tokens == grid * grid and on_grid.all()
         else:
             assert sample["cells"][:576, 0].tolist() == [0] * 576 and (~on_grid).sum() > 0  # row newlines
 
@@ -163,6 +171,21 @@ def test_command_line_on_a_three_item_file(checkpoint, photos, tmp_path, capsys)
         )
     assert exit_info.value.code == 2
     assert "argument --layers: must be within 0..1 (the LLM's layers), got [0, 5]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["qwen2.5-vl", "qwen2-vl"])
+def test_qwen_folders_are_refused_naming_the_llava_family(tmp_path, capsys, arch):
+    build_qwen_config(arch).save_pretrained(tmp_path / arch)  # refused from its config.json, before loading
+    (tmp_path / "items.jsonl").write_text(json.dumps({"image": "cat.jpg", "question": "What animal is this?"}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", "--model", str(tmp_path / arch), "--data", str(tmp_path / "items.jsonl")])
+    name = {"qwen2.5-vl": "Qwen2.5-VL", "qwen2-vl": "Qwen2-VL"}[arch]
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"visiontrim analyze: error: argument --model: {tmp_path / arch} is a {name} folder; the attention analysis "
+        "supports llava (LLaVA-1.5), llava-next (LLaVA-NeXT), video-llava (Video-LLaVA), llava-next-video "
+        "(LLaVA-NeXT-Video)"
+    )
 
 
 def test_without_matplotlib_the_analysis_finishes_and_says_how_to_plot(

@@ -72,10 +72,12 @@ def test_converter_arguments(capsys, argv, message):
     assert message in line
 
 
-def test_converter_help_prints_no_torchvision_warning():
-    # In a fresh interpreter: Transformers warns once per process, so an in-process check could miss it.
-    result = subprocess.run(
-        [sys.executable, "-m", "visiontrim.convert_checkpoint", "--help"], capture_output=True, text=True, timeout=120
-    )
+@pytest.mark.parametrize("module", ["visiontrim.tools.convert", "visiontrim.convert_checkpoint"])
+def test_converter_help_prints_no_torchvision_warning(module):
+    # In a fresh interpreter: Transformers warns once per process, so an in-process check could miss it. The older
+    # module name runs the same command.
+    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--dtype {auto,float16,bfloat16,float32}" in result.stdout
+    usage = " ".join(result.stdout.split())
+    assert "--arch {llava,llava-next,video-llava,llava-next-video,qwen2.5-vl,qwen2-vl}" in usage
     assert "torchvision" not in result.stderr + result.stdout

@@ -1,7 +1,11 @@
-"""The benchmark at a toy size: every field of its JSON, the analytic numbers against hand computation; no timing."""
+"""
+The benchmark at a toy size, every architecture: every field of its JSON, the analytic numbers against hand
+computation (no timing); a VisionTrim folder of any architecture, and the folders it refuses.
+"""
 
 import json
 import logging
+import math
 import sys
 
 import pytest
@@ -9,8 +13,9 @@ from transformers import LlamaConfig
 
 from visiontrim.__main__ import main
 from visiontrim.tools import plots
-from visiontrim.tools.bench import prefill_flops
-from visiontrim.tools.build import Shapes
+from visiontrim.tools.build import Shapes, build_config, build_model, stock_llava_with_same_weights
+from visiontrim.tools.build_qwen import build_qwen_config, build_qwen_model, build_qwen_processor
+from visiontrim.tools.measure import prefill_flops
 
 from helpers import assert_plot
 
@@ -54,6 +59,7 @@ def test_prefill_flops_by_hand():
         ("llava", [576, 192, 128, 64, 64, 64, 64]),
         ("llava-next", [2928, 640, 320, 160, 320, 320, 320]),
         ("video-llava", [2056, 256, 128, 64, 128, 128]),  # 8 frames: stock 8 x 257, then 32 / 16 / 8 per frame
+        ("llava-next-video", [1152, 512, 256, 128, 256, 256]),  # 8 frames: stock 8 x 144 pooled, then 64 / 32 / 16
     ],
 )
 def test_toy_benchmark_writes_every_field(tmp_path, capsys, arch, tokens):
@@ -129,12 +135,17 @@ def test_without_matplotlib_the_benchmark_finishes_and_says_how_to_plot(tmp_path
     assert "Timings on a shared machine are noisy" in caplog.text
 
 
-def test_toy_qwen_benchmark_reports_both_sizes(tmp_path, capsys):
-    """Qwen2.5-VL rows at 448 x 448 (16 x 16 units) and 1008 x 756 (36 x 27 units): stock, 25%, 11% and ablations."""
-    arguments = ["--warmup", "0", "--repeats", "1", "--new-tokens", "2", "--output-dir", str(tmp_path)]
-    main(["bench", "--toy", "--arch", "qwen2.5-vl", *arguments])
-    report = json.loads((tmp_path / "bench-qwen2.5-vl.json").read_text())
-    assert_plot(tmp_path / "bench-qwen2.5-vl.png", (720, 480))
+TOY_ARGUMENTS = ["--warmup", "0", "--repeats", "1", "--new-tokens", "2"]
+
+
+@pytest.mark.parametrize("arch", ["qwen2.5-vl", "qwen2-vl"])
+def test_toy_qwen_benchmark_reports_both_sizes(tmp_path, capsys, arch):
+    """Qwen rows at 448 x 448 (16 x 16 units) and 1008 x 756 (36 x 27 units): stock, 25%, 11% and ablations."""
+    arguments = [*TOY_ARGUMENTS, "--output-dir", str(tmp_path)]
+    main(["bench", "--toy", "--arch", arch, *arguments])
+    report = json.loads((tmp_path / f"bench-{arch}.json").read_text())
+    assert report["arch"] == arch
+    assert_plot(tmp_path / f"bench-{arch}.png", (720, 480))
     assert [entry["grid_thw"] for entry in report["sizes"]] == [[1, 32, 32], [1, 54, 72]]
     for entry, units in zip(report["sizes"], (256, 972), strict=True):
         rows = entry["rows"]
@@ -146,5 +157,44 @@ def test_toy_qwen_benchmark_reports_both_sizes(tmp_path, capsys):
             assert row["kv_cache_bytes"] == 2 * row["prompt_tokens"] * 2 * 2 * 16 * 4
             assert row["ratios"]["prefill_flops"] == pytest.approx(row["prefill_flops"] / rows[0]["prefill_flops"])
     assert "1008 x 756: vision tower" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["bench", "--toy", "--arch", "qwen2.5-vl", "--model", str(tmp_path), *arguments])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--toy", "--arch", arch, "--video", __file__, *arguments])
+    assert exit_info.value.code == 2
+    assert "argument --video: the Qwen" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    """A tiny VisionTrim Qwen2.5-VL folder, images at most 448 x 448."""
+    folder = tmp_path_factory.mktemp("qwen2.5-vl")
+    config = build_qwen_config("qwen2.5-vl")
+    build_qwen_model(config).save_pretrained(folder)
+    build_qwen_processor(config, max_pixels=448 * 448).save_pretrained(folder)
+    return folder
+
+
+def test_a_qwen_folder_is_benchmarked(qwen_folder, tmp_path, capsys):
+    main(["bench", "--model", str(qwen_folder), *TOY_ARGUMENTS, "--output-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "bench-qwen2.5-vl.json").read_text())
+    assert report["model"] == f"{qwen_folder} (Qwen2.5-VL)" and report["arch"] == "qwen2.5-vl"
+    # The folder's processor takes at most 448 x 448 pixels, so both sizes shrink; every row keeps its share
+    # (round half up) of the same units.
+    for entry in report["sizes"]:
+        _, height, width = entry["grid_thw"]
+        units = height * width // 4
+        assert height * width * 14 * 14 <= 448 * 448
+        kept = [max(1, math.floor(units * share + 0.5)) for share in (1, 0.25, 64 / 576)]
+        assert [row["visual_tokens"] for row in entry["rows"]][:3] == kept
+    assert f"{qwen_folder} (Qwen2.5-VL)" in capsys.readouterr().out
+
+
+def test_a_stock_folder_and_a_contradicting_arch_are_refused(qwen_folder, tmp_path, capsys):
+    stock_llava_with_same_weights(build_model(build_config())).save_pretrained(tmp_path / "stock")
+    for argv, message in (
+        (["--model", str(tmp_path / "stock")], f"argument --model: {tmp_path / 'stock'} is a stock LLaVA-1.5 folder;"),
+        (["--model", str(qwen_folder), "--arch", "llava"], f"argument --arch: {qwen_folder} is a qwen2.5-vl folder"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", *argv])
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_info.value.code == 2 and error.startswith(f"visiontrim bench: error: {message}"), error

@@ -1,8 +1,8 @@
 """
-convert_checkpoint.py on tiny checkpoints written here in each source layout: llava-hf (stock `save_pretrained`) and
-original LLaVA (its key names, config fields and tokenizer, written from a stock model by the mapping below, which is
-independent of the converter's), for LLaVA-1.5 and LLaVA-NeXT, and llava-hf Video-LLaVA and LLaVA-NeXT-Video, with
-tiny CLIP models as the CLIP sources.
+The converter (`visiontrim-convert`, `tools/convert/`) on tiny checkpoints written here in each source layout:
+llava-hf (stock `save_pretrained`) and original LLaVA (its key names, config fields and tokenizer, written from a stock
+model by the mapping below, which is independent of the converter's), for LLaVA-1.5 and LLaVA-NeXT, and llava-hf
+Video-LLaVA and LLaVA-NeXT-Video, with tiny CLIP models as the CLIP sources; and sources it refuses.
 """
 
 import json
@@ -44,6 +44,7 @@ from visiontrim.tools.build import (
     clip_vision_config,
     stock_processor,
 )
+from visiontrim.tools.convert import repository
 
 from helpers import QUESTION_PROMPT, load_remote
 
@@ -417,7 +418,7 @@ def test_hub_id_sources_name_the_base_model(tmp_path, clip_folder, monkeypatch):
         downloads.append(repo_id)
         return str(tmp_path / "snapshot")
 
-    monkeypatch.setattr(convert_checkpoint, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(repository, "snapshot_download", fake_snapshot_download)
     output = run_convert("llava-hf/llava-1.5-7b-hf", clip_folder, tmp_path / "out")
     assert downloads == ["llava-hf/llava-1.5-7b-hf"]
     card = (output / "README.md").read_text()
@@ -502,6 +503,39 @@ def test_contradicting_arch_and_bad_budget_are_refused(tmp_path, clip_folder):
         parse_arguments([*arguments, "--tokens", "64", "--reduction-ratio", "0.5"])
 
 
+@pytest.mark.parametrize(
+    ("model_type", "option", "message"),
+    [
+        ("qwen2_5_vl", "--llava", r"is a Qwen2.5-VL checkpoint: convert it with --qwen instead of --llava\."),
+        ("llava_next", "--qwen", r"is a LLaVA-NeXT checkpoint: convert it with --llava instead of --qwen\."),
+        ("visiontrim_llava", "--llava", r"is already a VisionTrim LLaVA-1.5 folder: load it as it is"),
+        ("visiontrim_qwen2_vl", "--qwen", r"is already a VisionTrim Qwen2-VL folder"),
+        (
+            "idefics3",
+            "--llava",
+            r"model_type 'idefics3' is not an architecture VisionTrim supports: llava \(LLaVA-1\.5\), .*"
+            r"llava-next-video \(LLaVA-NeXT-Video\), qwen2\.5-vl \(Qwen2\.5-VL\), qwen2-vl \(Qwen2-VL\)\.",
+        ),
+    ],
+)
+def test_a_source_of_another_family_or_architecture_is_refused_naming_what_converts_it(
+    tmp_path, clip_folder, model_type, option, message
+):
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({"model_type": model_type}))
+    clip = ["--clip", str(clip_folder)] if option == "--llava" else []
+    assert_refused(tmp_path, message, option, str(source), *clip, "--output", str(tmp_path / "out"))
+
+
+def test_an_arch_of_the_other_family_is_refused(tmp_path, clip_folder):
+    llava_hf_source(tmp_path / "source", "llava")
+    arguments = ["--llava", str(tmp_path / "source"), "--clip", str(clip_folder), "--output", str(tmp_path / "out")]
+    assert_refused(
+        tmp_path, r"is a llava checkpoint, but --arch qwen2.5-vl was given", *arguments, "--arch", "qwen2.5-vl"
+    )
+
+
 class RecordingHfApi:
     """Stands in for huggingface_hub.HfApi: records every call and the files present at upload time."""
 
@@ -522,7 +556,7 @@ class RecordingHfApi:
 def test_push_to_hub_uploads_the_folder_in_one_commit_and_tags_it(tmp_path, clip_folder, monkeypatch):
     llava_hf_source(tmp_path / "source", "llava")
     RecordingHfApi.calls = []
-    monkeypatch.setattr(convert_checkpoint, "HfApi", RecordingHfApi)
+    monkeypatch.setattr(repository, "HfApi", RecordingHfApi)
     output = run_convert(
         tmp_path / "source", clip_folder, tmp_path / "out", "--push-to-hub", "me/visiontrim-tiny", "--private"
     )

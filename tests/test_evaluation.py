@@ -14,7 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
 import datasets
+import numpy
 import pytest
 from lmms_eval.api.instance import Instance
 from lmms_eval.models import get_model
@@ -402,6 +404,44 @@ def test_eval_run_answers_with_a_qwen_folder_and_its_budget_override(qwen_checkp
     with pytest.raises(SystemExit):
         main(["eval", "run", "--task", "pope", "--model", str(qwen_checkpoint), "--questions", str(questions),
               "--images", str(images), "--answers", str(answers), "--reduction-ratio", "1.5"])  # fmt: skip
+
+
+def eval_error(capsys, argv: list[str]) -> str:
+    """The one-line argument error of `visiontrim eval ...argv` (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", *argv])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_eval_refuses_a_budget_or_a_modality_the_folder_does_not_take(
+    qwen_checkpoint, checkpoint, pope_like, tmp_path, capsys
+):
+    questions, images, _ = pope_like
+    pope = ["run", "--task", "pope", "--questions", str(questions), "--images", str(images), "--limit", "1"]
+    line = eval_error(capsys, [*pope, "--model", str(qwen_checkpoint), "--visual-tokens", "8", "--answers", "a"])
+    assert "argument --visual-tokens: Qwen2.5-VL keeps a share of each image's merged tokens" in line
+    line = eval_error(capsys, [*pope, "--model", str(checkpoint), "--visual-tokens", "900", "--answers", "a"])
+    assert "argument --visual-tokens:" in line and "visual_tokens must be an integer in [1, 576]" in line
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    with av.open(str(videos / "clip.mp4"), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for frame in numpy.zeros((2, 32, 32, 3), dtype=numpy.uint8):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    (tmp_path / "q.json").write_text(json.dumps([{"video_name": "clip", "question": "What?", "question_id": 1}]))
+    (tmp_path / "a.json").write_text(json.dumps([{"answer": "x", "question_id": 1}]))
+    video = ["video-run", "--questions", str(tmp_path / "q.json"), "--gt-answers", str(tmp_path / "a.json"),
+             "--videos", str(videos), "--answers", str(tmp_path / "answers.json")]  # fmt: skip
+    assert eval_error(capsys, [*video, "--model", str(checkpoint)]) == (
+        f"visiontrim eval: error: argument --model: {checkpoint} is a LLaVA-1.5 folder; video QA supports "
+        "video-llava (Video-LLaVA), llava-next-video (LLaVA-NeXT-Video), qwen2.5-vl (Qwen2.5-VL), qwen2-vl (Qwen2-VL)"
+    )
 
 
 def test_eval_score_refuses_unscorable_input(pope_like, tmp_path):

@@ -4,13 +4,14 @@
 motivation for TGVC):
 
 - attention shift: the text-to-visual attention (last prompt token, and the mean over the question's tokens) laid back
-  onto the 24x24 patch grid (per crop for LLaVA-NeXT), its centre of mass per layer and how it moves with depth, and
-  its distance to the question's target when a box is given;
+  onto the tower's patch grid (24x24; per crop for LLaVA-NeXT), its centre of mass per layer and how it moves with
+  depth, and its distance to the question's target when a box is given;
 - attention dispersion: per layer, the entropy of the text-to-visual attention and the share of its mass on the top-k
   visual tokens; for a VisionTrim model the same over the tokens it kept, so stock and VisionTrim compare side by side.
 
 Only the recorded layers' attention is computed (from each layer's input, with its RoPE, by the same function the LLM
-stage uses), while every layer runs its usual kernel: no model is asked for all its attention maps.
+stage uses), while every layer runs its usual kernel: no model is asked for all its attention maps. It runs the LLaVA
+family's folders, stock or VisionTrim, on images.
 """
 
 import argparse
@@ -26,21 +27,29 @@ import numpy
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaNextProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
+from ..architectures import architecture_of, is_visiontrim, supported
 from ..llm_stage_visiontrim import causal_attention_probabilities
 from . import plots
-from .arguments import UsageError, existing_file, existing_folder, existing_path, model_folder, positive_int
-from .build import stock_llava_with_same_weights, stock_processor
-from .demo import first_crop_image
+from .arguments import (
+    UsageError,
+    existing_file,
+    existing_folder,
+    existing_path,
+    folder_architecture,
+    model_folder,
+    positive_int,
+)
+from .build import LLAVA_ARCHITECTURES, processor_architecture, stock_llava_with_same_weights, stock_processor
+from .demo import first_crop_image, prepare
 from .evaluation.data import DataError, Question, column_names, load_local_dataset, read_json_lines
 from .evaluation.runner import chat_prompt
 
 
 logger = logging.getLogger(__name__)
 
-GRID = 24
 ROW_KINDS = ("last_token", "question")
 
 
@@ -116,6 +125,11 @@ def record_attention_rows(
 # ---- where each visual token sits in the patch grid
 
 
+def grid_side(vision_config) -> int:
+    """Patches per side of a crop's grid: 24 for CLIP ViT-L/14-336, 16 for Video-LLaVA's 224 px towers."""
+    return vision_config.image_size // vision_config.patch_size
+
+
 def visual_token_cells(model, inputs, image_outputs) -> numpy.ndarray:
     """
     `(visual tokens, 3)`: the `(crop, row, col)` cell of each visual token of the (single) image, in prompt order;
@@ -123,30 +137,32 @@ def visual_token_cells(model, inputs, image_outputs) -> numpy.ndarray:
     cells (merged tokens sit on their seed) of each crop; stock LLaVA-NeXT: the base view, then the unpadded grid.
     """
     config = model.config
-    dominant = getattr(image_outputs, "dominant_indices", None)
-    if dominant is not None:
-        per_crop = torch.cat([dominant, image_outputs.complement_seed_indices], dim=1).cpu().numpy()
+    anyres = architecture_of(config).anyres
+    grid = grid_side(config.vision_config)
+    if is_visiontrim(config):
+        dominant, seeds = image_outputs.dominant_indices, image_outputs.complement_seed_indices
+        per_crop = torch.cat([dominant, seeds], dim=1).cpu().numpy()
         cells = []
         for crop, indices in enumerate(per_crop):
-            cells.extend((crop, *divmod(int(index), GRID)) for index in indices)
-            if getattr(config, "crop_newline", False):
+            cells.extend((crop, *divmod(int(index), grid)) for index in indices)
+            if anyres and config.crop_newline:
                 cells.append((-1, -1, -1))
         return numpy.array(cells)
-    base = [(0, *divmod(index, GRID)) for index in range(GRID * GRID)]
-    if not hasattr(config, "image_grid_pinpoints"):
+    base = [(0, *divmod(index, grid)) for index in range(grid * grid)]
+    if not anyres:
         return numpy.array(base)
     image_size = inputs["image_sizes"][0]
     crops_high, crops_wide = get_anyres_image_grid_shape(
         image_size, config.image_grid_pinpoints, config.vision_config.image_size
     )
-    full = torch.arange(crops_high * GRID * crops_wide * GRID).view(1, crops_high * GRID, crops_wide * GRID)
+    full = torch.arange(crops_high * grid * crops_wide * grid).view(1, crops_high * grid, crops_wide * grid)
     kept = unpad_image(full, image_size)[0]  # the stock model's own unpadding, on positions
     cells = list(base)
     for row in kept.tolist():
         for position in row:
-            grid_row, grid_col = divmod(position, crops_wide * GRID)
-            crop = 1 + (grid_row // GRID) * crops_wide + grid_col // GRID
-            cells.append((crop, grid_row % GRID, grid_col % GRID))
+            grid_row, grid_col = divmod(position, crops_wide * grid)
+            crop = 1 + (grid_row // grid) * crops_wide + grid_col // grid
+            cells.append((crop, grid_row % grid, grid_col % grid))
         cells.append((-1, -1, -1))  # image_newline after each row
     return numpy.array(cells)
 
@@ -156,8 +172,8 @@ def box_centre_cells(box: list[float], image: Image.Image, processor) -> numpy.n
     width, height = image.size
     x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     side = processor.image_processor.crop_size["height"]
-    cell = side / GRID
-    if isinstance(processor, LlavaNextProcessor):  # the base view is the whole image resized to a square
+    cell = processor.patch_size
+    if processor_architecture(processor).anyres:  # the base view is the whole image resized to a square
         return numpy.array([y * side / height / cell, x * side / width / cell])
     if getattr(processor.image_processor, "do_pad", False):  # padded to a square, then resized
         square = max(width, height)
@@ -178,8 +194,7 @@ def analyze_sample(
 ) -> dict:
     """Every per-layer measurement of one image and question (see the module docstring); numpy arrays."""
     prompt = chat_prompt(processor, Question("sample", question, "analysis", image_data=image))
-    inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = prepare(processor, image, prompt, model.device, model.dtype)
     image_inputs = {key: value for key, value in inputs.items() if key.startswith("guidance_") or key == "image_sizes"}
     image_outputs = model.model.get_image_features(pixel_values=inputs["pixel_values"], **image_inputs)
 
@@ -193,7 +208,7 @@ def analyze_sample(
         model(**text, mm_encoder_outputs={"image": image_outputs}, logits_to_keep=1)
 
     cells = visual_token_cells(model, inputs, image_outputs)
-    crops = int(cells[:, 0].max()) + 1
+    crops, grid = int(cells[:, 0].max()) + 1, grid_side(model.config.vision_config)
     on_grid = cells[:, 0] >= 0
     visual_cpu = visual.cpu().numpy()
     shape = (len(layers), len(ROW_KINDS))
@@ -202,7 +217,7 @@ def analyze_sample(
         "cells": cells,
         "visual_attention": numpy.zeros((*shape, len(visual_cpu)), dtype=numpy.float32),
         "visual_mass": numpy.zeros(shape),
-        "grids": numpy.zeros((*shape, crops, GRID, GRID), dtype=numpy.float32),
+        "grids": numpy.zeros((*shape, crops, grid, grid), dtype=numpy.float32),
         "centre_of_mass": numpy.zeros((*shape, 2)),
         "entropy": numpy.zeros(shape),
         "normalised_entropy": numpy.zeros(shape),
@@ -285,10 +300,11 @@ def save_overlays(samples: dict[str, dict], path: Path, title: str) -> bool:
             axis.imshow(
                 heat, cmap="inferno", alpha=0.55, extent=(0, crop.shape[1], crop.shape[0], 0), interpolation="nearest"
             )
-            centre = sample["centre_of_mass"][pick, ROW_KINDS.index("question")] * crop.shape[0] / GRID
+            cell = crop.shape[0] / heat.shape[0]
+            centre = sample["centre_of_mass"][pick, ROW_KINDS.index("question")] * cell
             axis.plot(centre[1], centre[0], "c+", markersize=12, markeredgewidth=2)
             if not numpy.isnan(sample["box_centre"]).any():
-                box = sample["box_centre"] * crop.shape[0] / GRID
+                box = sample["box_centre"] * cell
                 axis.plot(box[1], box[0], "gx", markersize=10, markeredgewidth=2)
             axis.set_title(f"{name}, layer {int(sample['layers'][pick])}", fontsize=8)
             axis.axis("off")
@@ -371,12 +387,13 @@ def read_dataset_items(path: str, columns: dict[str, str], split: str | None) ->
 
 
 def run(args: argparse.Namespace) -> dict:
+    folder_architecture(args.model, LLAVA_ARCHITECTURES, "the attention analysis", stock_allowed=True)
     dtype = getattr(torch, args.dtype)
     model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=dtype).to(
         args.device
     )
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    models = {"VisionTrim" if hasattr(model.config, "reduction_ratio") else "stock": (model.eval(), processor)}
+    models = {"VisionTrim" if is_visiontrim(model.config) else "stock": (model.eval(), processor)}
     if args.with_stock and "VisionTrim" in models:
         models["stock"] = (stock_llava_with_same_weights(model), stock_processor(processor))
     if args.dataset:
@@ -422,7 +439,12 @@ def layer_list(text: str) -> str | list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=model_folder, required=True, help="model folder: stock LLaVA or VisionTrim")
+    parser.add_argument(
+        "--model",
+        type=model_folder,
+        required=True,
+        help=f"model folder, stock or VisionTrim, of the LLaVA family: {supported(LLAVA_ARCHITECTURES)}",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=existing_file, help=".jsonl of {image, question[, box]}")
     source.add_argument(

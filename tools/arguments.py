@@ -6,8 +6,12 @@ what can only be checked later (a budget against the model's patch grid, say) an
 """
 
 import argparse
+import json
 import re
+from collections.abc import Collection
 from pathlib import Path
+
+from ..architectures import Architecture, architecture_of, is_visiontrim, supported
 
 
 # A Hub repository id: `owner/name`, neither part a path component of its own.
@@ -96,6 +100,30 @@ def model_folder(text: str) -> str:
     if not (path / "config.json").is_file():
         raise argparse.ArgumentTypeError(f"{text} holds no config.json: it is not a model folder")
     return text
+
+
+def folder_architecture(
+    folder: str, among: Collection[Architecture], tool: str, stock_allowed: bool = False
+) -> Architecture:
+    """
+    The architecture of the model folder `folder` (from its config.json), checked for `tool` ("the benchmark"): one
+    of `among`, and a VisionTrim folder unless `stock_allowed`. Anything else is a `UsageError` naming what to give.
+    """
+    config = json.loads((Path(folder) / "config.json").read_text())
+    try:
+        architecture = architecture_of(config)
+    except ValueError as error:
+        raise UsageError(f"argument --model: {folder}: {error}") from None
+    if architecture not in among:
+        raise UsageError(
+            f"argument --model: {folder} is a {architecture.display_name} folder; {tool} supports {supported(among)}"
+        )
+    if not stock_allowed and not is_visiontrim(config):
+        raise UsageError(
+            f"argument --model: {folder} is a stock {architecture.display_name} folder; {tool} runs stock and "
+            "VisionTrim with the same weights from a VisionTrim folder: convert it with visiontrim-convert first"
+        )
+    return architecture
 
 
 def folder_or_hub_id(text: str) -> str:

@@ -1,40 +1,44 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-`python -m visiontrim bench`: stock LLaVA vs VisionTrim with the same weights, in the same process and run, at the
-published budgets plus the DVTS-only and TGVC-only ablations (`--arch video-llava`: an 8-frame video, per-frame
-budgets). Every row reports its visual tokens, vision-encoding time
+`python -m visiontrim bench`: stock vs VisionTrim with the same weights, in the same process and run, at the
+published budgets plus the DVTS-only and TGVC-only ablations (the video architectures: an 8-frame video, per-frame
+budgets; the Qwen architectures: `bench_qwen.py`). Every row reports its visual tokens, vision-encoding time
 (with the compression's own share), LLM prefill time, time per decoded token, end-to-end time for a fixed answer
 length, analytic prefill FLOPs, KV-cache bytes and peak prefill memory, each also as a ratio to stock. Output: a table
 on stdout, a JSON file and a PNG plot.
 """
 
 import argparse
-import ctypes
-import gc
 import json
 import logging
-import os
-import platform
-import statistics
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..architectures import ARCHITECTURES, QWEN_FAMILY, Architecture, architecture_named, architecture_of
 from ..compression_visiontrim import GuidanceEmbeddingCache, compress_crops, encode_guidance, run_vision_tower
 from ..configuration_visiontrim_llava import vision_attention_layer
 from . import plots
-from .arguments import existing_file, image_file, model_folder, non_empty_text, non_negative_int, positive_int
-from .build import LLAVA_15_SHAPES, Shapes, stock_llava_with_same_weights, stock_processor
-from .demo import ARCH_NAMES, DEFAULT_QUESTION, encoder, load_or_build, prefiller, sample_photo
+from .arguments import (
+    UsageError,
+    existing_file,
+    folder_architecture,
+    image_file,
+    model_folder,
+    non_empty_text,
+    non_negative_int,
+    positive_int,
+)
+from .bench_qwen import QWEN_TOWER_SHAPES, run_qwen
+from .build import LLAVA_15_SHAPES, Shapes, stock_llava_with_same_weights, stock_processor, tower_image_size
+from .demo import DEFAULT_QUESTION, encoder, load_or_build, prefiller, sample_photo
 from .evaluation.video import sample_frames
+from .measure import Timing, kv_cache_bytes, machine_description, peak_memory_bytes, prefill_flops, timings
 
 
 logger = logging.getLogger(__name__)
@@ -54,31 +58,19 @@ ROWS = {
     "video-llava": [("stock", None, None, None), ("VisionTrim 256", 32, 0.75, None),
                     ("VisionTrim 128", 16, 0.75, None), ("VisionTrim 64", 8, 0.75, None),
                     ("DVTS only 128", 16, 1.0, None), ("TGVC only 128", 16, 0.0, None)],
+    # 8 frames of 576 patches (stock pools each 2 x 2: 8 x 144 = 1152 tokens); names give the video's total.
+    "llava-next-video": [("stock", None, None, None), ("VisionTrim 512", 64, 0.75, None),
+                         ("VisionTrim 256", 32, 0.75, None), ("VisionTrim 128", 16, 0.75, None),
+                         ("DVTS only 256", 32, 1.0, None), ("TGVC only 256", 32, 0.0, None)],
 }  # fmt: skip
+# The architectures with rows: the LLaVA family's above, the Qwen family's in `bench_qwen.py`.
+BENCHMARKED = tuple(
+    architecture
+    for architecture in ARCHITECTURES
+    if architecture.name in ROWS or architecture.name in QWEN_TOWER_SHAPES
+)
 VIDEO_FRAMES = 8
-# Video-LLaVA's LanguageBind towers: CLIP ViT-L/14 at 224 px.
-VIDEO_LLAVA_IMAGE_SIZE = 224
-ARCH_OF_MODEL_TYPE = {
-    "visiontrim_llava": "llava",
-    "visiontrim_llava_next": "llava-next",
-    "visiontrim_video_llava": "video-llava",
-}
 LLM_STAGE_LAYER = 2  # or the LLM's last layer, when it has no more than 2
-
-
-@dataclass
-class Timing:
-    """Seconds of the timed runs after warm-up."""
-
-    runs: list[float]
-
-    @property
-    def min(self) -> float:
-        return min(self.runs)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.runs)
 
 
 @dataclass
@@ -105,122 +97,11 @@ class Row:
     ratios: dict[str, float | None] = field(default_factory=dict)
 
 
-def timings(function: Callable[[], object], warmup: int, repeats: int) -> Timing:
-    """Seconds of `repeats` calls after `warmup` calls; CUDA work is waited for (kernels run asynchronously)."""
-
-    def synchronize() -> None:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        function()
-    runs = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        function()
-        synchronize()
-        runs.append(time.perf_counter() - start)
-    return Timing(runs)
-
-
-def prefill_flops(
-    text_config,
-    sequence_length: int,
-    pruned_length: int | None = None,
-    pruned_from: int | None = None,
-    merges: int = 3,
-) -> int:
-    """
-    Analytic FLOPs of a decoder prefill over `sequence_length` tokens, layer by layer (a multiply-add is 2 FLOPs; the
-    full, non-causal score matrix is counted; norms, activations, softmax and RoPE are left out; the LM head runs on
-    the last token): per layer over n tokens `2n*d*(h + 2h_kv)*d_h + 2n*h*d_h*d + 4n^2*h*d_h + 6n*d*m`, plus `2d*V`.
-    With the LLM stage, layers from `pruned_from` on run over `pruned_length` tokens, and the rerank costs layer
-    `pruned_from - 1`'s query, key and score recomputation, `2n*d*(h + h_kv)*d_h + 2n^2*h*d_h`, plus `merges`
-    token-similarity passes of `2n^2*d`.
-    """
-    d, m = text_config.hidden_size, text_config.intermediate_size
-    heads = text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(text_config, "head_dim", None) or d // heads
-
-    def layer(n: int) -> int:
-        return (
-            2 * n * d * (heads + 2 * kv_heads) * head_dim
-            + 2 * n * heads * head_dim * d
-            + 4 * n * n * heads * head_dim
-            + 6 * n * d * m
-        )
-
-    layers = text_config.num_hidden_layers
-    head = 2 * d * text_config.vocab_size
-    if pruned_from is None:
-        return layers * layer(sequence_length) + head
-    n = sequence_length
-    rerank = 2 * n * d * (heads + kv_heads) * head_dim + 2 * n * n * heads * head_dim + merges * 2 * n * n * d
-    return pruned_from * layer(n) + (layers - pruned_from) * layer(pruned_length) + rerank + head
-
-
-def kv_cache_bytes(cache) -> int:
-    """Bytes held by a filled cache's keys and values, all layers."""
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
-
-
-def _proc_status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise KeyError(field_name)
-
-
-def peak_memory_bytes(function: Callable[[], object], device: torch.device) -> int | None:
-    """
-    Peak memory `function` adds above what is allocated before it runs: the CUDA allocator's peak on GPU; on Linux,
-    the process's resident-set high-water mark (reset through /proc/self/clear_refs, freed heap returned to the system
-    first with malloc_trim). None elsewhere.
-    """
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        function()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    if not sys.platform.startswith("linux"):
-        return None
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = _proc_status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM to the current RSS
-    function()
-    return (_proc_status_kib("VmHWM") - before) * 1024
-
-
-def machine_description(device: torch.device) -> dict:
-    cpu = platform.processor()
-    if sys.platform.startswith("linux"):
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
-    return {
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
-def bench_image(arch: str, image_path: str | None) -> Image.Image:
+def bench_image(architecture: Architecture, image_path: str | None) -> Image.Image:
     """The photo to run: a 2x2-grid (5-crop) square for LLaVA-NeXT, so its budgets are the published ones."""
-    image = Image.open(image_path or sample_photo("coffee.jpg" if arch == "llava-next" else "chelsea.jpg")).convert(
-        "RGB"
-    )
-    if arch == "llava-next" and image_path is None:
+    photo = "coffee.jpg" if architecture.anyres else "chelsea.jpg"
+    image = Image.open(image_path or sample_photo(photo)).convert("RGB")
+    if architecture.anyres and image_path is None:
         side = min(image.size)
         image = image.crop(((image.width - side) // 2, 0, (image.width - side) // 2 + side, side))
     return image
@@ -233,7 +114,7 @@ def configure(model, processor, row: Row) -> None:
     model.config.reduction_ratio = reduction_ratio
     model.config.dominant_ratio = row.dominant_ratio
     processor.reduction_ratio = reduction_ratio
-    if hasattr(model.config, "crop_newline"):
+    if architecture_of(model.config).anyres:
         model.config.crop_newline = False
         processor.crop_newline = False
     if row.llm_stage_tokens is not None:
@@ -392,14 +273,26 @@ def bench_video(video_path: str | None) -> np.ndarray:
     return np.stack([photo[:, left : left + side] for left in lefts])
 
 
-def run(args: argparse.Namespace) -> dict:
-    if args.arch == "qwen2.5-vl":
-        from .bench_qwen import run_qwen  # bench_qwen builds on this module
+def bench_architecture(args: argparse.Namespace) -> Architecture:
+    """The architecture to run: the `--model` folder's (which `--arch` must not contradict), else `--arch`'s."""
+    if args.model is None:
+        return architecture_named(args.arch or "llava")
+    architecture = folder_architecture(args.model, BENCHMARKED, "the benchmark")
+    if args.arch is not None and args.arch != architecture.name:
+        raise UsageError(
+            f"argument --arch: {args.model} is a {architecture.name} folder, not {args.arch}: drop --arch"
+        )
+    return architecture
 
-        return run_qwen(args)
+
+def run(args: argparse.Namespace) -> dict:
+    architecture = bench_architecture(args)
+    if architecture.family == QWEN_FAMILY:
+        return run_qwen(args, architecture)
+    arch = architecture.name
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    image_size = VIDEO_LLAVA_IMAGE_SIZE if args.arch == "video-llava" else 336
+    image_size = tower_image_size(arch)
     shapes = (
         Shapes(image_size=image_size)
         if args.toy
@@ -412,15 +305,14 @@ def run(args: argparse.Namespace) -> dict:
             }
         )
     )
-    model, processor = load_or_build(args.model, args.arch, None, shapes, dtype, args.device)
-    arch = ARCH_OF_MODEL_TYPE[model.config.model_type]
+    model, processor = load_or_build(args.model, arch, {}, shapes, dtype, args.device)
     stock = stock_llava_with_same_weights(model)
-    if arch == "video-llava":
+    if architecture.videos:
         media = {"videos": bench_video(args.video)}
         prompt = f"USER: {processor.video_token}\n{args.question} ASSISTANT:"
         pixels_key = "pixel_values_videos"
     else:
-        image = bench_image(arch, args.image)
+        image = bench_image(architecture, args.image)
         media = {"images": image}
         prompt = f"USER: {processor.image_token}\n{args.question} ASSISTANT:"
         pixels_key = "pixel_values"
@@ -449,10 +341,13 @@ def run(args: argparse.Namespace) -> dict:
             rows.append(row)
     add_ratios(rows)
 
-    description = args.model or (
-        f"random {ARCH_NAMES[arch]}-shaped: CLIP tower {shapes.vision_layers} x {shapes.vision_hidden}, LLM "
-        f"{shapes.llm_layers} x {shapes.llm_hidden}"
-    )
+    if args.model is not None:
+        description = f"{args.model} ({architecture.display_name})"
+    else:
+        description = (
+            f"random {architecture.display_name}-shaped: CLIP tower {shapes.vision_layers} x {shapes.vision_hidden}, "
+            f"LLM {shapes.llm_layers} x {shapes.llm_hidden}"
+        )
     report = {
         "model": description,
         "arch": arch,
@@ -482,16 +377,22 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", choices=[*ROWS, "qwen2.5-vl"], default="llava", help="shape of the random model")
     parser.add_argument(
-        "--model", type=model_folder, help="a converted VisionTrim checkpoint folder instead of a random model"
+        "--arch",
+        choices=[architecture.name for architecture in BENCHMARKED],
+        help="shape of the random model (default: llava); with --model, the folder's",
+    )
+    parser.add_argument(
+        "--model", type=model_folder, help="a VisionTrim folder, of any architecture above, instead of a random model"
     )
     parser.add_argument("--llm-layers", type=positive_int, default=LLAVA_15_SHAPES.llm_layers)
     parser.add_argument("--llm-hidden", type=positive_int, default=LLAVA_15_SHAPES.llm_hidden)
     parser.add_argument("--toy", action="store_true", help="tiny widths everywhere (for tests); the grid stays 24x24")
     parser.add_argument("--image", type=image_file, help="photo to run (default: a bundled photo)")
     parser.add_argument(
-        "--video", type=existing_file, help="video-llava: video to sample 8 frames from (default: a pan over a photo)"
+        "--video",
+        type=existing_file,
+        help="video architectures: video to sample 8 frames from (default: a pan over a photo)",
     )
     parser.add_argument("--question", type=non_empty_text, default=DEFAULT_QUESTION)
     parser.add_argument(

@@ -1,11 +1,11 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-`python -m visiontrim bench --arch qwen2.5-vl`: stock Qwen2.5-VL vs VisionTrim with the same weights, in the same
-process, on a bundled photo at 448 x 448 and at 1008 x 756. The default model has a real Qwen2.5-VL-7B-shaped vision
-tower (32 blocks x 1280, random weights) and a small random LLM. Per row: visual tokens, the tower's time (measured
-once per size: every row runs the same tower), the compression's time and share of it, LLM prefill time and its
-speed-up against the FLOPs ratio, time per decoded token and KV-cache bytes, each also as a ratio to stock. The
-compression is timed on the recorded tower run, the question's embedding included.
+`python -m visiontrim bench --arch qwen2.5-vl` (or `qwen2-vl`, or `--model` a VisionTrim Qwen folder): stock Qwen vs
+VisionTrim with the same weights, in the same process, on a photo at 448 x 448 and at 1008 x 756. The default model has
+a real 7B-shaped vision tower (32 blocks x 1280, random weights) and a small random LLM. Per row: visual tokens, the
+tower's time (measured once per size: every row runs the same tower), the compression's time and share of it, LLM
+prefill time and its speed-up against the FLOPs ratio, time per decoded token and KV-cache bytes, each also as a ratio
+to stock. The compression is timed on the recorded tower run, the question's embedding included.
 """
 
 import argparse
@@ -18,19 +18,22 @@ import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..architectures import Architecture
 from ..modeling_visiontrim_qwen2_vl import run_qwen_tower
 from . import plots
 from .arguments import UsageError
-from .bench import Timing, kv_cache_bytes, machine_description, prefill_flops, timings
 from .build_qwen import (
     QWEN2_5_VL_7B_VISION_SHAPES,
+    QWEN2_VL_7B_VISION_SHAPES,
     QwenShapes,
     build_qwen_config,
     build_qwen_model,
     build_qwen_processor,
+    stock_qwen_processor,
     stock_qwen_with_same_weights,
 )
-from .demo import sample_photo
+from .demo import load_folder, sample_photo
+from .measure import Timing, kv_cache_bytes, machine_description, prefill_flops, timings
 
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,8 @@ QWEN_ROWS = (
 )
 # (width, height) of the photo: a square and Qwen2.5-VL's 1008 x 756 (72 x 54 patches, 972 merged tokens).
 QWEN_IMAGE_SIZES = ((448, 448), (1008, 756))
+# The random model's vision tower, per architecture: the 7B models'.
+QWEN_TOWER_SHAPES = {"qwen2.5-vl": QWEN2_5_VL_7B_VISION_SHAPES, "qwen2-vl": QWEN2_VL_7B_VISION_SHAPES}
 
 
 @dataclass
@@ -63,9 +68,9 @@ class QwenRow:
     ratios: dict[str, float | None] = field(default_factory=dict)
 
 
-def bench_photo(size: tuple[int, int]) -> Image.Image:
-    """The bundled photo, centre-cropped to the aspect ratio of `size` (width, height) and resized to it."""
-    photo = Image.open(sample_photo("coffee.jpg")).convert("RGB")
+def bench_photo(size: tuple[int, int], path: str | None = None) -> Image.Image:
+    """The photo at `path` (default: a bundled one), centre-cropped to the aspect ratio of `size` and resized to it."""
+    photo = Image.open(path or sample_photo("coffee.jpg")).convert("RGB")
     width, height = size
     scale = min(photo.width / width, photo.height / height)
     crop_width, crop_height = round(width * scale), round(height * scale)
@@ -156,8 +161,8 @@ def plot(sizes: list[dict], path: Path, title: str) -> bool:
 
 
 def bench_size(size: tuple[int, int], model, processor, stock, stock_processor, prompt: str, args, dtype) -> dict:
-    """Every row of `QWEN_ROWS` on the bundled photo at `size` (width, height); the tower is timed once."""
-    image = bench_photo(size)
+    """Every row of `QWEN_ROWS` on the photo at `size` (width, height); the tower is timed once."""
+    image = bench_photo(size, args.image)
     inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(args.device)
     pixels, grid = inputs["pixel_values"].to(dtype), inputs["image_grid_thw"]
     config = model.config
@@ -181,28 +186,37 @@ def bench_size(size: tuple[int, int], model, processor, stock, stock_processor, 
     return {"image_size": list(size), "grid_thw": grid[0].tolist(), "tower": tower, "rows": rows}
 
 
-def run_qwen(args: argparse.Namespace) -> dict:
-    """The benchmark of `--arch qwen2.5-vl` (random Qwen2.5-VL-7B-shaped tower; `--toy`: tiny)."""
-    unused = [f"--{name}" for name in ("model", "image", "video") if getattr(args, name, None) is not None]
-    if unused:
+def run_qwen(args: argparse.Namespace, architecture: Architecture) -> dict:
+    """
+    The benchmark of a Qwen architecture: the `--model` folder, or a random model with the 7B model's tower
+    (`--toy`: tiny), on `--image` or a bundled photo.
+    """
+    if args.video is not None:
         raise UsageError(
-            f"argument --arch qwen2.5-vl: runs a random Qwen2.5-VL-shaped model on the bundled photo at "
+            f"argument --video: the {architecture.display_name} benchmark runs a photo at "
             f"{QWEN_IMAGE_SIZES[0][0]} x {QWEN_IMAGE_SIZES[0][1]} and {QWEN_IMAGE_SIZES[1][0]} x "
-            f"{QWEN_IMAGE_SIZES[1][1]}; {', '.join(unused)} is not supported with it"
+            f"{QWEN_IMAGE_SIZES[1][1]} (--image), not a video"
         )
-    shapes = (
-        QwenShapes()
-        if args.toy
-        else QwenShapes(
-            **{**vars(QWEN2_5_VL_7B_VISION_SHAPES), "llm_layers": args.llm_layers, "llm_hidden": args.llm_hidden}
-        )
-    )
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    config = build_qwen_config("qwen2.5-vl", shapes=shapes, reduction_ratio=0.75)
-    model = build_qwen_model(config).to(device=device, dtype=dtype)
-    processor = build_qwen_processor(config)
-    stock, stock_processor = stock_qwen_with_same_weights(model), build_qwen_processor(config)
-    stock_processor.reduction_ratio = 0
+    if args.model is not None:
+        model, processor = load_folder(args.model, {}, dtype, args.device)
+        description = f"{args.model} ({architecture.display_name})"
+    else:
+        tower = QWEN_TOWER_SHAPES[architecture.name]
+        shapes = (
+            QwenShapes()
+            if args.toy
+            else QwenShapes(**{**vars(tower), "llm_layers": args.llm_layers, "llm_hidden": args.llm_hidden})
+        )
+        config = build_qwen_config(architecture.name, shapes=shapes, reduction_ratio=0.75)
+        model = build_qwen_model(config).to(device=device, dtype=dtype)
+        processor = build_qwen_processor(config)
+        attention = f" (full attention at {shapes.full_attention_blocks})" if architecture.name == "qwen2.5-vl" else ""
+        description = (
+            f"random {architecture.display_name}-shaped: vision tower {shapes.vision_layers} x "
+            f"{shapes.vision_hidden}{attention}, LLM {shapes.llm_layers} x {shapes.llm_hidden}"
+        )
+    stock, stock_processor = stock_qwen_with_same_weights(model), stock_qwen_processor(processor)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     logger.warning(
@@ -217,14 +231,10 @@ def run_qwen(args: argparse.Namespace) -> dict:
             for size in QWEN_IMAGE_SIZES
         ]
 
-    description = (
-        f"random Qwen2.5-VL-shaped: vision tower {shapes.vision_layers} x {shapes.vision_hidden} (full attention at "
-        f"{shapes.full_attention_blocks}), LLM {shapes.llm_layers} x {shapes.llm_hidden}"
-    )
     title = description.replace(", LLM", ",\nLLM")
     report = {
         "model": description,
-        "arch": "qwen2.5-vl",
+        "arch": architecture.name,
         "question": args.question,
         "dtype": args.dtype,
         "warmup": args.warmup,
@@ -238,15 +248,16 @@ def run_qwen(args: argparse.Namespace) -> dict:
     }
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "bench-qwen2.5-vl.json").write_text(json.dumps(report, indent=2))
+    stem = f"bench-{architecture.name}"
+    (output / f"{stem}.json").write_text(json.dumps(report, indent=2))
     machine = report["machine"]
-    plotted = plot(sizes, output / "bench-qwen2.5-vl.png", f"{title}; {machine['cpu']}, {args.dtype}")
+    plotted = plot(sizes, output / f"{stem}.png", f"{title}; {machine['cpu']}, {args.dtype}")
     print(
         f"{description}; {machine['cpu']}; {args.device}, {args.dtype}, {machine['torch_threads']} threads; "
         f"min of {args.repeats} runs after {args.warmup} warm-up"
     )
     for entry in sizes:
         print(table(entry["rows"], entry["tower"]))
-    written = [output / "bench-qwen2.5-vl.json"] + ([output / "bench-qwen2.5-vl.png"] if plotted else [])
+    written = [output / f"{stem}.json"] + ([output / f"{stem}.png"] if plotted else [])
     print(f"written: {', '.join(map(str, written))}")
     return report

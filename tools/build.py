@@ -1,8 +1,9 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-Randomly initialised VisionTrim LLaVA models, tokenizers and processors built in memory, with no download: for the
-demo, the benchmark and the tests. Shapes are real where it matters (a 336 px / patch-14 tower gives the real 24x24
-grid) and small elsewhere.
+Randomly initialised VisionTrim LLaVA-family models, tokenizers and processors built in memory, with no download:
+for the demo, the benchmark and the tests. Shapes are real where it matters (a 336 px / patch-14 tower gives the real
+24x24 grid) and small elsewhere. `build_model` and `stock_config` serve every architecture (`build_qwen.py` builds
+the Qwen configs and processors).
 """
 
 import dataclasses
@@ -16,44 +17,17 @@ from transformers import (
     CLIPTokenizer,
     CLIPVisionConfig,
     LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
-    LlavaNextProcessor,
-    LlavaNextVideoConfig,
-    LlavaNextVideoForConditionalGeneration,
-    LlavaNextVideoProcessor,
-    LlavaProcessor,
+    PreTrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
-    VideoLlavaConfig,
-    VideoLlavaForConditionalGeneration,
+    ProcessorMixin,
     VideoLlavaImageProcessor,
-    VideoLlavaProcessor,
 )
 
-from ..configuration_visiontrim_llava import (
-    CLIP_L14_TEXT_CONFIG,
-    VisionTrimLlavaConfig,
-    VisionTrimLlavaNextConfig,
-    VisionTrimLlavaNextVideoConfig,
-    VisionTrimSettings,
-    VisionTrimVideoLlavaConfig,
-)
-from ..modeling_visiontrim_llava import (
-    VisionTrimLlavaForConditionalGeneration,
-    VisionTrimLlavaNextForConditionalGeneration,
-    VisionTrimLlavaNextVideoForConditionalGeneration,
-    VisionTrimVideoLlavaForConditionalGeneration,
-)
+from ..architectures import ARCHITECTURES, LLAVA_FAMILY, Architecture, architecture_named, architecture_of, supported
+from ..configuration_visiontrim_llava import CLIP_L14_TEXT_CONFIG, VisionTrimSettings
 from ..processing_visiontrim import VideoProcessorCheckMixin
-from ..processing_visiontrim_llava import (
-    VisionTrimLlavaNextProcessor,
-    VisionTrimLlavaNextVideoProcessor,
-    VisionTrimProcessor,
-    VisionTrimVideoLlavaProcessor,
-)
 from ..video_processing_visiontrim import VisionTrimVideoProcessor
 
 
@@ -202,49 +176,43 @@ def clip_text_config(shapes: Shapes) -> CLIPTextConfig:
     )
 
 
-ARCHITECTURES = ("llava", "llava-next", "video-llava", "llava-next-video")
-VIDEO_ARCHITECTURES = ("video-llava", "llava-next-video")
+# The LLaVA-family architectures, which these builders build.
+LLAVA_ARCHITECTURES = tuple(architecture for architecture in ARCHITECTURES if architecture.family == LLAVA_FAMILY)
 # llava-hf's LLaVA-1.6 pinpoints: 1x2, 2x1, 2x2, 3x1 and 1x3 grids of 336 px crops.
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-CONFIG_CLASSES = {
-    "llava": VisionTrimLlavaConfig,
-    "llava-next": VisionTrimLlavaNextConfig,
-    "video-llava": VisionTrimVideoLlavaConfig,
-    "llava-next-video": VisionTrimLlavaNextVideoConfig,
-}
-# Keyed by model_type, so that configs loaded as remote code (other class objects) find theirs too.
-MODEL_CLASSES = {
-    "visiontrim_llava": VisionTrimLlavaForConditionalGeneration,
-    "visiontrim_llava_next": VisionTrimLlavaNextForConditionalGeneration,
-    "visiontrim_video_llava": VisionTrimVideoLlavaForConditionalGeneration,
-    "visiontrim_llava_next_video": VisionTrimLlavaNextVideoForConditionalGeneration,
-}
-# The stock config and model class of each VisionTrim model_type.
-STOCK_CLASSES = {
-    "visiontrim_llava": (LlavaConfig, LlavaForConditionalGeneration),
-    "visiontrim_llava_next": (LlavaNextConfig, LlavaNextForConditionalGeneration),
-    "visiontrim_video_llava": (VideoLlavaConfig, VideoLlavaForConditionalGeneration),
-    "visiontrim_llava_next_video": (LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration),
-}
 # Video-LLaVA's LanguageBind towers see 224 px frames (16x16 patches); the others CLIP ViT-L/14-336's 336 px.
 VIDEO_LLAVA_IMAGE_SIZE = 224
 
 
+def tower_image_size(arch: str) -> int:
+    """The input size of a LLaVA-family architecture's vision towers: 224 px for Video-LLaVA, 336 px otherwise."""
+    return VIDEO_LLAVA_IMAGE_SIZE if arch == "video-llava" else 336
+
+
+def llava_architecture(architecture: Architecture) -> Architecture:
+    """`architecture`, checked to be of the LLaVA family; a `ValueError` naming that family's otherwise."""
+    if architecture.family != LLAVA_FAMILY:
+        raise ValueError(
+            f"{architecture.name} is not a LLaVA-family architecture ({supported(LLAVA_ARCHITECTURES)}): build it "
+            "with visiontrim.tools.build_qwen."
+        )
+    return architecture
+
+
 def build_config(shapes: Shapes | None = None, vocab_size: int | None = None, arch: str = "llava", **compression):
     """
-    A VisionTrim config of `arch` (one of `ARCHITECTURES`; LLaVA-NeXT ones with llava-hf's pinpoints) and the given
-    shapes (default: tiny, 224 px for Video-LLaVA); `compression` sets the VisionTrim fields.
+    A VisionTrim config of the LLaVA-family architecture `arch` (LLaVA-NeXT ones with llava-hf's pinpoints) and the
+    given shapes (default: tiny, at `tower_image_size(arch)`); `compression` sets the VisionTrim fields.
     """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}.")
-    shapes = shapes or Shapes(image_size=VIDEO_LLAVA_IMAGE_SIZE if arch == "video-llava" else 336)
-    tokenizer_vocab = vocab_size or len(build_tokenizer(video_token=arch in VIDEO_ARCHITECTURES))
+    architecture = llava_architecture(architecture_named(arch))
+    shapes = shapes or Shapes(image_size=tower_image_size(arch))
+    tokenizer_vocab = vocab_size or len(build_tokenizer(video_token=architecture.videos))
     extra = {}
-    if arch in ("llava-next", "llava-next-video"):
+    if architecture.anyres:
         extra["image_grid_pinpoints"] = LLAVA_NEXT_PINPOINTS
-    if arch in VIDEO_ARCHITECTURES:
+    if architecture.videos:
         extra["video_token_index"] = 5
-    return CONFIG_CLASSES[arch](
+    return architecture.visiontrim_class("config")(
         vision_config=clip_vision_config(shapes),
         text_config=LlamaConfig(
             vocab_size=tokenizer_vocab,
@@ -267,26 +235,19 @@ def build_config(shapes: Shapes | None = None, vocab_size: int | None = None, ar
     )
 
 
-def is_llava_next(config: VisionTrimSettings) -> bool:
-    return hasattr(config, "image_grid_pinpoints")
-
-
-def is_video_model(config: VisionTrimSettings) -> bool:
-    return hasattr(config, "video_token_id")
-
-
-def build_model(config: VisionTrimSettings, seed: int = 0):
-    """A randomly initialised model of the config's architecture (seeded), in eval mode."""
+def build_model(config: PreTrainedConfig, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised VisionTrim model of the config's architecture, any family (seeded), in eval mode."""
     torch.manual_seed(seed)
-    return MODEL_CLASSES[config.model_type](config).eval()
+    return architecture_of(config).visiontrim_class("model")(config).eval()
 
 
-def build_processor(config: VisionTrimSettings):
+def build_processor(config: VisionTrimSettings) -> ProcessorMixin:
     """The processor matching `config` (same budget, CLIP preprocessing at the tower's size, LLaVA-1.5 template)."""
+    architecture = llava_architecture(architecture_of(config))
     size = config.vision_config.image_size
     image_processor_settings = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
     common = {
-        "tokenizer": build_tokenizer(video_token=is_video_model(config)),
+        "tokenizer": build_tokenizer(video_token=architecture.videos),
         "guidance_tokenizer": build_guidance_tokenizer(),
         "patch_size": config.vision_config.patch_size,
         "vision_feature_select_strategy": config.vision_feature_select_strategy,
@@ -295,19 +256,17 @@ def build_processor(config: VisionTrimSettings):
         "reduction_ratio": config.reduction_ratio,
         "empty_guidance": config.empty_guidance,
     }
-    if is_video_model(config):
+    if architecture.videos:
         common["video_processor"] = VisionTrimVideoProcessor(**image_processor_settings)
-    if isinstance(config, VisionTrimVideoLlavaConfig):
-        return VisionTrimVideoLlavaProcessor(
-            image_processor=VideoLlavaImageProcessor(**image_processor_settings), **common
-        )
-    if is_llava_next(config):
-        processor_class = VisionTrimLlavaNextVideoProcessor if is_video_model(config) else VisionTrimLlavaNextProcessor
+    processor_class = architecture.visiontrim_class("processor")
+    if architecture.anyres:
         image_processor = LlavaNextImageProcessorPil(
             image_grid_pinpoints=config.image_grid_pinpoints, **image_processor_settings
         )
         return processor_class(image_processor=image_processor, crop_newline=config.crop_newline, **common)
-    return VisionTrimProcessor(image_processor=CLIPImageProcessorPil(**image_processor_settings), **common)
+    # Video-LLaVA's image processor is its own class (the same CLIP preprocessing).
+    image_processor_class = VideoLlavaImageProcessor if architecture.name == "video-llava" else CLIPImageProcessorPil
+    return processor_class(image_processor=image_processor_class(**image_processor_settings), **common)
 
 
 # The submodules a stock model shares with its VisionTrim twin (those that exist in the architecture).
@@ -322,17 +281,21 @@ SHARED_SUBMODULES = (
 )
 
 
-def stock_llava_with_same_weights(model):
-    """
-    The stock model of `model`'s architecture (LLaVA, LLaVA-NeXT, Video-LLaVA, LLaVA-NeXT-Video) sharing its vision
-    tower(s), projector, LLM, head, image newline and pooler, without copying them.
-    """
-    config = model.config
-    stock_config_class, stock_class = STOCK_CLASSES[config.model_type]
+def stock_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The stock config of a VisionTrim config's architecture (any family): its stock fields, not the settings."""
+    stock_config_class = architecture_of(config).stock_class("config")
     stock_fields = {field.name for field in dataclasses.fields(stock_config_class)} & set(config.to_dict())
-    stock_config = stock_config_class(**{name: getattr(config, name) for name in stock_fields})
+    return stock_config_class(**{name: getattr(config, name) for name in stock_fields})
+
+
+def stock_llava_with_same_weights(model: PreTrainedModel) -> PreTrainedModel:
+    """
+    The stock model of `model`'s LLaVA-family architecture sharing its vision tower(s), projector, LLM, head, image
+    newline and pooler, without copying them.
+    """
+    architecture = llava_architecture(architecture_of(model.config))
     with torch.device("meta"):
-        stock = stock_class(stock_config).eval()
+        stock = architecture.stock_class("model")(stock_config(model.config)).eval()
     for name in SHARED_SUBMODULES:
         if hasattr(stock.model, name):
             setattr(stock.model, name, getattr(model.model, name))
@@ -341,18 +304,24 @@ def stock_llava_with_same_weights(model):
     return stock
 
 
-def stock_processor(processor):
+def processor_architecture(processor: ProcessorMixin) -> Architecture:
+    """The LLaVA-family architecture of a (stock or VisionTrim) processor; a `ValueError` naming them otherwise."""
+    for architecture in LLAVA_ARCHITECTURES:
+        if isinstance(processor, architecture.stock_class("processor")):
+            return architecture
+    raise ValueError(f"{type(processor).__name__} is not a LLaVA-family processor ({supported(LLAVA_ARCHITECTURES)}).")
+
+
+def stock_processor(processor: ProcessorMixin) -> ProcessorMixin:
     """
-    The stock processor of `processor`'s architecture with the same image (and video) processor and tokenizer: every
-    patch token. The stock video processors are built with the VisionTrim Pillow one (torchvision is not needed).
+    The stock processor of `processor`'s LLaVA-family architecture with the same image (and video) processor and
+    tokenizer: every patch token. The stock video processors are built with the VisionTrim Pillow one (torchvision
+    is not needed).
     """
-    stock_class = next(
-        stock
-        for stock in (VideoLlavaProcessor, LlavaNextVideoProcessor, LlavaNextProcessor, LlavaProcessor)
-        if isinstance(processor, stock)
-    )
+    architecture = processor_architecture(processor)
+    stock_class = architecture.stock_class("processor")
     videos = {}
-    if hasattr(processor, "video_processor"):
+    if architecture.videos:
         stock_class = type(stock_class.__name__, (VideoProcessorCheckMixin, stock_class), {})
         videos["video_processor"] = processor.video_processor
     return stock_class(

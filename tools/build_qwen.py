@@ -5,30 +5,20 @@ download: for the benchmark and the tests. The vision tower's layout is real (14
 112 px windows and full-attention blocks); widths and depths are small unless asked for.
 """
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
-from transformers import (
-    PreTrainedTokenizerFast,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessorPil,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin, Qwen2VLImageProcessorPil
 
-from ..configuration_visiontrim import settings_fields
-from ..configuration_visiontrim_qwen2_vl import QwenSettings, VisionTrimQwen2_5_VLConfig, VisionTrimQwen2VLConfig
-from ..modeling_visiontrim_qwen2_vl import (
-    VisionTrimQwen2_5_VLForConditionalGeneration,
-    VisionTrimQwen2VLForConditionalGeneration,
-)
-from ..processing_visiontrim_qwen2_vl import VisionTrimQwen2_5_VLProcessor, VisionTrimQwen2VLProcessor
+from ..architectures import ARCHITECTURES, QWEN_FAMILY, Architecture, architecture_named, architecture_of, supported
+from ..configuration_visiontrim_qwen2_vl import QwenSettings
 from ..video_processing_visiontrim import VisionTrimQwenVideoProcessor
-from .build import train_bpe_tokenizer
+from .build import build_model, stock_config, train_bpe_tokenizer
 
 
-QWEN_ARCHITECTURES = ("qwen2.5-vl", "qwen2-vl")
+# The Qwen2-VL-family architectures, which these builders build.
+QWEN_ARCHITECTURES = tuple(architecture for architecture in ARCHITECTURES if architecture.family == QWEN_FAMILY)
 # Qwen's special tokens, in the order of their ids after the BPE vocabulary's first ones.
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -48,19 +38,6 @@ QWEN_CHAT_TEMPLATE = (
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-CONFIG_CLASSES = {"qwen2.5-vl": VisionTrimQwen2_5_VLConfig, "qwen2-vl": VisionTrimQwen2VLConfig}
-MODEL_CLASSES = {
-    "visiontrim_qwen2_5_vl": VisionTrimQwen2_5_VLForConditionalGeneration,
-    "visiontrim_qwen2_vl": VisionTrimQwen2VLForConditionalGeneration,
-}
-PROCESSOR_CLASSES = {
-    "visiontrim_qwen2_5_vl": VisionTrimQwen2_5_VLProcessor,
-    "visiontrim_qwen2_vl": VisionTrimQwen2VLProcessor,
-}
-STOCK_CLASSES = {
-    "visiontrim_qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
-    "visiontrim_qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-}
 
 
 @dataclass
@@ -92,6 +69,20 @@ QWEN2_5_VL_7B_VISION_SHAPES = QwenShapes(
     llm_kv_heads=2,
     llm_intermediate=2816,
 )
+# Qwen2-VL-7B's vision tower (32 blocks x 1280, MLP ratio 4, full attention everywhere), with the same small LLM.
+QWEN2_VL_7B_VISION_SHAPES = QwenShapes(
+    **{**vars(QWEN2_5_VL_7B_VISION_SHAPES), "vision_intermediate": 4 * 1280, "full_attention_blocks": []}
+)
+
+
+def qwen_architecture(architecture: Architecture) -> Architecture:
+    """`architecture`, checked to be of the Qwen2-VL family; a `ValueError` naming that family's otherwise."""
+    if architecture.family != QWEN_FAMILY:
+        raise ValueError(
+            f"{architecture.name} is not a Qwen2-VL-family architecture ({supported(QWEN_ARCHITECTURES)}): build it "
+            "with visiontrim.tools.build."
+        )
+    return architecture
 
 
 def build_qwen_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
@@ -107,12 +98,9 @@ def build_qwen_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_qwen_config(
-    arch: str = "qwen2.5-vl", shapes: QwenShapes | None = None, **compression
-) -> VisionTrimQwen2_5_VLConfig | VisionTrimQwen2VLConfig:
-    """A VisionTrim Qwen config of `arch` ("qwen2.5-vl" or "qwen2-vl") and `shapes`; `compression` sets its fields."""
-    if arch not in QWEN_ARCHITECTURES:
-        raise ValueError(f"arch must be one of {QWEN_ARCHITECTURES}, got {arch!r}.")
+def build_qwen_config(arch: str = "qwen2.5-vl", shapes: QwenShapes | None = None, **compression) -> QwenSettings:
+    """A VisionTrim config of the Qwen2-VL-family architecture `arch` and `shapes`; `compression` sets its fields."""
+    architecture = qwen_architecture(architecture_named(arch))
     shapes = shapes or QwenShapes()
     tokenizer = build_qwen_tokenizer()
     vision = {
@@ -156,7 +144,7 @@ def build_qwen_config(
         "pad_token_id": tokenizer.pad_token_id,
     }
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in TOKEN_FIELDS.items()}
-    return CONFIG_CLASSES[arch](vision_config=vision, text_config=text, **ids, **compression)
+    return architecture.visiontrim_class("config")(vision_config=vision, text_config=text, **ids, **compression)
 
 
 # The config fields holding the ids of Qwen's vision tokens.
@@ -168,14 +156,17 @@ TOKEN_FIELDS = {
 }
 
 
-def build_qwen_model(config: QwenSettings, seed: int = 0):
-    """A randomly initialised model of the config's architecture (seeded), in eval mode."""
-    torch.manual_seed(seed)
-    return MODEL_CLASSES[config.model_type](config).eval()
+def build_qwen_model(config: QwenSettings, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised model of the config's Qwen2-VL-family architecture (seeded), in eval mode."""
+    qwen_architecture(architecture_of(config))
+    return build_model(config, seed)
 
 
-def build_qwen_processor(config: QwenSettings, min_pixels: int = 56 * 56, max_pixels: int = 1008 * 1008):
+def build_qwen_processor(
+    config: QwenSettings, min_pixels: int = 56 * 56, max_pixels: int = 1008 * 1008
+) -> ProcessorMixin:
     """The processor matching `config` (same budget; Qwen's image preprocessing with the Pillow backend)."""
+    architecture = qwen_architecture(architecture_of(config))
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=14,
         merge_size=2,
@@ -183,7 +174,7 @@ def build_qwen_processor(config: QwenSettings, min_pixels: int = 56 * 56, max_pi
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
     )
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    return PROCESSOR_CLASSES[config.model_type](
+    return architecture.visiontrim_class("processor")(
         image_processor=image_processor,
         video_processor=VisionTrimQwenVideoProcessor(size=size),
         tokenizer=build_qwen_tokenizer(),
@@ -193,15 +184,20 @@ def build_qwen_processor(config: QwenSettings, min_pixels: int = 56 * 56, max_pi
     )
 
 
-def stock_qwen_with_same_weights(model):
+def stock_qwen_with_same_weights(model: PreTrainedModel) -> PreTrainedModel:
     """The stock Qwen model of `model`'s architecture holding the same weights (its base model's submodules)."""
-    config_class, stock_class = STOCK_CLASSES[model.config.model_type]
-    settings = settings_fields(type(model.config))
-    stock_config = config_class(**{key: value for key, value in model.config.to_dict().items() if key not in settings})
+    architecture = qwen_architecture(architecture_of(model.config))
     with torch.device("meta"):
-        stock = stock_class(stock_config).eval()
+        stock = architecture.stock_class("model")(stock_config(model.config)).eval()
     stock.model.visual = model.model.visual
     stock.model.language_model = model.model.language_model
     stock.lm_head = model.lm_head
     stock.generation_config = model.generation_config
+    return stock
+
+
+def stock_qwen_processor(processor: ProcessorMixin) -> ProcessorMixin:
+    """A copy of a VisionTrim Qwen processor that emits every merged token (`reduction_ratio=0`): the stock prompts."""
+    stock = copy.copy(processor)
+    stock.reduction_ratio = 0
     return stock

@@ -1,9 +1,9 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-`python -m visiontrim eval run`: answer a benchmark with a model folder (stock LLaVA or VisionTrim, any budget),
-then score the answers; `python -m visiontrim eval score`: score an existing LLaVA answers file (any model's).
-`eval video-run` / `eval video-score`: the same for open-ended video QA (MSVD-QA, MSRVTT-QA, TGIF-QA,
-ActivityNet-QA) with a Video-LLaVA or LLaVA-NeXT-Video folder.
+`python -m visiontrim eval run`: answer a benchmark with a model folder (stock or VisionTrim, any architecture and
+budget), then score the answers; `python -m visiontrim eval score`: score an existing LLaVA answers file (any
+model's). `eval video-run` / `eval video-score`: the same for open-ended video QA (MSVD-QA, MSRVTT-QA, TGIF-QA,
+ActivityNet-QA) with a folder of an architecture that takes videos.
 """
 
 import argparse
@@ -12,9 +12,19 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from ..arguments import existing_file, existing_folder, existing_path, model_folder, positive_int, reduction_ratio
+from ...architectures import ARCHITECTURES, QWEN_FAMILY, is_visiontrim
+from ..arguments import (
+    UsageError,
+    existing_file,
+    existing_folder,
+    existing_path,
+    folder_architecture,
+    model_folder,
+    positive_int,
+    reduction_ratio,
+)
 from .data import (
     TASKS,
     DataError,
@@ -83,10 +93,30 @@ def write_scores(scores: dict, output: Path | None) -> None:
 
 
 def load_model(args: argparse.Namespace):
-    """The model and processor of `args.model`, on `args.device` in `args.dtype`, with the budget override."""
+    """
+    The model and processor of `args.model`, on `args.device` in `args.dtype`, with the budget override; refuses an
+    architecture the action does not run and a budget the folder does not take.
+    """
+    videos = args.action == "video-run"
+    among = [architecture for architecture in ARCHITECTURES if architecture.videos or not videos]
+    architecture = folder_architecture(
+        args.model, among, "video QA" if videos else "the evaluation", stock_allowed=True
+    )
     overrides = {"visual_tokens": args.visual_tokens} if args.visual_tokens else {}
     if args.reduction_ratio is not None:
         overrides = {"reduction_ratio": args.reduction_ratio}
+    option = "--visual-tokens" if args.visual_tokens else "--reduction-ratio"
+    if args.visual_tokens and architecture.family == QWEN_FAMILY:
+        raise UsageError(
+            f"argument --visual-tokens: {architecture.display_name} keeps a share of each image's merged tokens "
+            "(images have any size): give --reduction-ratio instead"
+        )
+    try:
+        config = AutoConfig.from_pretrained(args.model, trust_remote_code=True, **overrides)
+    except ValueError as error:
+        raise UsageError(f"argument {option}: {error}") from None
+    if overrides and not is_visiontrim(config):
+        raise UsageError(f"argument {option}: {args.model} is a stock folder, which has no budget to override")
     model = AutoModelForImageTextToText.from_pretrained(
         args.model, trust_remote_code=True, dtype=getattr(torch, args.dtype), **overrides
     )
