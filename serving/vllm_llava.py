@@ -109,7 +109,7 @@ class VisionTrimProcessingInfoMixin:
         if not hasattr(processor, "guidance_tokenizer"):
             raise ValueError(
                 f"{self.ctx.model_config.model} holds a {type(processor).__name__}, not a VisionTrim processor: serve "
-                "a folder written by `convert_checkpoint.py` or `save_pretrained`, with --trust-remote-code."
+                "a folder written by `visiontrim-convert` or `save_pretrained`, with --trust-remote-code."
             )
         return processor
 
