@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,21 +195,27 @@ print(type(model).__module__, int(inputs["input_ids"].shape[1]), int(output.sequ
 """
 
 
+def run_without_package(script: str, arguments: list, work: Path, timeout: int) -> str:
+    """Runs `script` (one of the `*WITHOUT_PACKAGE` scripts) on `arguments` in a fresh interpreter; its stdout."""
+    environment = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(work / "hf")}
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, arguments)],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env=environment,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_a_saved_folder_runs_with_the_package_unimportable(tmp_path):
     from visiontrim.tools.demo import sample_photo
 
     folder = save_checkpoint(tmp_path / "checkpoint", llm_stage_layer=1, llm_stage_tokens=8)
-    environment = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf")}
-    result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_PACKAGE, str(folder), str(sample_photo("chelsea.jpg"))],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=environment,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    module, prompt_length, generated_length = result.stdout.split()
+    output = run_without_package(WITHOUT_PACKAGE, [folder, sample_photo("chelsea.jpg")], tmp_path, timeout=300)
+    module, prompt_length, generated_length = output.split()
     assert module.startswith("transformers_modules.") and generated_length == str(int(prompt_length) + 2)
 
 
@@ -271,17 +278,8 @@ def test_each_folder_ships_the_core_and_its_own_family_only(tmp_path):
             assert not [line for line in imports if other_family in line.lower()], (arch, name)
         copies.append(tmp_path / "copies" / arch)
         shutil.copytree(folder, copies[-1])  # only what save_pretrained wrote travels
-    environment = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf")}
-    result = subprocess.run(
-        [sys.executable, "-c", EACH_FOLDER_WITHOUT_PACKAGE, str(sample_photo("chelsea.jpg")), *map(str, copies)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=environment,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = [line.split() for line in result.stdout.splitlines()]
+    output = run_without_package(EACH_FOLDER_WITHOUT_PACKAGE, [sample_photo("chelsea.jpg"), *copies], tmp_path, 600)
+    loaded = [line.split() for line in output.splitlines()]
     assert [name for name, _ in loaded] == [
         "VisionTrimLlavaForConditionalGeneration",
         "VisionTrimLlavaNextForConditionalGeneration",
