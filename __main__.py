@@ -16,6 +16,7 @@ import sys
 from .tools import analysis, bench, checksums, demo, vllm_bench
 from .tools.arguments import UsageError
 from .tools.evaluation import cli as evaluation
+from .tools.evaluation.data import DataError
 
 
 COMMANDS = {
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         module.run(arguments)
     except UsageError as error:
         parser.error(str(error))
+    except DataError as error:  # an input file that is not what the command needs: one line, as a usage error
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

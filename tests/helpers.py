@@ -2,10 +2,12 @@
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -59,3 +61,13 @@ def assert_plot(path: Path, size: tuple[int, int]) -> None:
         darkest, lightest = image.convert("L").getextrema()
         assert lightest - darkest > 100, (darkest, lightest)
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 24)) > 16
+
+
+@contextlib.contextmanager
+def refused(capsys: pytest.CaptureFixture, pattern: str) -> Iterator[None]:
+    """The block is a command that stops with exit status 2 and an error line on stderr matching `pattern`."""
+    with pytest.raises(SystemExit) as exit_info:
+        yield
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and re.search(rf"error: .*{pattern}", error), (exit_info.value.code, error)
+    assert "Traceback" not in error

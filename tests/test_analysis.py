@@ -27,7 +27,7 @@ from visiontrim.tools.analysis import (
 from visiontrim.tools.build import stock_llava_with_same_weights, stock_processor
 from visiontrim.tools.build_qwen import build_qwen_config
 
-from helpers import assert_plot, load_remote, save_checkpoint
+from helpers import assert_plot, load_remote, refused, save_checkpoint
 
 
 GRID = 24
@@ -204,3 +204,9 @@ def test_without_matplotlib_the_analysis_finishes_and_says_how_to_plot(
     assert (output / "00000-VisionTrim.npz").is_file() and not list(output.glob("*.png"))
     assert "matplotlib is not installed: the PNG plots are not drawn" in caplog.text
     assert caplog.text.count("matplotlib is not installed") == 1  # said once, not once per plot
+
+
+def test_a_data_file_error_is_one_line_with_exit_status_2(checkpoint, tmp_path, capsys):
+    (tmp_path / "items.jsonl").write_text(json.dumps({"image": "missing.jpg", "question": "What is it?"}) + "\n")
+    with refused(capsys, r"items.jsonl:1: image missing.jpg not found in"):
+        main(["analyze", "--model", str(checkpoint), "--data", str(tmp_path / "items.jsonl")])

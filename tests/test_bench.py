@@ -9,13 +9,23 @@ import math
 import sys
 
 import pytest
+import torch
 from transformers import LlamaConfig
 
 from visiontrim.__main__ import main
-from visiontrim.tools import plots
-from visiontrim.tools.build import Shapes, build_config, build_model, stock_llava_with_same_weights
+from visiontrim.architectures import architecture_named
+from visiontrim.tools import bench, bench_qwen, plots
+from visiontrim.tools.build import (
+    LLAVA_15_SHAPES,
+    Shapes,
+    build_config,
+    build_model,
+    describe_shapes,
+    stock_llava_with_same_weights,
+)
 from visiontrim.tools.build_qwen import build_qwen_config, build_qwen_model, build_qwen_processor
-from visiontrim.tools.measure import prefill_flops
+from visiontrim.tools.demo import build_random
+from visiontrim.tools.measure import Timing, noise_note, prefill_flops, time_per_step
 
 from helpers import assert_plot
 
@@ -119,8 +129,49 @@ def test_toy_benchmark_writes_every_field(tmp_path, capsys, arch, tokens):
         assert (row["compression_repeated_question"] is not None) == tgvc
     assert rows[0]["compression"] is None and rows[0]["ratios"]["compression_share_of_tower"] is None
     assert all(row["compression"] is not None for row in rows[1:])
+    assert report["model"].startswith(f"random {architecture_named(arch).display_name}-shaped: tiny towers")
     table = capsys.readouterr().out
     assert all(row["name"] in table for row in rows)
+    # One run of 2 tokens against one of 1: a decode time is a positive figure, or said to be below the noise.
+    assert all(row["decode_per_token"] is None or row["decode_per_token"] > 0 for row in rows)
+    assert (noise_note(2) in table) == any(row["decode_per_token"] is None for row in rows)
+
+
+def test_a_decode_time_below_the_timers_noise_is_said_so():
+    assert time_per_step(Timing([2.0, 2.1]), Timing([1.0, 1.05]), 10) == pytest.approx(0.1)
+    assert time_per_step(Timing([1.0]), Timing([1.2]), 15) is None  # negative, one run each
+    assert time_per_step(Timing([1.1, 1.4]), Timing([1.0, 1.05]), 15) is None  # within the runs' spread
+
+    timing = Timing([0.5])
+    rows = [
+        bench.Row(name, None, None, vision_encoding=timing, prefill=timing, end_to_end=timing, prefill_flops=10,
+                  kv_cache_bytes=2**20, visual_tokens=576, decode_per_token=decode)
+        for name, decode in (("stock", 0.02), ("VisionTrim 64", None))
+    ]  # fmt: skip
+    bench.add_ratios(rows)
+    assert rows[1].ratios["decode_time_per_token"] is None
+    _, _, stock_line, noisy_line = bench.table(rows).splitlines()
+    assert "20.0" in stock_line.split() and "noise" in noisy_line.split()
+
+    qwen_rows = [
+        bench_qwen.QwenRow(name, (448, 448), None, None, visual_tokens=256, prefill=timing, prefill_flops=10,
+                           kv_cache_bytes=2**20, decode_per_token=decode)
+        for name, decode in (("stock", None), ("VisionTrim 25%", 0.01))
+    ]  # fmt: skip
+    bench_qwen.add_ratios(qwen_rows, timing)
+    assert qwen_rows[1].ratios["decode_time_per_token"] is None
+    *_, stock_line, figure_line = bench_qwen.table(qwen_rows, timing).splitlines()
+    assert "noise" in stock_line.split() and "10.0" in figure_line.split()
+
+
+def test_the_random_models_header_names_the_towers_that_run(caplog):
+    with caplog.at_level(logging.INFO):
+        build_random("llava", {}, Shapes(), torch.float32, "cpu")
+    assert "model: tiny towers at 336 px (vision 3 x 32, text 2 x 32), LLM 2 x 64" in caplog.text
+    assert "ViT-L/14" not in caplog.text
+    assert describe_shapes(LLAVA_15_SHAPES) == (
+        "CLIP ViT-L/14 towers at 336 px (vision 24 x 1024, text 12 x 768), LLM 4 x 1024"
+    )
 
 
 def test_without_matplotlib_the_benchmark_finishes_and_says_how_to_plot(tmp_path, caplog, monkeypatch):
@@ -193,6 +244,7 @@ def test_a_stock_folder_and_a_contradicting_arch_are_refused(qwen_folder, tmp_pa
     for argv, message in (
         (["--model", str(tmp_path / "stock")], f"argument --model: {tmp_path / 'stock'} is a stock LLaVA-1.5 folder;"),
         (["--model", str(qwen_folder), "--arch", "llava"], f"argument --arch: {qwen_folder} is a qwen2.5-vl folder"),
+        (["--new-tokens", "1"], "argument --new-tokens: must be at least 2"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(["bench", *argv])

@@ -7,6 +7,7 @@ Video-LLaVA and LLaVA-NeXT-Video, with tiny CLIP models as the CLIP sources; and
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -44,6 +45,13 @@ from visiontrim.tools.build import (
     clip_vision_config,
     stock_processor,
 )
+from visiontrim.tools.build_qwen import (
+    build_qwen_config,
+    build_qwen_model,
+    build_qwen_processor,
+    stock_qwen_with_same_weights,
+)
+from visiontrim.tools.checksums import write_manifest
 from visiontrim.tools.convert import repository
 
 from helpers import QUESTION_PROMPT, load_remote
@@ -400,7 +408,9 @@ def test_model_card(tmp_path, clip_folder):
     assert "license: apache-2.0" in metadata and "  - visiontrim" in metadata
     assert "base_model:" not in metadata  # a local folder is not a Hub id
     revision = re.search(r'revision = "(visiontrim-[\d.]+-\d{8}T\d{6}Z)"', card).group(1)
-    assert "trust_remote_code=True" in card and f"creates the tag `{revision}`" in card
+    assert (
+        "trust_remote_code=True" in card and f"`visiontrim-convert --push-to-hub` creates the tag `{revision}`" in card
+    )
     assert f"vllm serve path/to/this/folder --revision {revision} --trust-remote-code" in card
     assert "32 tokens per crop plus one `image_newline`" in card and "24 tokens chosen by DVTS and\n8 merged" in card
     assert "| LLaVA-1.6-Vicuna-7B, no compression | up to 2880 |" in card and "arXiv 2601.22674" in card
@@ -626,3 +636,109 @@ def test_verify_without_a_manifest_is_an_argument_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["verify", str(tmp_path)])
     assert exit_info.value.code == 2 and "holds no checksums.sha256" in capsys.readouterr().err
+
+
+def test_verify_reports_a_malformed_line_and_the_files_the_manifest_does_not_list(tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
+    for name in ("config.json", "model.safetensors", "sub/tokenizer.json"):
+        (tmp_path / name).write_text(name)
+    write_manifest(tmp_path)
+    with (tmp_path / "checksums.sha256").open("a") as manifest:
+        manifest.write("config.json\n")  # no digest
+        manifest.write("0123abcd  weights.bin\n")  # a digest too short: malformed, not a missing weights.bin
+    (tmp_path / "extra.py").write_text("print('not listed')")
+    with pytest.raises(SystemExit, match=r"2 of 5 files do not match .*: \['line 4', 'line 5'\]"):
+        main(["verify", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "line 4: MALFORMED" in out and "line 5: MALFORMED" in out and "MISSING" not in out
+    assert "extra.py: NOT IN MANIFEST" in out
+    assert "config.json: OK" in out and "sub/tokenizer.json: OK" in out
+    assert "1 files of the folder are not in" in out and "['extra.py']" in out
+
+
+def qwen_source(folder: Path, max_shard_size: str = "5GB") -> None:
+    """A stock Qwen2.5-VL checkpoint as on the Hub: weights (in shards past `max_shard_size`), processor files."""
+    config = build_qwen_config("qwen2.5-vl", reduction_ratio=0.0)
+    processor = build_qwen_processor(config)
+    stock_qwen_with_same_weights(build_qwen_model(config)).save_pretrained(folder, max_shard_size=max_shard_size)
+    processor.image_processor.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(processor.chat_template)
+
+
+@pytest.mark.parametrize(
+    ("umask", "folder_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)], ids=["022", "077"]
+)
+def test_converted_folders_take_the_umask_permissions(tmp_path, clip_folder, umask, folder_mode, file_mode):
+    llava_hf_source(tmp_path / "llava", "llava")
+    qwen_source(tmp_path / "qwen")
+    previous = os.umask(umask)
+    try:
+        outputs = [
+            run_convert(tmp_path / "llava", clip_folder, tmp_path / "out" / "llava"),
+            convert(parse_arguments(["--qwen", str(tmp_path / "qwen"), "--output", str(tmp_path / "out" / "qwen")])),
+        ]
+    finally:
+        os.umask(previous)
+    assert (outputs[0] / "guidance_tokenizer").is_dir()  # a subfolder too
+    for output in outputs:
+        paths = [output, *output.rglob("*")]
+        modes = {path.relative_to(output).as_posix(): path.stat().st_mode & 0o777 for path in paths}
+        assert modes == {name: folder_mode if (output / name).is_dir() else file_mode for name in modes}
+        assert any(path.suffix == ".safetensors" for path in paths)  # save_pretrained writes them 0600
+
+
+def assert_cli_refusal(caplog, message: str, argv: list[str]) -> None:
+    """`visiontrim-convert argv` exits with status 2 and the one-line `message` (a regular expression)."""
+    with pytest.raises(SystemExit) as exit_info:
+        convert_checkpoint.main(argv)
+    assert exit_info.value.code == 2
+    [line] = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert re.fullmatch(message, line) and "\n" not in line, line
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_a_missing_shard_is_a_one_line_refusal_that_writes_nothing(tmp_path, clip_folder, caplog, family):
+    source = tmp_path / "source"
+    if family == "qwen":
+        qwen_source(source, max_shard_size="300KB")
+        argv = ["--qwen", str(source)]
+    else:
+        llava_hf_source(source, "llava").save_pretrained(source, max_shard_size="300KB")
+        (source / "model.safetensors").unlink()
+        argv = ["--llava", str(source), "--clip", str(clip_folder)]
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (source / shard).unlink()
+    output = tmp_path / "new" / "out"
+    assert_cli_refusal(
+        caplog,
+        rf"conversion refused: {re.escape(str(source))}: model\.safetensors\.index\.json lists 1 shard\(s\) the "
+        rf"folder lacks, \['{shard}'\]: download or copy the checkpoint again\.",
+        [*argv, "--output", str(output)],
+    )
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_unfilled_qwen_weight_is_refused(tmp_path):
+    qwen_source(tmp_path / "source")
+    weights = tmp_path / "source" / "model.safetensors"
+    with safe_open(weights, "pt") as file:
+        tensors = {key: file.get_tensor(key) for key in file.keys() if not key.endswith("norm.weight")}  # noqa: SIM118
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert_refused(
+        tmp_path, r"does not load cleanly into VisionTrimQwen2_5_VLForConditionalGeneration: .*unfilled keys \[.*norm",
+        "--qwen", str(tmp_path / "source"), "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+
+
+def test_a_failed_write_is_one_line_and_leaves_no_folder_behind(tmp_path, clip_folder, caplog, monkeypatch):
+    llava_hf_source(tmp_path / "source", "llava")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(repository, "write_manifest", disk_full)
+    argv = ["--llava", str(tmp_path / "source"), "--clip", str(clip_folder), "--output", str(tmp_path / "new" / "out")]
+    assert_cli_refusal(caplog, r"conversion failed: \[Errno 28\] No space left on device", argv)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["source"]

@@ -22,6 +22,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.models import get_model
 
 from visiontrim.__main__ import main
+from visiontrim.tools.evaluation import cli as evaluation_cli
 from visiontrim.tools.evaluation.cli import score
 from visiontrim.tools.evaluation.data import (
     DataError,
@@ -33,6 +34,7 @@ from visiontrim.tools.evaluation.data import (
     read_llava_questions,
     read_mmbench,
 )
+from visiontrim.tools.evaluation.lmms_task import write_pope_task
 from visiontrim.tools.evaluation.normalize import normalize_vqa_answer, vqa_accuracy
 from visiontrim.tools.evaluation.runner import generate_answers
 from visiontrim.tools.evaluation.scoring import (
@@ -47,6 +49,8 @@ from visiontrim.tools.evaluation.scoring import (
     score_vqa,
     yes_no_answer,
 )
+
+from helpers import refused
 
 
 POPE = Path(__file__).parent / "data" / "pope"
@@ -444,10 +448,10 @@ def test_eval_refuses_a_budget_or_a_modality_the_folder_does_not_take(
     )
 
 
-def test_eval_score_refuses_unscorable_input(pope_like, tmp_path):
+def test_eval_score_refuses_unscorable_input(pope_like, tmp_path, capsys):
     questions, _, annotations = pope_like
     answers = write_lines(tmp_path / "answers.jsonl", [{"question_id": 1, "text": "yes"}])
-    with pytest.raises(SystemExit, match=r"--annotations is needed to score pope"):
+    with refused(capsys, r"--annotations is needed to score pope"):
         main(["eval", "score", "--task", "pope", "--questions", str(questions), "--answers", str(answers)])
     empty = tmp_path / "empty"
     shutil.copytree(annotations, empty)
@@ -455,7 +459,7 @@ def test_eval_score_refuses_unscorable_input(pope_like, tmp_path):
         empty / "coco_pope_adversarial.json",
         [{"question_id": 1, "image": "x.jpg", "text": "Is there a cow in the image?", "label": "no"}],
     )
-    with pytest.raises(SystemExit, match=r"No answer in .* has a reference"):
+    with refused(capsys, r"No answer in .* has a reference"):
         main(
             [
                 "eval",
@@ -470,6 +474,35 @@ def test_eval_score_refuses_unscorable_input(pope_like, tmp_path):
                 str(answers),
             ]
         )
+
+
+def test_eval_run_checks_the_annotations_before_the_model_runs(checkpoint, pope_like, tmp_path, monkeypatch, capsys):
+    questions, images, _ = pope_like
+    (tmp_path / "wrong").mkdir()
+
+    def load_model(*args):
+        raise AssertionError("the model was loaded before the annotations were checked")
+
+    monkeypatch.setattr(evaluation_cli, "load_model", load_model)
+    run = ["eval", "run", "--task", "pope", "--model", str(checkpoint), "--questions", str(questions),
+           "--images", str(images), "--answers", str(tmp_path / "answers.jsonl")]  # fmt: skip
+    with refused(capsys, r"wrong: coco_pope_adversarial.json is missing"):
+        main([*run, "--annotations", str(tmp_path / "wrong")])
+    with refused(capsys, r"--annotations is needed to score pope"):
+        main(run)
+    assert not (tmp_path / "answers.jsonl").exists()
+
+
+def test_video_score_prints_the_score_summary(tmp_path, capsys):
+    answers = tmp_path / "answers.json"
+    answers.write_text(
+        json.dumps(
+            [{"id": "1", "Q": "What?", "A": "cat", "pred": "A cat.", "type": 0},
+             {"id": "2", "Q": "What?", "A": "dog", "pred": "cat", "type": 1}]
+        )
+    )  # fmt: skip
+    main(["eval", "video-score", "--answers", str(answers)])
+    assert json.loads(capsys.readouterr().out) == {"exact_match": 50.0, "answers": 2}
 
 
 # ---- lmms-eval
@@ -536,9 +569,22 @@ def test_lmms_eval_plugin_puts_the_image_into_a_qwen_chat(qwen_checkpoint, photo
     assert answer == processor.decode(expected, skip_special_tokens=True).strip()
 
 
+def test_lmms_task_leaves_no_folder_behind_when_writing_fails(pope_like, tmp_path, monkeypatch):
+    questions, images, annotations = pope_like
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_pope_task(questions, images, annotations, tmp_path / "new" / "task")
+    assert not (tmp_path / "new").exists()
+
+
 def run_lmms_eval(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
-    """lmms-eval's own command line, `python -m lmms_eval`, offline, in a fresh interpreter."""
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    """lmms-eval's own command line, `python -m lmms_eval`, offline, in a fresh interpreter (`cwd` holds its cache)."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                   "HF_DATASETS_CACHE": str(cwd / "datasets-cache")}  # fmt: skip
     return subprocess.run(
         [sys.executable, "-m", "lmms_eval", *arguments],
         capture_output=True,
@@ -557,10 +603,13 @@ def test_lmms_eval_command_line_runs_the_shipped_pope_task_offline(checkpoint, q
     for index, name in enumerate(names):
         photos[index % 2].save(images / name)
     main(["eval", "lmms-task", "--questions", str(POPE / "llava_pope_test.jsonl"), "--images", str(images),
-          "--annotations", str(POPE / "coco"), "--output", str(tmp_path / "task"), "--limit", "8"])  # fmt: skip
-    assert (tmp_path / "task" / "visiontrim_pope.yaml").is_file()
+          "--annotations", str(POPE / "coco"), "--output", str(tmp_path / "written"), "--limit", "8"])  # fmt: skip
+    assert str(tmp_path) not in (tmp_path / "written" / "visiontrim_pope.yaml").read_text()
+    # The folder moved after it was written, and run from elsewhere: its data paths are relative to its YAML.
+    (tmp_path / "moved").mkdir()
+    shutil.move(tmp_path / "written", tmp_path / "moved" / "task")
 
-    task = ["--tasks", "visiontrim_pope", "--include_path", str(tmp_path / "task")]
+    task = ["--tasks", "visiontrim_pope", "--include_path", str(tmp_path / "moved" / "task")]
     result = run_lmms_eval(
         "--model", "visiontrim", "--model_args", f"pretrained={checkpoint},visual_tokens=64", *task,
         "--batch_size", "1", "--output_path", str(tmp_path / "results"), "--log_samples", cwd=tmp_path,

@@ -18,7 +18,7 @@ from visiontrim.tools.build import stock_processor as build_stock_processor
 from visiontrim.tools.evaluation.normalize import normalize_vqa_answer
 from visiontrim.tools.evaluation.video import exact_match_accuracy, sample_frames
 
-from helpers import NON_DEFAULT_SETTINGS, QUESTION_PROMPT, load_remote
+from helpers import NON_DEFAULT_SETTINGS, QUESTION_PROMPT, load_remote, refused
 
 
 ARCHS = ("video-llava", "llava-next-video")
@@ -264,13 +264,13 @@ def test_video_qa_runs_end_to_end_and_scores_exact_match(tmp_path):
     assert exact_match_accuracy(written) == scores
 
 
-def test_video_qa_files_that_do_not_match_are_refused(tmp_path):
+def test_video_qa_files_that_do_not_match_are_refused(tmp_path, capsys):
     (tmp_path / "videos").mkdir()
     (tmp_path / "q.json").write_text(json.dumps([{"video_name": "a", "question": "q?", "question_id": 1}]))
     (tmp_path / "a.json").write_text(json.dumps([{"answer": "x", "question_id": 2}]))
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")  # never loaded: the files are refused first
-    with pytest.raises(SystemExit, match="entry 0 answers question_id 2 but .* entry 0 is 1"):
+    with refused(capsys, "entry 0 answers question_id 2 but .* entry 0 is 1"):
         main(["eval", "video-run", "--model", str(tmp_path / "model"), "--questions", str(tmp_path / "q.json"),
               "--gt-answers", str(tmp_path / "a.json"), "--videos", str(tmp_path / "videos"),
               "--answers", str(tmp_path / "out.json")])  # fmt: skip

@@ -35,10 +35,28 @@ from .arguments import (
     positive_int,
 )
 from .bench_qwen import QWEN_TOWER_SHAPES, run_qwen
-from .build import LLAVA_15_SHAPES, Shapes, stock_llava_with_same_weights, stock_processor, tower_image_size
+from .build import (
+    LLAVA_15_SHAPES,
+    Shapes,
+    describe_shapes,
+    stock_llava_with_same_weights,
+    stock_processor,
+    tower_image_size,
+)
 from .demo import DEFAULT_QUESTION, encoder, load_or_build, prefiller, sample_photo
 from .evaluation.video import sample_frames
-from .measure import Timing, kv_cache_bytes, machine_description, peak_memory_bytes, prefill_flops, timings
+from .measure import (
+    NOISE,
+    Timing,
+    kv_cache_bytes,
+    machine_description,
+    noise_note,
+    peak_memory_bytes,
+    prefill_flops,
+    ratio,
+    time_per_step,
+    timings,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -89,7 +107,7 @@ class Row:
     guidance_encoding: Timing | None = None  # the CLIP text tower, part of `compression` when TGVC runs
     vision_tower: Timing | None = None
     prefill: Timing | None = None
-    decode_per_token: float | None = None
+    decode_per_token: float | None = None  # None: below the timer's noise
     end_to_end: Timing | None = None
     prefill_flops: int = 0
     kv_cache_bytes: int = 0
@@ -187,7 +205,7 @@ def measure_row(row: Row, model, inputs, args, device: torch.device) -> None:
     row.end_to_end = timings(generate(args.new_tokens, from_features=False), args.warmup, args.repeats)
     answer = timings(generate(args.new_tokens, from_features=True), args.warmup, args.repeats)
     first_token = timings(generate(1, from_features=True), args.warmup, args.repeats)
-    row.decode_per_token = (answer.min - first_token.min) / (args.new_tokens - 1)
+    row.decode_per_token = time_per_step(answer, first_token, args.new_tokens - 1)
 
 
 def add_ratios(rows: list[Row]) -> None:
@@ -199,7 +217,7 @@ def add_ratios(rows: list[Row]) -> None:
             "vision_encoding_time": row.vision_encoding.min / stock.vision_encoding.min,
             "prefill_time": row.prefill.min / stock.prefill.min,
             "prefill_flops": row.prefill_flops / stock.prefill_flops,
-            "decode_time_per_token": row.decode_per_token / stock.decode_per_token,
+            "decode_time_per_token": ratio(row.decode_per_token, stock.decode_per_token),
             "end_to_end_time": row.end_to_end.min / stock.end_to_end.min,
             "kv_cache_bytes": row.kv_cache_bytes / stock.kv_cache_bytes,
             "peak_prefill_memory": (
@@ -236,10 +254,11 @@ def table(rows: list[Row]) -> str:
         repeated = row.ratios["repeated_question_compression_share_of_tower"]
         repeated = f"{100 * repeated:.1f}" if repeated is not None else "-"
         peak = f"{row.peak_prefill_memory_bytes / 2**20:.0f}" if row.peak_prefill_memory_bytes is not None else "n/a"
+        decode = f"{1000 * row.decode_per_token:.1f}" if row.decode_per_token is not None else NOISE
         lines.append(
             f"{row.name:<16}{row.visual_tokens:>7}{row.vision_encoding.min:>10.3f}{compression:>9}{text:>8}{repeated:>10}"
             f"{row.prefill.min:>11.3f}{1 / row.ratios['prefill_time']:>9.2f}{1 / row.ratios['prefill_flops']:>9.2f}"
-            f"{1000 * row.decode_per_token:>11.1f}{row.end_to_end.min:>8.2f}{row.kv_cache_bytes / 2**20:>8.1f}"
+            f"{decode:>11}{row.end_to_end.min:>8.2f}{row.kv_cache_bytes / 2**20:>8.1f}"
             f"{peak:>9}"
         )
     return "\n".join(lines)
@@ -286,6 +305,11 @@ def bench_architecture(args: argparse.Namespace) -> Architecture:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.new_tokens < 2:
+        raise UsageError(
+            f"argument --new-tokens: must be at least 2 (the decode time per token is the time of tokens 2 to N), "
+            f"got {args.new_tokens}"
+        )
     architecture = bench_architecture(args)
     if architecture.family == QWEN_FAMILY:
         return run_qwen(args, architecture)
@@ -344,10 +368,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.model is not None:
         description = f"{args.model} ({architecture.display_name})"
     else:
-        description = (
-            f"random {architecture.display_name}-shaped: CLIP tower {shapes.vision_layers} x {shapes.vision_hidden}, "
-            f"LLM {shapes.llm_layers} x {shapes.llm_hidden}"
-        )
+        description = f"random {architecture.display_name}-shaped: {describe_shapes(shapes)}"
     report = {
         "model": description,
         "arch": arch,
@@ -371,6 +392,8 @@ def run(args: argparse.Namespace) -> dict:
         f"min of {args.repeats} runs after {args.warmup} warm-up"
     )
     print(table(rows))
+    if any(row.decode_per_token is None for row in rows):
+        print(noise_note(args.new_tokens))
     written = [output / f"{stem}.json"] + ([output / f"{stem}.png"] if plotted else [])
     print(f"written: {', '.join(map(str, written))}")
     return report

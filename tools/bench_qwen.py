@@ -33,7 +33,17 @@ from .build_qwen import (
     stock_qwen_with_same_weights,
 )
 from .demo import load_folder, sample_photo
-from .measure import Timing, kv_cache_bytes, machine_description, prefill_flops, timings
+from .measure import (
+    NOISE,
+    Timing,
+    kv_cache_bytes,
+    machine_description,
+    noise_note,
+    prefill_flops,
+    ratio,
+    time_per_step,
+    timings,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -62,7 +72,7 @@ class QwenRow:
     prompt_tokens: int = 0
     compression: Timing | None = None  # DVTS + TGVC on the recorded tower run, question embedding included
     prefill: Timing | None = None
-    decode_per_token: float | None = None
+    decode_per_token: float | None = None  # None: below the timer's noise
     prefill_flops: int = 0
     kv_cache_bytes: int = 0
     ratios: dict[str, float | None] = field(default_factory=dict)
@@ -105,7 +115,7 @@ def measure(row: QwenRow, model, inputs, tower_run, args) -> None:
 
     answer = timings(generate(args.new_tokens), args.warmup, args.repeats)
     first_token = timings(generate(1), args.warmup, args.repeats)
-    row.decode_per_token = (answer.min - first_token.min) / (args.new_tokens - 1)
+    row.decode_per_token = time_per_step(answer, first_token, args.new_tokens - 1)
 
 
 def add_ratios(rows: list[QwenRow], tower: Timing) -> None:
@@ -118,7 +128,7 @@ def add_ratios(rows: list[QwenRow], tower: Timing) -> None:
             "prefill_flops": row.prefill_flops / stock.prefill_flops,
             "prefill_speedup_over_ideal": (stock.prefill.min / row.prefill.min)
             / (stock.prefill_flops / row.prefill_flops),
-            "decode_time_per_token": row.decode_per_token / stock.decode_per_token,
+            "decode_time_per_token": ratio(row.decode_per_token, stock.decode_per_token),
             "kv_cache_bytes": row.kv_cache_bytes / stock.kv_cache_bytes,
             "compression_share_of_tower": row.compression.min / tower.min if row.compression else None,
         }
@@ -135,10 +145,11 @@ def table(rows: list[QwenRow], tower: Timing) -> str:
     for row in rows:
         compression = f"{row.compression.min:.3f}" if row.compression else "-"
         share = f"{100 * row.ratios['compression_share_of_tower']:.2f}" if row.compression else "-"
+        decode = f"{1000 * row.decode_per_token:.1f}" if row.decode_per_token is not None else NOISE
         lines.append(
             f"{row.name:<16}{row.visual_tokens:>7}{compression:>9}{share:>9}{row.prefill.min:>11.3f}"
             f"{1 / row.ratios['prefill_time']:>9.2f}{1 / row.ratios['prefill_flops']:>9.2f}"
-            f"{1000 * row.decode_per_token:>11.1f}{row.kv_cache_bytes / 2**20:>8.2f}"
+            f"{decode:>11}{row.kv_cache_bytes / 2**20:>8.2f}"
             f"{1 / row.ratios['kv_cache_bytes']:>7.2f}"
         )
     return "\n".join(lines)
@@ -258,6 +269,8 @@ def run_qwen(args: argparse.Namespace, architecture: Architecture) -> dict:
     )
     for entry in sizes:
         print(table(entry["rows"], entry["tower"]))
+    if any(row.decode_per_token is None for entry in sizes for row in entry["rows"]):
+        print(noise_note(args.new_tokens))
     written = [output / f"{stem}.json"] + ([output / f"{stem}.png"] if plotted else [])
     print(f"written: {', '.join(map(str, written))}")
     return report

@@ -93,6 +93,25 @@ LLAVA_15_SHAPES = Shapes(
     llm_kv_heads=16,
     llm_intermediate=2816,
 )
+# The fields of the towers (vision, CLIP text, CLIP head) that `LLAVA_15_SHAPES` takes from CLIP ViT-L/14.
+TOWER_FIELDS = tuple(
+    shape_field.name
+    for shape_field in dataclasses.fields(Shapes)
+    if shape_field.name.startswith(("vision_", "guidance_")) or shape_field.name == "projection_dim"
+)
+
+
+def describe_shapes(shapes: Shapes) -> str:
+    """
+    The towers and LLM of a random model of `shapes`, as the tools print them: "CLIP ViT-L/14 towers at 336 px
+    (vision 24 x 1024, text 12 x 768), LLM 4 x 1024", or "tiny towers ..." for any other towers (`--toy`).
+    """
+    real = all(getattr(shapes, name) == getattr(LLAVA_15_SHAPES, name) for name in TOWER_FIELDS)
+    return (
+        f"{'CLIP ViT-L/14' if real else 'tiny'} towers at {shapes.image_size} px (vision {shapes.vision_layers} x "
+        f"{shapes.vision_hidden}, text {shapes.guidance_layers} x {shapes.guidance_hidden}), LLM {shapes.llm_layers} "
+        f"x {shapes.llm_hidden}"
+    )
 
 
 def train_bpe_tokenizer(special_tokens: list[str], vocab_size: int = 400, **settings) -> PreTrainedTokenizerFast:

@@ -7,12 +7,16 @@ weight file damaged mid-file still loads and answers nonsense; its checksum tell
 
 import argparse
 import hashlib
+import re
 from pathlib import Path
 
 from .arguments import UsageError, existing_folder
 
 
 MANIFEST = "checksums.sha256"
+# A `sha256sum` line: the digest, a space, then a space (text mode) or `*` (binary mode), then the file name.
+MANIFEST_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")
+UNLISTED = "NOT IN MANIFEST"
 
 
 def sha256_of(path: Path) -> str:
@@ -42,15 +46,27 @@ def write_manifest(folder: Path, known: dict[str, str] | None = None) -> dict[st
 
 
 def verify_folder(folder: Path) -> dict[str, str]:
-    """`{file: "OK" | "FAILED" | "MISSING"}` for every file `checksums.sha256` lists."""
+    """
+    `{entry: status}`: "OK", "FAILED" or "MISSING" for every file `checksums.sha256` lists, "MALFORMED" for a line
+    that is not `<64 hex digits>  <file>` (keyed `line N`), and "NOT IN MANIFEST" for every file of the folder the
+    manifest does not list.
+    """
     manifest = folder / MANIFEST
     if not manifest.is_file():
         raise UsageError(f"argument path: {folder} holds no {MANIFEST} (visiontrim-convert writes one)")
     results = {}
-    for line in manifest.read_text().splitlines():
-        digest, name = line.split(maxsplit=1)
-        path = folder / name.lstrip("*")
+    for number, line in enumerate(manifest.read_text().splitlines(), start=1):
+        entry = MANIFEST_LINE.fullmatch(line)
+        if entry is None:
+            results[f"line {number}"] = "MALFORMED"
+            continue
+        digest, name = entry.group(1).lower(), entry.group(2)
+        path = folder / name
         results[name] = "MISSING" if not path.is_file() else ("OK" if sha256_of(path) == digest else "FAILED")
+    present = sorted(
+        path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file() and path.name != MANIFEST
+    )
+    results.update({name: UNLISTED for name in present if name not in results})
     return results
 
 
@@ -59,10 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    manifest = Path(args.path) / MANIFEST
     results = verify_folder(Path(args.path))
     for name, status in results.items():
         print(f"{name}: {status}")
-    bad = [name for name, status in results.items() if status != "OK"]
+    unlisted = [name for name, status in results.items() if status == UNLISTED]
+    checked = {name: status for name, status in results.items() if status != UNLISTED}
+    if unlisted:
+        print(f"{len(unlisted)} files of the folder are not in {manifest}, so not checked: {unlisted}")
+    bad = [name for name, status in checked.items() if status != "OK"]
     if bad:
-        raise SystemExit(f"{len(bad)} of {len(results)} files do not match {Path(args.path) / MANIFEST}: {bad}")
-    print(f"all {len(results)} files match {Path(args.path) / MANIFEST}")
+        raise SystemExit(f"{len(bad)} of {len(checked)} files do not match {manifest}: {bad}")
+    print(f"all {len(checked)} files match {manifest}")

@@ -44,6 +44,7 @@ from .build import (
     build_config,
     build_model,
     build_processor,
+    describe_shapes,
     stock_llava_with_same_weights,
     stock_processor,
     tower_image_size,
@@ -175,9 +176,9 @@ def build_random(
     if tokens is not None and not tokens <= shapes.num_patches:
         raise UsageError(f"argument --tokens: {tokens} is more than the {shapes.num_patches} patches of a crop")
     logger.info(
-        "Building a random %s-shaped VisionTrim model (CLIP ViT-L/14 towers at %d px, small LLM)",
+        "Building a random %s-shaped VisionTrim model: %s",
         architecture_named(arch).display_name,
-        shapes.image_size,
+        describe_shapes(shapes),
     )
     config = build_config(shapes, arch=arch, **(budget or {"visual_tokens": 64}))
     return build_model(config).to(device=device, dtype=dtype), build_processor(config)

@@ -18,6 +18,10 @@ import torch
 import transformers
 
 
+# What a benchmark table shows in place of a figure below the timer's noise.
+NOISE = "noise"
+
+
 @dataclass
 class Timing:
     """Seconds of the timed runs after warm-up."""
@@ -31,6 +35,11 @@ class Timing:
     @property
     def median(self) -> float:
         return statistics.median(self.runs)
+
+    @property
+    def spread(self) -> float:
+        """Largest minus smallest run: how far apart the same work timed (0 for a single run)."""
+        return max(self.runs) - min(self.runs)
 
 
 def timings(function: Callable[[], object], warmup: int, repeats: int) -> Timing:
@@ -50,6 +59,30 @@ def timings(function: Callable[[], object], warmup: int, repeats: int) -> Timing
         synchronize()
         runs.append(time.perf_counter() - start)
     return Timing(runs)
+
+
+def time_per_step(longer: Timing, shorter: Timing, steps: int) -> float | None:
+    """
+    Seconds per step of the `steps` steps `longer` runs beyond `shorter` (decoded tokens, say), from their minima;
+    None when the difference is within the timer's noise: not above the spread of either timing's runs, nor above
+    the clock's resolution (a single run has no spread, so only a difference of zero or less is caught then).
+    """
+    difference = longer.min - shorter.min
+    noise = max(longer.spread, shorter.spread, time.get_clock_info("perf_counter").resolution)
+    return difference / steps if difference > noise else None
+
+
+def noise_note(new_tokens: int) -> str:
+    """The line under a benchmark table that explains its `NOISE` entries."""
+    return (
+        f"decode ms {NOISE!r}: generating {new_tokens} tokens did not take longer than generating 1 by more than the "
+        "spread of the runs or the clock's resolution, the timer's noise; more --repeats or --new-tokens measure it"
+    )
+
+
+def ratio(value: float | None, reference: float | None) -> float | None:
+    """`value / reference`, None when either is missing (a figure below the timer's noise)."""
+    return value / reference if value is not None and reference is not None else None
 
 
 def prefill_flops(

@@ -7,8 +7,8 @@ CLIP model its vision tower comes from:
     visiontrim-convert --llava llava-hf/llava-1.5-7b-hf --clip openai/clip-vit-large-patch14-336 \\
         --output visiontrim-llava-1.5-7b --tokens 64
 
-and `--qwen` the Qwen2-VL family (`--qwen Qwen/Qwen2.5-VL-7B-Instruct --reduction-ratio 0.75`). A refused conversion
-exits with status 2 and writes nothing.
+and `--qwen` the Qwen2-VL family (`--qwen Qwen/Qwen2.5-VL-7B-Instruct --reduction-ratio 0.75`). A refused or failed
+conversion prints one line, exits with status 2 and leaves nothing behind.
 """
 
 import argparse
@@ -94,9 +94,13 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: a refused conversion, or a file that cannot be read or written, is one line and status 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         convert(parse_arguments(argv))
     except ConversionError as error:
         logger.error("conversion refused: %s", error)
+        sys.exit(2)
+    except OSError as error:  # a source file unreadable, the output not writable: nothing was left behind
+        logger.error("conversion failed: %s", error)
         sys.exit(2)

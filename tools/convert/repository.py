@@ -7,6 +7,7 @@ repository folder (weights, processor, model card, checksums), then uploading it
 import argparse
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ from ..checksums import folder_checksums, write_manifest
 logger = logging.getLogger("visiontrim.convert")
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# The weight indexes of sharded checkpoints: each maps every weight to the shard file holding it.
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # The source option that converts each family's checkpoints.
 SOURCE_OPTIONS = {LLAVA_FAMILY: "--llava", QWEN_FAMILY: "--qwen"}
 
@@ -36,15 +39,40 @@ class ConversionError(ValueError):
 
 
 def resolve(source: str) -> Path:
-    """A local folder as is, a Hub id downloaded (where the Hub is reachable)."""
+    """
+    A local folder as is, a Hub id downloaded (where the Hub is reachable); refuses a folder whose weight index lists
+    a shard it lacks.
+    """
     if Path(source).is_dir():
-        return Path(source)
-    try:
-        return Path(snapshot_download(source))
-    except Exception as error:  # offline, unknown repository, bad id: all mean the same to the user
-        raise ConversionError(
-            f"{source} is neither a local checkpoint folder nor a Hub repository reachable from here ({error})."
-        ) from error
+        folder = Path(source)
+    else:
+        try:
+            folder = Path(snapshot_download(source))
+        except Exception as error:  # offline, unknown repository, bad id: all mean the same to the user
+            raise ConversionError(
+                f"{source} is neither a local checkpoint folder nor a Hub repository reachable from here ({error})."
+            ) from error
+    check_shards(folder, source)
+    return folder
+
+
+def check_shards(folder: Path, source: str) -> None:
+    """Refuses a sharded checkpoint whose index lists a shard the folder lacks (an interrupted download or copy)."""
+    for index in WEIGHT_INDEXES:
+        if not (folder / index).is_file():
+            continue
+        try:
+            shards = set(json.loads((folder / index).read_text())["weight_map"].values())
+        except (ValueError, KeyError, AttributeError) as error:
+            raise ConversionError(
+                f"{source}: {index} is not a weight index with a weight_map ({error!r}): download it again."
+            ) from None
+        missing = sorted(shard for shard in shards if not (folder / shard).is_file())
+        if missing:
+            raise ConversionError(
+                f"{source}: {index} lists {len(missing)} shard(s) the folder lacks, {missing}: download or copy the "
+                "checkpoint again."
+            )
 
 
 def is_hub_id(source: str) -> bool:
@@ -121,9 +149,10 @@ def write_repository(
 ) -> None:
     """
     Saves `model`, `processor`, the model card (`card(weight_checksums)`) and the checksum manifest to `output`,
-    written beside it and moved into place only when complete (a failure leaves nothing behind); then uploads the
-    folder with `--push-to-hub`.
+    written beside it and moved into place only when complete (a failure leaves nothing behind, not even the folders
+    it created to hold `output`), with the permissions the umask gives; then uploads the folder with `--push-to-hub`.
     """
+    created = [folder for folder in output.absolute().parents if not folder.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}-"))
     try:
@@ -132,8 +161,9 @@ def write_repository(
         weight_checksums = folder_checksums(staging, "*.safetensors")
         (staging / "README.md").write_text(card(weight_checksums))
         write_manifest(staging, known=weight_checksums)
+        apply_umask(staging)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(created[-1] if created else staging, ignore_errors=True)
         raise
     if output.exists():
         shutil.rmtree(output)
@@ -142,6 +172,17 @@ def write_repository(
     if args.push_to_hub:
         commit = push_to_hub(output, args.push_to_hub, args.private, revision)
         logger.info("Uploaded to %s as commit %s, tagged %s", args.push_to_hub, commit, revision)
+
+
+def apply_umask(folder: Path) -> None:
+    """
+    Gives `folder` and everything in it the permissions the umask gives new folders (0777 & ~umask) and files
+    (0666 & ~umask): `mkdtemp` makes the folder 0700 and `save_pretrained` writes weight files 0600 whatever it is.
+    """
+    umask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    for path in (folder, *folder.rglob("*")):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool, revision: str, api: HfApi | None = None) -> str:

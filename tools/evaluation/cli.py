@@ -28,6 +28,7 @@ from ..arguments import (
 from .data import (
     TASKS,
     DataError,
+    Question,
     attach_references,
     pair_answers,
     read_answers,
@@ -55,13 +56,31 @@ def load_questions(args: argparse.Namespace):
     return read_llava_questions(questions_path, images, args.task)
 
 
-def score(task: str, questions, answers_path: Path, annotations: Path | None) -> dict:
-    """Scores `answers_path` against `questions`, with references from `annotations` where the questions lack them."""
-    without_reference = []
-    if task != "mmvet" and not all(question.references for question in questions):
-        if annotations is None:
-            raise DataError(f"--annotations is needed to score {task}: the questions carry no answers.")
-        without_reference = attach_references(task, questions, annotations)
+def attach_annotations(task: str, questions: list[Question], annotations: Path | None) -> list[Question]:
+    """
+    Attaches the references of `annotations` to the questions that lack them (all of a LLaVA question file's) and
+    returns the questions left without one; refuses a task that needs annotations when none are given.
+    """
+    if task == "mmvet" or all(question.references for question in questions):
+        return []
+    if annotations is None:
+        raise DataError(f"--annotations is needed to score {task}: the questions carry no answers.")
+    return attach_references(task, questions, annotations)
+
+
+def score(
+    task: str,
+    questions: list[Question],
+    answers_path: Path,
+    annotations: Path | None,
+    without_reference: list[Question] | None = None,
+) -> dict:
+    """
+    Scores `answers_path` against `questions`, with references from `annotations` where the questions lack them
+    (`without_reference`: the questions `attach_annotations` already left without one, so it is not run again).
+    """
+    if without_reference is None:
+        without_reference = attach_annotations(task, questions, annotations)
     pairs = pair_answers(questions, read_answers(answers_path), answers_path)
     if task == "mmvet":
         return {"task": task, "answers": mmvet_answers(pairs)}
@@ -83,18 +102,24 @@ def score(task: str, questions, answers_path: Path, annotations: Path | None) ->
     }
 
 
-def write_scores(scores: dict, output: Path | None) -> None:
+def write_scores(scores: dict, output: Path | None, summary: dict) -> None:
+    """Writes `scores` to `output` (when given) and prints `summary`, the figures a reader looks at first."""
     text = json.dumps(scores, indent=2, ensure_ascii=False)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text + "\n")
         logger.info("scores written to %s", output)
-    print(json.dumps(scores.get("metrics", {}).get("mean", scores.get("answers", {})), indent=2, ensure_ascii=False))
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
 
 
-def load_model(args: argparse.Namespace):
+def image_summary(scores: dict) -> dict:
+    """The mean metrics of an image task's scores (MM-Vet, graded elsewhere: its answers)."""
+    return scores["metrics"]["mean"] if "metrics" in scores else scores["answers"]
+
+
+def budget_overrides(args: argparse.Namespace) -> dict[str, float]:
     """
-    The model and processor of `args.model`, on `args.device` in `args.dtype`, with the budget override; refuses an
+    The budget override of `args` for the `--model` folder, checked without loading the model: refuses an
     architecture the action does not run and a budget the folder does not take.
     """
     videos = args.action == "video-run"
@@ -117,6 +142,11 @@ def load_model(args: argparse.Namespace):
         raise UsageError(f"argument {option}: {error}") from None
     if overrides and not is_visiontrim(config):
         raise UsageError(f"argument {option}: {args.model} is a stock folder, which has no budget to override")
+    return overrides
+
+
+def load_model(args: argparse.Namespace, overrides: dict[str, float]):
+    """The model and processor of `args.model`, on `args.device` in `args.dtype`, with `budget_overrides(args)`."""
     model = AutoModelForImageTextToText.from_pretrained(
         args.model, trust_remote_code=True, dtype=getattr(torch, args.dtype), **overrides
     )
@@ -128,53 +158,57 @@ def run_video(args: argparse.Namespace) -> None:
     answers = Path(args.answers)
     if args.action == "video-run":
         items = read_video_qa(Path(args.questions), Path(args.gt_answers), Path(args.videos), args.task)[: args.limit]
-        model, processor = load_model(args)
+        model, processor = load_model(args, budget_overrides(args))
         generate_video_answers(model, processor, items, answers, args.frames, args.batch_size, args.max_new_tokens)
     scores = {"task": args.task, "answers": str(answers), "metrics": exact_match_accuracy(read_video_answers(answers))}
     default_output = answers.with_suffix(".scores.json") if args.action == "video-run" else None
-    write_scores(scores, Path(args.output) if args.output else default_output)
+    write_scores(scores, Path(args.output) if args.output else default_output, scores["metrics"]["all"])
 
 
 def run(args: argparse.Namespace) -> None:
-    try:
-        if args.action == "lmms-task":
-            count = write_pope_task(
-                Path(args.questions), Path(args.images), Path(args.annotations), Path(args.output), args.limit
-            )
-            print(
-                f"{count} POPE questions written to {args.output}: run them with python -m lmms_eval --model "
-                f"visiontrim --model_args pretrained=PATH --tasks {TASK_NAME} --include_path {args.output}"
-            )
-            return
-        if args.action in ("video-run", "video-score"):
-            run_video(args)
-            return
-        if args.action == "score":
-            scores = score(
-                args.task,
-                load_questions(args),
-                Path(args.answers),
-                Path(args.annotations) if args.annotations else None,
-            )
-            write_scores(scores, Path(args.output) if args.output else None)
-            return
-        questions = load_questions(args)[: args.limit]
-        model, processor = load_model(args)
-        answers = Path(args.answers)
-        generate_answers(
-            model,
-            processor,
-            questions,
-            args.task,
-            answers,
-            args.batch_size,
-            args.max_new_tokens,
-            Path(args.model).name,
+    """Runs the `eval` action; bad input raises `UsageError` or `DataError` (one line, exit 2, by `__main__`)."""
+    if args.action == "lmms-task":
+        count = write_pope_task(
+            Path(args.questions), Path(args.images), Path(args.annotations), Path(args.output), args.limit
         )
-        scores = score(args.task, questions, answers, Path(args.annotations) if args.annotations else None)
-        write_scores(scores, Path(args.output) if args.output else answers.with_suffix(".scores.json"))
-    except DataError as error:
-        raise SystemExit(f"error: {error}") from error
+        print(
+            f"{count} POPE questions written to {args.output}: run them with python -m lmms_eval --model "
+            f"visiontrim --model_args pretrained=PATH --tasks {TASK_NAME} --include_path {args.output}"
+        )
+        return
+    if args.action in ("video-run", "video-score"):
+        run_video(args)
+        return
+    if args.action == "score":
+        scores = score(
+            args.task,
+            load_questions(args),
+            Path(args.answers),
+            Path(args.annotations) if args.annotations else None,
+        )
+        write_scores(scores, Path(args.output) if args.output else None, image_summary(scores))
+        return
+    questions = load_questions(args)[: args.limit]
+    # Every input is checked (questions, model folder and budget, annotations) before the model loads and runs.
+    overrides = budget_overrides(args)
+    annotations = Path(args.annotations) if args.annotations else None
+    without_reference = attach_annotations(args.task, questions, annotations)
+    model, processor = load_model(args, overrides)
+    answers = Path(args.answers)
+    generate_answers(
+        model,
+        processor,
+        questions,
+        args.task,
+        answers,
+        args.batch_size,
+        args.max_new_tokens,
+        Path(args.model).name,
+    )
+    scores = score(args.task, questions, answers, annotations, without_reference)
+    write_scores(
+        scores, Path(args.output) if args.output else answers.with_suffix(".scores.json"), image_summary(scores)
+    )
 
 
 def add_model_arguments(sub: argparse.ArgumentParser, max_new_tokens: int) -> None:

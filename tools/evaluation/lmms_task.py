@@ -1,8 +1,10 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
 A local POPE task for lmms-eval's own command line, offline: the questions, labels and images a user has (LLaVA's
-`llava_pope_test.jsonl`, the POPE annotations, the COCO val2014 images) written as a `datasets` folder, with a task
-YAML that reads it with `load_from_disk` and scores it with lmms-eval's POPE functions:
+`llava_pope_test.jsonl`, the POPE annotations, the COCO val2014 images) written as a `datasets` folder (images
+embedded), with a task YAML that reads its Arrow files through the `arrow` builder and scores them with lmms-eval's
+POPE functions. The YAML names those files relative to itself (lmms-eval resolves a local builder's `data_files`
+against the YAML's folder), so the task folder can be moved or copied:
 
     python -m visiontrim eval lmms-task --questions llava_pope_test.jsonl --images val2014/ --annotations coco/ \
         --output pope-task/
@@ -10,6 +12,7 @@ YAML that reads it with `load_from_disk` and scores it with lmms-eval's POPE fun
         --include_path pope-task/ --output_path results/ --log_samples
 """
 
+import shutil
 from pathlib import Path
 
 from .data import DataError, attach_references, read_llava_questions
@@ -20,10 +23,13 @@ POPE_INSTRUCTION = "\nAnswer the question using a single word or phrase."
 
 # lmms-eval's POPE task (lmms_eval/tasks/pope/pope.yaml), reading a local dataset instead of the Hub's.
 TASK_YAML = """\
-# Written by `python -m visiontrim eval lmms-task`: lmms-eval's POPE task on a local copy of the data.
-dataset_path: {dataset_path}
+# Written by `python -m visiontrim eval lmms-task`: lmms-eval's POPE task on a local copy of the data. The data files
+# are relative to this file's folder, where lmms-eval looks for them.
+dataset_path: arrow
 dataset_kwargs:
-  load_from_disk: True
+  data_files:
+    test:
+{data_files}
 task: "{task_name}"
 test_split: test
 output_type: generate_until
@@ -73,8 +79,9 @@ def write_pope_task(
 ) -> int:
     """
     Writes `output/data` (a `datasets` DatasetDict with a `test` split: question_id, question, answer, category,
-    image), `output/visiontrim_pope.yaml` and `output/utils.py`. Returns the number of questions written; questions
-    without a label stop it with their file and line.
+    image), `output/visiontrim_pope.yaml` (naming the split's Arrow files relative to itself) and `output/utils.py`.
+    Returns the number of questions written; questions without a label stop it with their file and line, before
+    anything is written.
     """
     from datasets import Dataset, DatasetDict, Features, Image, Value
 
@@ -98,11 +105,21 @@ def write_pope_task(
         "category": [question.split for question in questions],
         "image": [str(question.image_path) for question in questions],
     }
-    output.mkdir(parents=True, exist_ok=True)
-    DatasetDict({"test": Dataset.from_dict(rows, features=features)}).save_to_disk(str(output / "data"))
-    post_prompt = POPE_INSTRUCTION.replace("\n", "\\n")
-    (output / f"{TASK_NAME}.yaml").write_text(
-        TASK_YAML.format(dataset_path=(output / "data").resolve(), task_name=TASK_NAME, post_prompt=post_prompt)
-    )
-    (output / "utils.py").write_text(TASK_UTILS)
+    created = [folder for folder in (output.absolute(), *output.absolute().parents) if not folder.exists()]
+    try:
+        DatasetDict({"test": Dataset.from_dict(rows, features=features)}).save_to_disk(str(output / "data"))
+        data_files = sorted(path.relative_to(output).as_posix() for path in (output / "data" / "test").glob("*.arrow"))
+        post_prompt = POPE_INSTRUCTION.replace("\n", "\\n")
+        (output / f"{TASK_NAME}.yaml").write_text(
+            TASK_YAML.format(
+                data_files="\n".join(f"      - {name}" for name in data_files),
+                task_name=TASK_NAME,
+                post_prompt=post_prompt,
+            )
+        )
+        (output / "utils.py").write_text(TASK_UTILS)
+    except BaseException:
+        if created:  # a folder this call made: nothing half-written is left
+            shutil.rmtree(created[-1], ignore_errors=True)
+        raise
     return len(questions)
