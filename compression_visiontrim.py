@@ -1,14 +1,19 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-VisionTrim's vision stage as plain functions, shared by every model class (see `ALGORITHM.md`).
+VisionTrim's vision stage as plain functions, shared by every model family (see `ALGORITHM.md`).
 
-`compress_crops` is the whole stage for a batch of crops (image crops or video frames): DVTS (dominant vision token
-selection) keeps the K_d most important patch tokens of each crop; TGVC (text-guided vision complement) merges the
-remaining tokens into K_c seeds chosen by their relevance to the question. Its inputs come from `run_vision_tower`
-(the tower's outputs, with the one scored layer's queries and keys recorded) and the CLIP text tower.
+`compress_tokens` is the one pipeline: DVTS (dominant vision token selection) keeps the K_d best-scored tokens of each
+item (a crop, a video frame or a temporal slice); TGVC (text-guided vision complement) merges the remaining tokens
+into K_c seeds chosen by their relevance to the question. It is parameterised by what varies between families:
+- the global score source: the CLS row of the scored layer (`head_mean_attention`) or the attention each token
+  receives (`received_attention`), fused with LTAM by `global_local_scores`;
+- the guidance embedder (`Guidance`): the CLIP text tower (`encode_guidance`) or the LLM's input embeddings;
+- the layout: fixed crop grids (`compress_crops`) or packed grids of different sizes, padded and masked
+  (`compress_units`).
+Tower runs (`run_vision_tower`; a family's own, e.g. Qwen's) record the one scored layer's queries and keys.
 
-Everything is batched over crops, free of Python loops over tokens or crops, deterministic (stable sorts, first-index
-argmax, one-hot matmuls instead of scatter-adds) and computes scores in float32 whatever the model dtype.
+Everything is batched over items, free of Python loops over tokens or items, deterministic (stable sorts,
+first-index argmax, one-hot matmuls instead of scatter-adds) and computes scores in float32 whatever the model dtype.
 """
 
 from collections import OrderedDict
