@@ -260,7 +260,9 @@ class VisionTrimVllmMixin:
             features = self.vision_tower(crops, feature_select_strategy=None)
         query, key, _ = recorded[attention.qkv_proj][0].chunk(3, dim=-1)
         if attention.tp_size > 1:  # each rank holds its share of the heads; DVTS averages over all of them
-            query, key = tensor_model_parallel_all_gather(query), tensor_model_parallel_all_gather(key)
+            # The chunks are views into the fused output; the CPU all-gather needs contiguous tensors.
+            query = tensor_model_parallel_all_gather(query.contiguous())
+            key = tensor_model_parallel_all_gather(key.contiguous())
         run = VisionTowerRun(None, features, query, key, attention.num_heads, attention.scale)
         if guidance_input_ids is not None:
             guidance_input_ids, guidance_attention_mask = padded_guidance(guidance_input_ids, guidance_attention_mask)

@@ -151,8 +151,9 @@ def engines(vllm_python, folder, photos, tmp_path_factory) -> dict[str, dict]:
       processor outputs made here, and a chat request;
     - "uncompressed" (reduction_ratio=0) and "stock" (vLLM's own LLaVA, same weights): the mixed batch;
     - "next" (a VisionTrim LLaVA-NeXT folder): the mixed batch;
-    - "staged" (the LLM stage on), "video" (Video-LLaVA), "qwen" (Qwen2.5-VL) and "narrow" (LLM heads of 16), last:
-      folders the plugin refuses.
+    - "staged" (the LLM stage on), "video" (Video-LLaVA), "qwen" (Qwen2.5-VL) and "narrow" (LLM heads of 16): folders
+      the plugin refuses;
+    - "parallel", last: `folder` on two tensor-parallel ranks (the CLIP tower's heads split between them), the batch.
     """
     work = tmp_path_factory.mktemp("vllm-engines")
     _, processor = load_remote(folder)
@@ -191,6 +192,7 @@ def engines(vllm_python, folder, photos, tmp_path_factory) -> dict[str, dict]:
         "video": {"model": str(save_folder(work / "video", arch="video-llava"))},
         "qwen": {"model": str(save_qwen_folder(work / "qwen"))},
         "narrow": {"model": str(save_folder(work / "narrow", shapes=Shapes()))},  # LLM head size 16
+        "parallel": {"model": str(folder), "tensor_parallel_size": 2, **batch_job},
     }
     results = run_jobs(vllm_python, work, jobs)
     results["offline"]["features_input"] = features_input
@@ -320,3 +322,10 @@ def test_every_unserved_visiontrim_architecture_is_refused_naming_what_is_served
 def test_a_head_size_vllm_cpu_attention_lacks_is_refused_at_load(engines):
     error = engines["narrow"]["load_error"]
     assert "LLM attention head size of 16" in error and "vLLM's CPU attention does not support" in error
+
+
+def test_two_tensor_parallel_ranks_give_the_same_tokens_as_one(engines, offline):
+    # Each rank holds half of the scored CLIP layer's heads: DVTS gathers their queries and keys before it scores.
+    parallel = loaded(engines["parallel"])
+    assert parallel["rounds"][0]["placeholders"] == offline["rounds"][0]["placeholders"]
+    assert parallel["rounds"][0]["tokens"] == offline["rounds"][0]["tokens"]

@@ -3,7 +3,8 @@ Runs vLLM engine jobs for tests/test_vllm.py, one after the other in one process
 (tests/vllm/make_env.sh): `python jobs.py JOBS.json RESULTS.json`. A job names a model folder and rounds of requests;
 its result holds each request's greedy tokens and placeholder count, the images the vision tower encoded after each
 round, the image features of `features_input` (a torch file of processor outputs) and the load error, if the engine
-refused the folder.
+refused the folder. A job with `tensor_parallel_size` 2 runs its engine on two CPU ranks, one core each; it comes
+last, since it sets the engine's thread binding for the process.
 """
 
 import json
@@ -63,6 +64,10 @@ def run(job: dict) -> dict:
 
     images = {name: Image.open(path).convert("RGB") for name, path in job.get("images", {}).items()}
     result: dict = {"rounds": []}
+    tensor_parallel_size = job.get("tensor_parallel_size", 1)
+    if tensor_parallel_size > 1:  # one OpenMP thread per rank, bound to its own core (vllm-notes: CPU TP)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(core) for core in range(tensor_parallel_size))
+        os.environ["VLLM_HOST_IP"] = "127.0.0.1"
     try:
         llm = LLM(
             model=job["model"],
@@ -73,6 +78,7 @@ def run(job: dict) -> dict:
             seed=0,
             enable_prefix_caching=False,
             limit_mm_per_prompt={"image": 2},
+            tensor_parallel_size=tensor_parallel_size,
         )
     except Exception as error:  # the test reads the message
         traceback.print_exc()
