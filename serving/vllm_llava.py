@@ -129,8 +129,8 @@ class VisionTrimLlavaNextProcessingInfo(VisionTrimProcessingInfoMixin, LlavaNext
 
 class VisionTrimDummyInputsBuilder(LlavaDummyInputsBuilder):
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        text = super().get_dummy_text(mm_counts)
-        return f"{text} {PROFILING_QUESTION}" if text else text
+        text = super().get_dummy_text(mm_counts)  # a user turn, as a chat prompt is: the question is found in it
+        return f"USER: {text}\n{PROFILING_QUESTION} ASSISTANT:" if text else text
 
 
 class QuestionGuidanceMixin:
