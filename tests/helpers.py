@@ -12,6 +12,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from visiontrim.tools.build import build_config, build_model, build_processor
+from visiontrim.tools.build_qwen import build_qwen_config, build_qwen_model, build_qwen_processor
 
 
 QUESTION_PROMPT = "USER: <image>\nWhat animal is in the picture? ASSISTANT:"
@@ -41,6 +42,14 @@ def save_checkpoint(folder: Path, seed: int = 0, **compression) -> Path:
     config = build_config(**compression)
     build_model(config, seed=seed).save_pretrained(folder)
     build_processor(config).save_pretrained(folder)
+    return folder
+
+
+def save_qwen_checkpoint(folder: Path, arch: str = "qwen2.5-vl", max_pixels: int = 1008 * 1008, **compression) -> Path:
+    """A seeded tiny Qwen model of `arch` and its processor (images of at most `max_pixels`), saved to `folder`."""
+    config = build_qwen_config(arch, **compression)
+    build_qwen_model(config).save_pretrained(folder)
+    build_qwen_processor(config, max_pixels=max_pixels).save_pretrained(folder)
     return folder
 
 

@@ -23,11 +23,10 @@ from visiontrim.tools.build import (
     describe_shapes,
     stock_llava_with_same_weights,
 )
-from visiontrim.tools.build_qwen import build_qwen_config, build_qwen_model, build_qwen_processor
 from visiontrim.tools.demo import build_random
 from visiontrim.tools.measure import Timing, noise_note, prefill_flops, time_per_step
 
-from helpers import assert_plot
+from helpers import assert_plot, save_qwen_checkpoint
 
 
 ROW_FIELDS = {
@@ -217,11 +216,7 @@ def test_toy_qwen_benchmark_reports_both_sizes(tmp_path, capsys, arch):
 @pytest.fixture(scope="module")
 def qwen_folder(tmp_path_factory):
     """A tiny VisionTrim Qwen2.5-VL folder, images at most 448 x 448."""
-    folder = tmp_path_factory.mktemp("qwen2.5-vl")
-    config = build_qwen_config("qwen2.5-vl")
-    build_qwen_model(config).save_pretrained(folder)
-    build_qwen_processor(config, max_pixels=448 * 448).save_pretrained(folder)
-    return folder
+    return save_qwen_checkpoint(tmp_path_factory.mktemp("qwen2.5-vl"), max_pixels=448 * 448)
 
 
 def test_a_qwen_folder_is_benchmarked(qwen_folder, tmp_path, capsys):

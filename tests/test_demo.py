@@ -15,10 +15,9 @@ from PIL import Image
 
 from visiontrim.__main__ import main
 from visiontrim.tools.build import build_config, build_model, stock_llava_with_same_weights
-from visiontrim.tools.build_qwen import build_qwen_config, build_qwen_model, build_qwen_processor
 from visiontrim.tools.demo import DOMINANT_COLOUR, LEGEND_HEIGHT, SEED_COLOUR
 
-from helpers import save_checkpoint
+from helpers import save_checkpoint, save_qwen_checkpoint
 
 
 def grid_cells(report: str, rows: int = 24, cols: int = 24, title: str = "patch grid") -> list[str]:
@@ -41,11 +40,7 @@ def error_line(capsys, argv: list[str]) -> str:
 @pytest.fixture(scope="module")
 def qwen_folder(tmp_path_factory) -> Path:
     """A tiny VisionTrim Qwen2.5-VL folder, images at most 448 x 448."""
-    folder = tmp_path_factory.mktemp("qwen2.5-vl")
-    config = build_qwen_config("qwen2.5-vl")
-    build_qwen_model(config).save_pretrained(folder)
-    build_qwen_processor(config, max_pixels=448 * 448).save_pretrained(folder)
-    return folder
+    return save_qwen_checkpoint(tmp_path_factory.mktemp("qwen2.5-vl"), max_pixels=448 * 448)
 
 
 def test_report_and_overlay_for_a_converted_checkpoint(checkpoint, tmp_path, capsys):

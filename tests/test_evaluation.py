@@ -50,7 +50,7 @@ from visiontrim.tools.evaluation.scoring import (
     yes_no_answer,
 )
 
-from helpers import refused
+from helpers import refused, save_qwen_checkpoint
 
 
 POPE = Path(__file__).parent / "data" / "pope"
@@ -388,13 +388,7 @@ def test_eval_run_and_score_from_the_command_line(checkpoint, pope_like, tmp_pat
 @pytest.fixture(scope="module")
 def qwen_checkpoint(tmp_path_factory) -> Path:
     """A tiny VisionTrim Qwen2.5-VL folder (88.9% of each image's merged tokens removed)."""
-    from visiontrim.tools.build_qwen import build_qwen_config, build_qwen_model, build_qwen_processor
-
-    folder = tmp_path_factory.mktemp("qwen2.5-vl-visiontrim")
-    config = build_qwen_config("qwen2.5-vl")
-    build_qwen_model(config).save_pretrained(folder)
-    build_qwen_processor(config, max_pixels=448 * 448).save_pretrained(folder)
-    return folder
+    return save_qwen_checkpoint(tmp_path_factory.mktemp("qwen2.5-vl-visiontrim"), max_pixels=448 * 448)
 
 
 def test_eval_run_answers_with_a_qwen_folder_and_its_budget_override(qwen_checkpoint, pope_like, tmp_path):

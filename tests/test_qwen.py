@@ -17,7 +17,7 @@ from visiontrim.tools.build_qwen import (
     stock_qwen_with_same_weights,
 )
 
-from helpers import load_remote
+from helpers import load_remote, save_qwen_checkpoint
 
 
 ARCHITECTURES = ("qwen2.5-vl", "qwen2-vl")
@@ -199,9 +199,7 @@ def test_saved_folder_loads_through_remote_code_and_generates_the_same(tmp_path)
 def test_pipeline_answers_a_chat_with_an_image(tmp_path):
     from transformers import pipeline
 
-    config = build_qwen_config("qwen2-vl", reduction_ratio=0.75)
-    build_qwen_model(config).save_pretrained(tmp_path)
-    build_qwen_processor(config).save_pretrained(tmp_path)
+    save_qwen_checkpoint(tmp_path, "qwen2-vl", reduction_ratio=0.75)
     answer = pipeline("image-text-to-text", model=str(tmp_path), trust_remote_code=True)(
         text=[
             {
@@ -218,9 +216,7 @@ def test_pipeline_answers_a_chat_with_an_image(tmp_path):
 def test_pipeline_answers_a_chat_with_only_an_image(tmp_path):
     from transformers import pipeline
 
-    config = build_qwen_config("qwen2.5-vl", reduction_ratio=0.75)
-    build_qwen_model(config).save_pretrained(tmp_path)
-    build_qwen_processor(config).save_pretrained(tmp_path)
+    save_qwen_checkpoint(tmp_path, "qwen2.5-vl", reduction_ratio=0.75)
     chat = [{"role": "user", "content": [{"type": "image", "image": random_image(112, 140)}]}]
     answer = pipeline("image-text-to-text", model=str(tmp_path), trust_remote_code=True)(
         text=chat, max_new_tokens=3, do_sample=False

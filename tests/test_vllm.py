@@ -28,11 +28,10 @@ from visiontrim.tools.build import (
     stock_llava_with_same_weights,
     stock_processor,
 )
-from visiontrim.tools.build_qwen import build_qwen_config, build_qwen_model, build_qwen_processor
 from visiontrim.tools.demo import sample_photo
 from visiontrim.tools.vllm_server import image_chat_request, vllm_server
 
-from helpers import load_remote
+from helpers import load_remote, save_qwen_checkpoint
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,13 +88,6 @@ def save_folder(
     if stock:  # Transformers 5.24 saves `vision_tower.embeddings.*`; vLLM's own LLaVA reads llava-hf's names only
         weights = load_file(folder / "model.safetensors")
         save_file({vllm_weight_name(name): weight for name, weight in weights.items()}, folder / "model.safetensors")
-    return folder
-
-
-def save_qwen_folder(folder: Path) -> Path:
-    config = build_qwen_config("qwen2.5-vl", reduction_ratio=0.75)
-    build_qwen_model(config).save_pretrained(folder)
-    build_qwen_processor(config).save_pretrained(folder)
     return folder
 
 
@@ -190,7 +182,7 @@ def engines(vllm_python, folder, photos, tmp_path_factory) -> dict[str, dict]:
         "next": {"model": str(save_folder(work / "next", arch="llava-next")), **batch_job},
         "staged": {"model": str(save_folder(work / "staged", llm_stage_layer=1, llm_stage_tokens=32))},
         "video": {"model": str(save_folder(work / "video", arch="video-llava"))},
-        "qwen": {"model": str(save_qwen_folder(work / "qwen"))},
+        "qwen": {"model": str(save_qwen_checkpoint(work / "qwen", reduction_ratio=0.75))},
         "narrow": {"model": str(save_folder(work / "narrow", shapes=Shapes()))},  # LLM head size 16
         "parallel": {"model": str(folder), "tensor_parallel_size": 2, **batch_job},
     }
