@@ -4,8 +4,8 @@ The VisionTrim settings every model family shares (`CompressionSettings`), the r
 arithmetic its configs and processors use. A family's configuration file (`configuration_visiontrim_<family>.py`) adds
 its own settings.
 
-The configs are `@strict` dataclasses, as every Transformers config (huggingface_hub's `strict`, which Transformers
-does not re-export), made so by `strict_settings`. A rule on one setting is a field validator (`validated_field`): it
+The configs are `@strict` dataclasses, as every Transformers config, made so by `strict_settings`. A rule on one
+setting is a field validator (`setting`, the field metadata `@strict` reads): it
 runs on construction and before every assignment, so a refused value is never stored. A rule relating settings (to
 each other or to the stock config) is a class validator, a `validate_*` method: it runs on construction, by
 `config.validate()` and by `save_pretrained`. Processors that keep a copy of a setting check it by the same functions.
@@ -14,12 +14,11 @@ each other or to the stock config) is a class validator, a `validate_*` method: 
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from huggingface_hub.dataclasses import strict, validated_field
-from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import PreTrainedConfig
+from transformers.configuration_utils import strict
 
 
 MERGE_UPDATES = ("add", "mean")
@@ -122,38 +121,42 @@ def settings_fields(config_class: type) -> frozenset[str]:
         for base in config_class.__mro__
         if issubclass(base, CompressionSettings) and not issubclass(base, PreTrainedConfig)
     )
-    return frozenset(field.name for field in fields(settings_class)) - {"guidance_config"}
+    return frozenset(settings_field.name for settings_field in fields(settings_class)) - {"guidance_config"}
+
+
+def setting(validator: Callable[[Any], None], default: Any) -> Any:
+    """A settings field whose value `validator` checks (the field metadata `@strict` reads), with its `default`."""
+    return field(default=default, metadata={"validator": validator})
 
 
 def strict_settings(config_class: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
     """
-    `@strict` for a model config with VisionTrim settings. A refused value raises a `ValueError`, as VisionTrim configs
-    always have, where `@strict` alone raises huggingface_hub's `StrictDataclass*ValidationError` wrappers (not
-    `ValueError`s): a VisionTrim field's validator (or type) error names `<config class>.<field>`, a class validator's
-    error is raised as the validator raised it.
+    `@strict` (the decorator of every Transformers config) for a model config with VisionTrim settings, each refusal
+    a `ValueError`, as VisionTrim configs always raised, where `@strict` wraps it in an error of its own: a VisionTrim
+    setting's refused type or value names `<config class>.<field>`, and a class validator's error is raised as the
+    validator raised it.
     """
     config_class = strict(config_class)
-    strict_setattr, strict_validate = config_class.__setattr__, config_class.validate
+    strict_setattr = config_class.__setattr__
 
     def __setattr__(self, name: str, value: Any) -> None:
-        """`@strict`'s `__setattr__`, a refused VisionTrim setting raising a `ValueError` that names it."""
-        try:
-            strict_setattr(self, name, value)  # validates before it sets: a refused value is never stored
-        except StrictDataclassFieldValidationError as error:
-            if name not in settings_fields(type(self)):
-                raise
-            detail = error.__cause__
-            if not isinstance(detail, ValueError):  # the check of the field's type
-                annotation = self.__dataclass_fields__[name].type
-                detail = f"must be {getattr(annotation, '__name__', annotation)}, got {value!r}."
-            raise ValueError(f"{type(self).__name__}.{name} {detail}") from None
+        """`@strict`'s `__setattr__`; a VisionTrim setting is first checked here by the same validators."""
+        if name in settings_fields(type(self)):
+            for validator in self.__validators__.get(name, []):  # the field's type first, then its own rule
+                try:
+                    validator(value)
+                except TypeError:
+                    annotation = self.__dataclass_fields__[name].type
+                    expected = getattr(annotation, "__name__", annotation)
+                    raise ValueError(f"{type(self).__name__}.{name} must be {expected}, got {value!r}.") from None
+                except ValueError as error:
+                    raise ValueError(f"{type(self).__name__}.{name} {error}") from None
+        strict_setattr(self, name, value)  # validates before it sets: a refused value is never stored
 
     def validate(self) -> None:
-        """`@strict`'s `validate`, a broken rule raising the validator's own error."""
-        try:
-            strict_validate(self)
-        except StrictDataclassClassValidationError as error:
-            raise error.__cause__ from None
+        """`@strict`'s `validate`: every class validator (`validate_*`), each raising its own error."""
+        for validator in type(self).__class_validators__:
+            validator(self)
 
     validate.__is_defined_by_strict_decorator__ = True  # lets a subclass be `@strict` in turn
     config_class.__setattr__, config_class.validate = __setattr__, validate
@@ -168,11 +171,11 @@ class CompressionSettings:
     their validators, and `validate_*` class validators.
     """
 
-    reduction_ratio: int | float = validated_field(valid_reduction_ratio, default=DEFAULT_REDUCTION_RATIO)
-    dominant_ratio: int | float = validated_field(valid_dominant_ratio, default=0.75)
-    merge_iterations: int = validated_field(non_negative, default=3)
-    merge_update: str = validated_field(one_of(MERGE_UPDATES), default="add")
-    empty_guidance: str = validated_field(valid_empty_guidance, default="cls_similarity")
+    reduction_ratio: int | float = setting(valid_reduction_ratio, DEFAULT_REDUCTION_RATIO)
+    dominant_ratio: int | float = setting(valid_dominant_ratio, 0.75)
+    merge_iterations: int = setting(non_negative, 3)
+    merge_update: str = setting(one_of(MERGE_UPDATES), "add")
+    empty_guidance: str = setting(valid_empty_guidance, "cls_similarity")
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
@@ -201,6 +204,7 @@ __all__ = [
     "CompressionSettings",
     "check_reduction_ratio",
     "round_half_up",
+    "setting",
     "settings_fields",
     "strict_settings",
     "visual_tokens_per_crop",

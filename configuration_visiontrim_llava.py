@@ -4,7 +4,6 @@
 from dataclasses import dataclass
 from typing import Any
 
-from huggingface_hub.dataclasses import validated_field
 from transformers import (
     CLIPTextConfig,
     LlavaConfig,
@@ -21,6 +20,7 @@ from .configuration_visiontrim import (
     non_negative,
     one_of,
     round_half_up,
+    setting,
     strict_settings,
     visual_tokens_per_crop,
 )
@@ -155,11 +155,11 @@ class VisionTrimSettings(CompressionSettings):
 
     guidance_config: dict | PreTrainedConfig | None = None
     projection_dim: int = 768
-    dvts_score: str = validated_field(one_of(DVTS_SCORES), default="global_local")
-    guidance_cache_size: int = validated_field(non_negative, default=256)
+    dvts_score: str = setting(one_of(DVTS_SCORES), "global_local")
+    guidance_cache_size: int = setting(non_negative, 256)
     llm_stage_layer: int | None = None
     llm_stage_tokens: int | None = None
-    llm_stage_score: str = validated_field(one_of(LLM_STAGE_SCORES), default="both")
+    llm_stage_score: str = setting(one_of(LLM_STAGE_SCORES), "both")
 
     def __init_subclass__(cls, **kwargs):
         """Declares `guidance_config` a sub-config (a `CLIPTextConfig`, by default CLIP ViT-L/14's text tower)."""
