@@ -116,6 +116,11 @@ ARCHITECTURES = (
 ARCHITECTURE_NAMES = tuple(architecture.name for architecture in ARCHITECTURES)
 # The families: the LLaVA models (a CLIP tower, guided by a CLIP text tower) and the Qwen2-VL models.
 LLAVA_FAMILY, QWEN_FAMILY = "llava", "qwen2_vl"
+# Each family's name in messages, and the module whose builders make its tiny random models.
+FAMILY_BUILDERS = {
+    LLAVA_FAMILY: ("LLaVA", "visiontrim.tools.build"),
+    QWEN_FAMILY: ("Qwen2-VL", "visiontrim.tools.build_qwen"),
+}
 
 
 def supported(among: Iterable[Architecture] = ARCHITECTURES) -> str:
@@ -141,6 +146,17 @@ def architecture_of(config: Any) -> Architecture:
         if model_type in (architecture.model_type, architecture.stock_model_type):
             return architecture
     raise ValueError(f"model_type {model_type!r} is not an architecture VisionTrim supports: {supported()}.")
+
+
+def of_family(architecture: Architecture, family: str) -> Architecture:
+    """`architecture`, checked to be of `family`; a `ValueError` naming that family's and where to build the others."""
+    if architecture.family != family:
+        members = [candidate for candidate in ARCHITECTURES if candidate.family == family]
+        raise ValueError(
+            f"{architecture.name} is not a {FAMILY_BUILDERS[family][0]}-family architecture ({supported(members)}): "
+            f"build it with {FAMILY_BUILDERS[architecture.family][1]}."
+        )
+    return architecture
 
 
 def is_visiontrim(config: Any) -> bool:
@@ -170,5 +186,6 @@ __all__ = [
     "architecture_named",
     "architecture_of",
     "is_visiontrim",
+    "of_family",
     "supported",
 ]

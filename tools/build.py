@@ -25,7 +25,15 @@ from transformers import (
     VideoLlavaImageProcessor,
 )
 
-from ..architectures import ARCHITECTURES, LLAVA_FAMILY, Architecture, architecture_named, architecture_of, supported
+from ..architectures import (
+    ARCHITECTURES,
+    LLAVA_FAMILY,
+    Architecture,
+    architecture_named,
+    architecture_of,
+    of_family,
+    supported,
+)
 from ..configuration_visiontrim_llava import CLIP_L14_TEXT_CONFIG, VisionTrimSettings
 from ..processing_visiontrim import VideoProcessorCheckMixin
 from ..video_processing_visiontrim import VisionTrimVideoProcessor
@@ -208,22 +216,12 @@ def tower_image_size(arch: str) -> int:
     return VIDEO_LLAVA_IMAGE_SIZE if arch == "video-llava" else 336
 
 
-def llava_architecture(architecture: Architecture) -> Architecture:
-    """`architecture`, checked to be of the LLaVA family; a `ValueError` naming that family's otherwise."""
-    if architecture.family != LLAVA_FAMILY:
-        raise ValueError(
-            f"{architecture.name} is not a LLaVA-family architecture ({supported(LLAVA_ARCHITECTURES)}): build it "
-            "with visiontrim.tools.build_qwen."
-        )
-    return architecture
-
-
 def build_config(shapes: Shapes | None = None, vocab_size: int | None = None, arch: str = "llava", **compression):
     """
     A VisionTrim config of the LLaVA-family architecture `arch` (LLaVA-NeXT ones with llava-hf's pinpoints) and the
     given shapes (default: tiny, at `tower_image_size(arch)`); `compression` sets the VisionTrim fields.
     """
-    architecture = llava_architecture(architecture_named(arch))
+    architecture = of_family(architecture_named(arch), LLAVA_FAMILY)
     shapes = shapes or Shapes(image_size=tower_image_size(arch))
     tokenizer_vocab = vocab_size or len(build_tokenizer(video_token=architecture.videos))
     extra = {}
@@ -262,7 +260,7 @@ def build_model(config: PreTrainedConfig, seed: int = 0) -> PreTrainedModel:
 
 def build_processor(config: VisionTrimSettings) -> ProcessorMixin:
     """The processor matching `config` (same budget, CLIP preprocessing at the tower's size, LLaVA-1.5 template)."""
-    architecture = llava_architecture(architecture_of(config))
+    architecture = of_family(architecture_of(config), LLAVA_FAMILY)
     size = config.vision_config.image_size
     image_processor_settings = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
     common = {
@@ -312,7 +310,7 @@ def stock_llava_with_same_weights(model: PreTrainedModel) -> PreTrainedModel:
     The stock model of `model`'s LLaVA-family architecture sharing its vision tower(s), projector, LLM, head, image
     newline and pooler, without copying them.
     """
-    architecture = llava_architecture(architecture_of(model.config))
+    architecture = of_family(architecture_of(model.config), LLAVA_FAMILY)
     with torch.device("meta"):
         stock = architecture.stock_class("model")(stock_config(model.config)).eval()
     for name in SHARED_SUBMODULES:

@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin, Qwen2VLImageProcessorPil
 
-from ..architectures import ARCHITECTURES, QWEN_FAMILY, Architecture, architecture_named, architecture_of, supported
+from ..architectures import (
+    ARCHITECTURES,
+    QWEN_FAMILY,
+    architecture_named,
+    architecture_of,
+    of_family,
+)
 from ..configuration_visiontrim_qwen2_vl import QwenSettings
 from ..video_processing_visiontrim import VisionTrimQwenVideoProcessor
 from .build import build_model, stock_config, train_bpe_tokenizer
@@ -75,16 +81,6 @@ QWEN2_VL_7B_VISION_SHAPES = QwenShapes(
 )
 
 
-def qwen_architecture(architecture: Architecture) -> Architecture:
-    """`architecture`, checked to be of the Qwen2-VL family; a `ValueError` naming that family's otherwise."""
-    if architecture.family != QWEN_FAMILY:
-        raise ValueError(
-            f"{architecture.name} is not a Qwen2-VL-family architecture ({supported(QWEN_ARCHITECTURES)}): build it "
-            "with visiontrim.tools.build."
-        )
-    return architecture
-
-
 def build_qwen_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained in memory with Qwen's special tokens and chat template, left padding."""
     tokenizer = train_bpe_tokenizer(
@@ -100,7 +96,7 @@ def build_qwen_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
 
 def build_qwen_config(arch: str = "qwen2.5-vl", shapes: QwenShapes | None = None, **compression) -> QwenSettings:
     """A VisionTrim config of the Qwen2-VL-family architecture `arch` and `shapes`; `compression` sets its fields."""
-    architecture = qwen_architecture(architecture_named(arch))
+    architecture = of_family(architecture_named(arch), QWEN_FAMILY)
     shapes = shapes or QwenShapes()
     tokenizer = build_qwen_tokenizer()
     vision = {
@@ -158,7 +154,7 @@ TOKEN_FIELDS = {
 
 def build_qwen_model(config: QwenSettings, seed: int = 0) -> PreTrainedModel:
     """A randomly initialised model of the config's Qwen2-VL-family architecture (seeded), in eval mode."""
-    qwen_architecture(architecture_of(config))
+    of_family(architecture_of(config), QWEN_FAMILY)
     return build_model(config, seed)
 
 
@@ -166,7 +162,7 @@ def build_qwen_processor(
     config: QwenSettings, min_pixels: int = 56 * 56, max_pixels: int = 1008 * 1008
 ) -> ProcessorMixin:
     """The processor matching `config` (same budget; Qwen's image preprocessing with the Pillow backend)."""
-    architecture = qwen_architecture(architecture_of(config))
+    architecture = of_family(architecture_of(config), QWEN_FAMILY)
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=14,
         merge_size=2,
@@ -186,7 +182,7 @@ def build_qwen_processor(
 
 def stock_qwen_with_same_weights(model: PreTrainedModel) -> PreTrainedModel:
     """The stock Qwen model of `model`'s architecture holding the same weights (its base model's submodules)."""
-    architecture = qwen_architecture(architecture_of(model.config))
+    architecture = of_family(architecture_of(model.config), QWEN_FAMILY)
     with torch.device("meta"):
         stock = architecture.stock_class("model")(stock_config(model.config)).eval()
     stock.model.visual = model.model.visual
