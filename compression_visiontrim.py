@@ -886,7 +886,9 @@ def compress_units(
             nn.Identity(),
             torch.zeros((), device=merged.device),
         )
-    slice_means = (merged * valid.unsqueeze(-1)).sum(dim=1) / slice_units.unsqueeze(-1)
+    slice_means = None  # each slice's mean merged token: the guidance of a slice without a question (TGVC only)
+    if guidance is not None:
+        slice_means = (merged * valid.unsqueeze(-1)).sum(dim=1) / slice_units.unsqueeze(-1)
     compressed = compress_tokens(
         merged,
         scores,
