@@ -12,15 +12,13 @@ asked the same question is not. `mm_processor_kwargs={"guidance_text": ...}` cho
 """
 
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 
 import torch
 from torch import nn
-from transformers import BatchFeature, CLIPTextModelWithProjection
+from transformers import CLIPTextModelWithProjection
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 from vllm.config import VllmConfig
 from vllm.distributed import tensor_model_parallel_all_gather
-from vllm.logger import init_logger
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
@@ -35,11 +33,7 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.model_executor.models.utils import AutoWeightsLoader
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
-from vllm.multimodal.processing import ProcessorInputs, TimingContext
-from vllm.platforms import current_platform
 
-from ..architectures import ARCHITECTURES
 from ..compression_visiontrim import (
     CompressedCrops,
     GuidanceEmbeddingCache,
@@ -49,69 +43,23 @@ from ..compression_visiontrim import (
     record_outputs,
 )
 from ..configuration_visiontrim_llava import vision_attention_layer
-from ..processing_visiontrim import guidance_from_prompt, has_user_turn, unknown_format_warning
+from .vllm_common import (
+    PROFILING_QUESTION,
+    QuestionGuidanceMixin,
+    VisionTrimProcessorMixin,
+    check_head_size,
+    padded_guidance,
+)
 from .weight_names import vllm_weight_name
 
 
-# Under vLLM's "vllm" logger, whose handler vLLM sets up: the processor's own warnings go to a logger that `vllm serve`
-# leaves at level ERROR.
-logger = init_logger(f"vllm.{__name__}")
-
-# What a dummy (memory-profiling) prompt asks, so that profiling runs TGVC's text path like a real request.
-PROFILING_QUESTION = "What is shown in the image?"
 GUIDANCE_FIELDS = ("guidance_input_ids", "guidance_attention_mask")
 # The modules VisionTrim adds to vLLM's LLaVA (the CLIP text tower and head).
 VISIONTRIM_MODULES = ("guidance_encoder.", "visual_projection.", "logit_scale")
 
 
-def padded_guidance(
-    input_ids: torch.Tensor | list[torch.Tensor], attention_mask: torch.Tensor | list[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    The guidance rows of a batch of images as `(images, text)` tensors: vLLM stacks the rows of images from one request
-    (same length) and gives a list of `(text,)` rows when requests' questions differ in length.
-    """
-    if isinstance(input_ids, torch.Tensor):
-        return input_ids, attention_mask
-    return (
-        nn.utils.rnn.pad_sequence(list(input_ids), batch_first=True),
-        nn.utils.rnn.pad_sequence(list(attention_mask), batch_first=True),
-    )
-
-
-def check_head_size(vllm_config: VllmConfig) -> None:
-    """
-    Refuses, at load, an LLM whose attention head size vLLM's CPU attention does not support: vLLM itself starts such
-    an engine, reports it healthy, and dies at the first request.
-    """
-    if not current_platform.is_cpu():
-        return
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-    text_config = vllm_config.model_config.hf_config.text_config
-    head_size = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    supported = CPUAttentionBackend.get_supported_head_sizes()
-    if head_size not in supported:
-        raise ValueError(
-            f"{vllm_config.model_config.model} has an LLM attention head size of {head_size} "
-            f"(hidden_size {text_config.hidden_size} / {text_config.num_attention_heads} heads), which vLLM's CPU "
-            f"attention does not support (head sizes {supported}): the first request would stop the engine. Serve it "
-            "on a GPU, or give the LLM a supported head size (for the tiny builder: "
-            "`build_config(Shapes(llm_heads=2, llm_kv_heads=2), ...)`, 64 / 2 = 32)."
-        )
-
-
-class VisionTrimProcessingInfoMixin:
+class VisionTrimProcessingInfoMixin(VisionTrimProcessorMixin):
     """The folder's own VisionTrim processor (`auto_map`, not the stock class vLLM asks for) and its token counts."""
-
-    def get_hf_processor(self, **kwargs: object):
-        processor = self.ctx.get_hf_processor(**kwargs)
-        if not hasattr(processor, "guidance_tokenizer"):
-            raise ValueError(
-                f"{self.ctx.model_config.model} holds a {type(processor).__name__}, not a VisionTrim processor: serve "
-                "a folder written by `visiontrim-convert` or `save_pretrained`, with --trust-remote-code."
-            )
-        return processor
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         """The placeholders the VisionTrim processor emits for an image of this size (`visual_tokens` per crop)."""
@@ -131,59 +79,6 @@ class VisionTrimDummyInputsBuilder(LlavaDummyInputsBuilder):
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
         text = super().get_dummy_text(mm_counts)  # a user turn, as a chat prompt is: the question is found in it
         return f"USER: {text}\n{PROFILING_QUESTION} ASSISTANT:" if text else text
-
-
-class QuestionGuidanceMixin:
-    """
-    vLLM's LLaVA processing plus the guidance of each image: the question of the prompt (or
-    `mm_processor_kwargs["guidance_text"]`), tokenised by the folder's VisionTrim processor into
-    `guidance_input_ids` / `guidance_attention_mask`, one row per image. The question is a processor option, so
-    vLLM's cache keys include it.
-    """
-
-    # Whether a prompt in no known chat format was logged (with the text that guided TGVC) already.
-    warned_unknown_format = False
-
-    def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext):
-        if "guidance_text" not in inputs.hf_processor_mm_kwargs and inputs.mm_data_items.get_all_counts():
-            processor = self.info.get_hf_processor()
-            prompt = self.info.get_tokenizer().decode(inputs.prompt)
-            guidance = guidance_from_prompt(prompt, processor.image_token)
-            if not has_user_turn(prompt) and not QuestionGuidanceMixin.warned_unknown_format:
-                QuestionGuidanceMixin.warned_unknown_format = True  # once per server process
-                logger.warning(unknown_format_warning(guidance))
-            inputs = replace(
-                inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, "guidance_text": guidance}
-            )
-        return super().apply(inputs, timing_ctx)
-
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        hf_kwargs = dict(hf_kwargs)
-        guidance = hf_kwargs.pop("guidance_text", None)
-        if not isinstance(guidance, str):
-            raise ValueError(
-                "mm_processor_kwargs['guidance_text'] must be one string, the text that guides TGVC for every image "
-                f"of the prompt; got {type(guidance).__name__}."
-            )
-        processor = self.info.get_hf_processor(**hf_kwargs)
-        guidance_length = len(processor.guidance_tokenizer(guidance)["input_ids"])
-        if guidance_length > processor.guidance_max_length:
-            logger.warning_once(
-                "A guidance text is %d CLIP tokens, longer than the CLIP text tower's %d positions: TGVC is guided by "
-                "its first ones only. Put the question first, or pass a shorter mm_processor_kwargs['guidance_text'] "
-                "(with `vllm serve --trust-request-mm-kwargs`).",
-                guidance_length,
-                processor.guidance_max_length,
-            )
-        # One guidance text per prompt: vLLM's dummy text (LLaVA-NeXT) is one prompt; without text, one per image.
-        rows = 1 if "text" in hf_data else len(hf_data.get("images", []))
-        return self.info.ctx.call_hf_processor(processor, hf_data, {**hf_kwargs, "guidance_text": [guidance] * rows})
-
-    def _get_mm_fields_config(
-        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        fields = super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs)
-        return {**fields, **{name: MultiModalFieldConfig.batched("image") for name in GUIDANCE_FIELDS}}
 
 
 class VisionTrimMultiModalProcessor(QuestionGuidanceMixin, LlavaMultiModalProcessor):
@@ -332,30 +227,3 @@ class VisionTrimLlavaNextForConditionalGeneration(VisionTrimVllmMixin, LlavaNext
         return anyres_image_tokens(
             crop_features, crops_per_image, self.image_newline if self.config.crop_newline else None
         )
-
-
-class UnservedArchitecture(nn.Module):
-    """
-    Stands for the VisionTrim architectures the plugin does not serve: refuses them at load. It declares the methods
-    of vLLM's text-generation interface, which vLLM checks before building a model, so that the refusal below is what
-    a user reads (vLLM would otherwise reject the architecture's runner with a message that names neither).
-    """
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__()
-        architecture = vllm_config.model_config.hf_config.architectures[0]
-        served = " and ".join(a.display_name for a in ARCHITECTURES if a.vllm_served)
-        raise ValueError(
-            f"{architecture} is not served by the VisionTrim vLLM plugin, which serves VisionTrim {served} folders; "
-            "run this folder with Transformers (`AutoModelForImageTextToText.from_pretrained(path, "
-            "trust_remote_code=True)`)."
-        )
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
