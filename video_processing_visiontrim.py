@@ -157,20 +157,37 @@ class VisionTrimQwenVideoProcessor(VideoProcessorMixin):
             image_std=self.image_std,
         )
 
-    def preprocess(self, videos, return_tensors: str | None = None, **kwargs) -> BatchFeature:
-        """`pixel_values_videos` (all videos' patches, packed), `video_grid_thw` and each video's `video_metadata`."""
+    def preprocess(
+        self,
+        videos,
+        return_tensors: str | None = None,
+        do_rescale: bool = True,
+        do_normalize: bool = True,
+        video_metadata: list[VideoMetadata | dict] | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        `pixel_values_videos` (all videos' patches, packed), `video_grid_thw` and each video's `video_metadata`.
+        `do_rescale=False` / `do_normalize=False` leave the pixels unscaled / unnormalised (vLLM normalises on its
+        device); `video_metadata` gives each video's sampling rate (`fps`), else the processor's `fps`.
+        """
         frame_processor = self.frame_processor()
+        videos = sampled_videos(videos, type(self).__name__)
+        rates = [self.fps] * len(videos)
+        for index, given in enumerate(video_metadata or []):
+            fps = given.get("fps") if isinstance(given, dict) else given.fps
+            rates[index] = fps or self.fps
         pixels, grids, metadata = [], [], []
-        for video in sampled_videos(videos, type(self).__name__):
+        for video, fps in zip(videos, rates, strict=True):
             frames = list(video)
             frames += frames[-1:] * (-len(frames) % self.temporal_patch_size)
-            processed = frame_processor(frames, return_tensors="pt")
+            processed = frame_processor(frames, return_tensors="pt", do_rescale=do_rescale, do_normalize=do_normalize)
             _, height, width = processed["image_grid_thw"][0].tolist()
             slices = len(frames) // self.temporal_patch_size
             patches = processed["pixel_values"].view(slices, self.temporal_patch_size, height * width, 3, -1)
             pixels.append(patches.permute(0, 2, 3, 1, 4).reshape(slices * height * width, -1))
             grids.append([slices, height, width])
-            metadata.append(VideoMetadata(total_num_frames=len(video), fps=self.fps))
+            metadata.append(VideoMetadata(total_num_frames=len(video), fps=fps))
         encoding = BatchFeature(
             {"pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.tensor(grids)},
             tensor_type=return_tensors,
