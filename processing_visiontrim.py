@@ -192,8 +192,8 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
         `video_guidance_attention_mask`, one row per video).
 
         guidance_text (`str` or `list[str]`, *optional*):
-            The text that guides TGVC, one per prompt; by default the question of each prompt (its last user turn,
-            without media markers and role tags). An empty text gives an all-zero mask row (see the model's
+            The text that guides TGVC, one per prompt (without `text`: one per image or video, or one for all); by
+            default the question of each prompt (its last user turn, without media markers and role tags). An empty text gives an all-zero mask row (see the model's
             `config.empty_guidance`).
         """
         encoding = super().__call__(images=to_8_bit(images), text=text, videos=videos, **kwargs)
@@ -223,7 +223,7 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
     ) -> list[str]:
         """
         One guidance text per image (or video, `token` being its placeholder): the guidance of the prompt it belongs
-        to; items without prompts take one `guidance_text` entry each.
+        to; items without prompts take one `guidance_text` entry each, or all the same one when it has one entry.
         """
         items_per_prompt = [prompt.count(token) for prompt in prompts] or [1] * num_items
         if guidance_text is None:
@@ -232,6 +232,8 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
                     "Pass `text` (the prompts) or `guidance_text=` with the images or videos: TGVC needs a question."
                 )
             guidance_text = [self.question_of_prompt(prompt) for prompt in prompts]
+        if not prompts and len(guidance_text) == 1:  # one text guides every item
+            return guidance_text * num_items
         if len(guidance_text) != len(items_per_prompt):
             unit = "prompt" if prompts else ("video" if token == getattr(self, "video_token", None) else "image")
             raise ValueError(
