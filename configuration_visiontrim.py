@@ -116,10 +116,15 @@ def settings_fields(config_class: type) -> frozenset[str]:
     (`VisionTrimSettings`, `QwenSettings` or one of their subclasses that is not itself a model config), not the
     fields of the stock model config.
     """
+    # By class name, not identity: vLLM sends remote-code config classes to its workers by value (cloudpickle), so
+    # the classes in a config's MRO there are copies of this module's.
+    def derives_from(base: type, name: str) -> bool:
+        return any(ancestor.__name__ == name for ancestor in base.__mro__)
+
     settings_class = next(
         base
         for base in config_class.__mro__
-        if issubclass(base, CompressionSettings) and not issubclass(base, PreTrainedConfig)
+        if derives_from(base, CompressionSettings.__name__) and not derives_from(base, PreTrainedConfig.__name__)
     )
     return frozenset(settings_field.name for settings_field in fields(settings_class)) - {"guidance_config"}
 
