@@ -26,6 +26,11 @@ class Architecture:
     anyres: bool = False  # whether an image is several crops (LLaVA-NeXT's anyres: a base view and high-res crops)
 
     @property
+    def kept_positions_at_prefill(self) -> bool:
+        """Whether its kept tokens' positions depend on which are kept (M-RoPE): vLLM writes them at prefill."""
+        return self.family == QWEN_FAMILY
+
+    @property
     def model_type(self) -> str:
         """The VisionTrim config's model_type."""
         return f"visiontrim_{self.stock_model_type}"
@@ -109,9 +114,9 @@ ARCHITECTURES = (
         "Qwen2_5_VL",
         "VisionTrimQwen2_5_VLProcessor",
         True,
-        False,
+        True,
     ),
-    Architecture("qwen2-vl", "Qwen2-VL", "qwen2_vl", "qwen2_vl", "Qwen2VL", "VisionTrimQwen2VLProcessor", True, False),
+    Architecture("qwen2-vl", "Qwen2-VL", "qwen2_vl", "qwen2_vl", "Qwen2VL", "VisionTrimQwen2VLProcessor", True, True),
 )
 ARCHITECTURE_NAMES = tuple(architecture.name for architecture in ARCHITECTURES)
 # The families: the LLaVA models (a CLIP tower, guided by a CLIP text tower) and the Qwen2-VL models.

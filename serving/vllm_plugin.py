@@ -5,24 +5,32 @@ vLLM general plugin: registers the VisionTrim architectures with vLLM's model re
 
 vLLM calls `register` in each of its processes (entry point group `vllm.general_plugins`); the model classes are
 given by name and imported only when a VisionTrim folder is loaded. The architectures the table in
-`architectures.py` marks as served are; every other VisionTrim architecture is registered too, so that loading one
-fails with a message that names what the plugin serves, rather than vLLM falling back to its generic Transformers
-backend (which would run the folder's code outside vLLM's kernels).
+`architectures.py` marks as served are, from their family's module (`serving/vllm_<family>.py`); every other
+VisionTrim architecture is registered too, so that loading one fails with a message that names what the plugin
+serves, rather than vLLM falling back to its generic Transformers backend (which would run the folder's code outside
+vLLM's kernels). Architectures whose kept tokens' positions are written at prefill also get their engine-config hook.
 """
 
-from ..architectures import ARCHITECTURES
+from ..architectures import ARCHITECTURES, Architecture
 
 
-def served_class(architecture_name: str) -> str:
-    """The class in `serving.vllm_llava` that vLLM builds for a VisionTrim architecture's folders."""
-    architecture = next(a for a in ARCHITECTURES if a.class_names["model"] == architecture_name)
-    return architecture_name if architecture.vllm_served else "UnservedArchitecture"
+def served_class(architecture: Architecture) -> str:
+    """Where vLLM finds the class it builds for an architecture's folders (`module:class`)."""
+    name = architecture.class_names["model"]
+    if architecture.vllm_served:
+        return f"visiontrim.serving.vllm_{architecture.family}:{name}"
+    return "visiontrim.serving.vllm_common:UnservedArchitecture"
 
 
 def register() -> None:
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from .vllm_config import KeptPositionsConfig
 
     for architecture in ARCHITECTURES:
         name = architecture.class_names["model"]
         if name not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(name, f"visiontrim.serving.vllm_llava:{served_class(name)}")
+            ModelRegistry.register_model(name, served_class(architecture))
+        if architecture.vllm_served and architecture.kept_positions_at_prefill:
+            MODELS_CONFIG_MAP.setdefault(name, KeptPositionsConfig)
