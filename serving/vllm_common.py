@@ -25,7 +25,7 @@ from ..processing_visiontrim import guidance_from_prompt, has_user_turn, unknown
 # leaves at level ERROR.
 logger = init_logger(f"vllm.{__name__}")
 
-# What a dummy (memory-profiling) prompt asks, so that profiling runs TGVC's text path like a real request.
+# What a dummy (memory-profiling) prompt asks.
 PROFILING_QUESTION = "What is shown in the image?"
 
 
@@ -64,6 +64,20 @@ def check_head_size(vllm_config: VllmConfig) -> None:
             "on a GPU, or give the LLM a supported head size (for the tiny builders: `Shapes(llm_heads=2, "
             "llm_kv_heads=2)` or `QwenShapes(llm_heads=2, llm_kv_heads=2)`, 64 / 2 = 32)."
         )
+
+
+class ProfilingQuestionMixin:
+    """
+    vLLM's dummy (memory-profiling) text as a user turn of the family's chat format (`user_turn`, with `{media}` and
+    `{question}`) asking `PROFILING_QUESTION`: the question is found in it as in a chat prompt, and profiling runs
+    TGVC's text path like a real request.
+    """
+
+    user_turn: str
+
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        media = super().get_dummy_text(mm_counts)
+        return self.user_turn.format(media=media, question=PROFILING_QUESTION) if media else media
 
 
 class VisionTrimProcessorMixin:

@@ -44,7 +44,7 @@ from ..compression_visiontrim import (
 )
 from ..configuration_visiontrim_llava import vision_attention_layer
 from .vllm_common import (
-    PROFILING_QUESTION,
+    ProfilingQuestionMixin,
     QuestionGuidanceMixin,
     VisionTrimProcessorMixin,
     check_head_size,
@@ -75,10 +75,8 @@ class VisionTrimLlavaNextProcessingInfo(VisionTrimProcessingInfoMixin, LlavaNext
     pass
 
 
-class VisionTrimDummyInputsBuilder(LlavaDummyInputsBuilder):
-    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        text = super().get_dummy_text(mm_counts)  # a user turn, as a chat prompt is: the question is found in it
-        return f"USER: {text}\n{PROFILING_QUESTION} ASSISTANT:" if text else text
+class VisionTrimDummyInputsBuilder(ProfilingQuestionMixin, LlavaDummyInputsBuilder):
+    user_turn = "USER: {media}\n{question} ASSISTANT:"
 
 
 class VisionTrimMultiModalProcessor(QuestionGuidanceMixin, LlavaMultiModalProcessor):

@@ -49,7 +49,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from ..compression_visiontrim import QwenTowerRun, checked_guidance, compress_units, record_outputs
 from ..configuration_visiontrim_qwen2_vl import qwen_visual_tokens
 from .vllm_common import (
-    PROFILING_QUESTION,
+    ProfilingQuestionMixin,
     QuestionGuidanceMixin,
     VisionTrimProcessorMixin,
     check_head_size,
@@ -165,18 +165,16 @@ class VisionTrimQwen2VLProcessingInfo(VisionTrimQwenProcessingInfoMixin, Qwen2VL
     pass
 
 
-class VisionTrimQwenDummyInputsMixin:
-    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        text = super().get_dummy_text(mm_counts)  # a user turn, as a chat prompt is: the question is found in it
-        return f"<|im_start|>user\n{text}{PROFILING_QUESTION}<|im_end|>\n<|im_start|>assistant\n" if text else text
+# Qwen's chat turn, for vLLM's profiling prompt.
+QWEN_USER_TURN = "<|im_start|>user\n{media}{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
-class VisionTrimQwen2_5_VLDummyInputsBuilder(VisionTrimQwenDummyInputsMixin, Qwen2_5_VLDummyInputsBuilder):
-    pass
+class VisionTrimQwen2_5_VLDummyInputsBuilder(ProfilingQuestionMixin, Qwen2_5_VLDummyInputsBuilder):
+    user_turn = QWEN_USER_TURN
 
 
-class VisionTrimQwen2VLDummyInputsBuilder(VisionTrimQwenDummyInputsMixin, Qwen2VLDummyInputsBuilder):
-    pass
+class VisionTrimQwen2VLDummyInputsBuilder(ProfilingQuestionMixin, Qwen2VLDummyInputsBuilder):
+    user_turn = QWEN_USER_TURN
 
 
 class VisionTrimQwenProcessorMixin(QuestionGuidanceMixin):

@@ -5,6 +5,7 @@ only the folder's copy of the code runs.
 """
 
 import os
+import subprocess
 import tempfile
 
 
@@ -21,7 +22,7 @@ from PIL import Image  # noqa: E402
 
 from visiontrim.tools.demo import sample_photo  # noqa: E402
 
-from helpers import load_remote, save_checkpoint  # noqa: E402
+from helpers import REPO, load_remote, save_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +47,23 @@ def remote(checkpoint):
 def no_grad() -> Iterator[None]:
     with torch.no_grad():
         yield
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """
+    The vLLM environment's Python (tests/vllm/make_env.sh), with this checkout's package (re)installed in it. Without
+    it the vLLM tests are skipped, unless VISIONTRIM_REQUIRE_VLLM=1 (CI), which makes them fail.
+    """
+    python = Path(os.environ.get("VISIONTRIM_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+    if not python.exists():
+        message = f"no vLLM environment at {python}: build it with `tests/vllm/make_env.sh .venv-vllm`"
+        if os.environ.get("VISIONTRIM_REQUIRE_VLLM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(REPO)],
+        check=True,
+        capture_output=True,
+    )
+    return python

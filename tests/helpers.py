@@ -1,20 +1,25 @@
 """Helpers for the tests: tiny checkpoints saved to folders and loaded back with `trust_remote_code=True`."""
 
 import contextlib
+import json
 import os
 import re
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from visiontrim.tools.build import build_config, build_model, build_processor
-from visiontrim.tools.build_qwen import build_qwen_config, build_qwen_model, build_qwen_processor
+from visiontrim.tools.build_qwen import QwenShapes, build_qwen_config, build_qwen_model, build_qwen_processor
 
 
+REPO = Path(__file__).resolve().parents[1]
+VLLM_JOBS = Path(__file__).resolve().parent / "vllm" / "jobs.py"
 QUESTION_PROMPT = "USER: <image>\nWhat animal is in the picture? ASSISTANT:"
 OTHER_PROMPT = "USER: <image>\nIs there a cup of coffee on the table? Answer with one word. ASSISTANT:"
 # A value other than the default for every stored VisionTrim setting, to check that each one is saved and reloaded.
@@ -45,10 +50,36 @@ def save_checkpoint(folder: Path, seed: int = 0, **compression) -> Path:
     return folder
 
 
-def save_qwen_checkpoint(folder: Path, arch: str = "qwen2.5-vl", max_pixels: int = 1008 * 1008, **compression) -> Path:
-    """A seeded tiny Qwen model of `arch` and its processor (images of at most `max_pixels`), saved to `folder`."""
-    config = build_qwen_config(arch, **compression)
-    build_qwen_model(config).save_pretrained(folder)
+def sharpen_scored_attention(model, sharpness: float) -> None:
+    """
+    Multiplies the attention logits of a tiny Qwen model's scored vision block by `sharpness` (its q and k rows by
+    the square root): a random tower's attention is nearly uniform, so DVTS's ranking would have near-ties that fp32
+    rounding differences between two implementations can flip.
+    """
+    qkv = model.model.visual.blocks[model.config.scored_block].attn.qkv
+    width = qkv.in_features
+    with torch.no_grad():
+        qkv.weight[: 2 * width] *= sharpness**0.5
+        qkv.bias[: 2 * width] *= sharpness**0.5
+
+
+def save_qwen_checkpoint(
+    folder: Path,
+    arch: str = "qwen2.5-vl",
+    max_pixels: int = 1008 * 1008,
+    shapes: QwenShapes | None = None,
+    sharpness: float | None = None,
+    **compression,
+) -> Path:
+    """
+    A seeded tiny Qwen model of `arch` and `shapes` (its scored block sharpened by `sharpness`, see
+    `sharpen_scored_attention`) and its processor (images of at most `max_pixels`), saved to `folder`.
+    """
+    config = build_qwen_config(arch, shapes, **compression)
+    model = build_qwen_model(config)
+    if sharpness is not None:
+        sharpen_scored_attention(model, sharpness)
+    model.save_pretrained(folder)
     build_qwen_processor(config, max_pixels=max_pixels).save_pretrained(folder)
     return folder
 
@@ -80,3 +111,23 @@ def refused(capsys: pytest.CaptureFixture, pattern: str) -> Iterator[None]:
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and re.search(rf"error: .*{pattern}", error), (exit_info.value.code, error)
     assert "Traceback" not in error
+
+
+def run_jobs(python: Path, work: Path, jobs: dict[str, dict], timeout: int = 900) -> dict[str, dict]:
+    """
+    Runs `jobs` (name -> job, see tests/vllm/jobs.py) one after the other in one process of the vLLM environment, so
+    vLLM is imported once for all of them.
+    """
+    jobs_path, results_path = work / "jobs.json", work / "results.json"
+    jobs_path.write_text(json.dumps(list(jobs.values())))
+    completed = subprocess.run(
+        [python, VLLM_JOBS, jobs_path, results_path], capture_output=True, text=True, timeout=timeout, cwd=work
+    )
+    assert completed.returncode == 0 and results_path.exists(), completed.stdout[-3000:] + completed.stderr[-6000:]
+    return dict(zip(jobs, json.loads(results_path.read_text()), strict=True))
+
+
+def loaded(result: dict) -> dict:
+    """A job's result, failing the test with the engine's load error if it refused the folder."""
+    assert "load_error" not in result, result["load_error"]
+    return result

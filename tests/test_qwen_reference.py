@@ -21,6 +21,8 @@ from reference_qwen import (
 
 from visiontrim.tools.build_qwen import build_qwen_config, build_qwen_model, build_qwen_processor
 
+from helpers import sharpen_scored_attention
+
 
 ARCHITECTURES = ("qwen2.5-vl", "qwen2-vl")
 RATIOS = (0.75, 0.5)
@@ -54,12 +56,8 @@ def build(arch: str, ratio: float, window_size: int | None = None):
         config.vision_config.window_size = window_size
     assert (config.merge_update, config.merge_iterations) == ("add", 3)
     model = build_qwen_model(config)
-    tower = model.model.visual
-    qkv = tower.blocks[scored_block_index(tower)].attn.qkv
-    width = qkv.in_features
-    with torch.no_grad():  # q and k rows each scaled by sqrt(SHARPNESS)
-        qkv.weight[: 2 * width] *= SHARPNESS**0.5
-        qkv.bias[: 2 * width] *= SHARPNESS**0.5
+    assert config.scored_block == scored_block_index(model.model.visual)
+    sharpen_scored_attention(model, SHARPNESS)
     return model, build_qwen_processor(config)
 
 
