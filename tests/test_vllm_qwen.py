@@ -48,6 +48,9 @@ MEDIA_INPUTS = {
 ENGINE = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--seed", "0"]
 
 
+OTHER_QUESTION = "What colour is the background?"
+
+
 def chat(question: str, images: int = 0, videos: int = 0) -> str:
     """A Qwen chat prompt: one user turn with the media first, then the question."""
     return f"<|im_start|>user\n{IMAGE_PAD * images}{VIDEO_PAD * videos}{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -161,15 +164,33 @@ def engines(vllm_python, folders, media, tmp_path_factory) -> dict[str, dict]:
         "max_tokens": MAX_TOKENS,
     }
     batch = {**common, "rounds": [BATCH], "logprobs": LOGPROBS, "record_positions": True}
+    cat = BATCH[0]
     jobs = {
-        "qwen2.5": {"model": str(folders["qwen2.5"]), **batch, "messages": openai_messages(media)},
+        "qwen2.5": {
+            "model": str(folders["qwen2.5"]),
+            **batch,
+            "count_encoder": True,
+            "rounds": [
+                BATCH,
+                [cat],
+                [{**cat, "prompt": chat(OTHER_QUESTION, 1)}],
+                [{**cat, "mm_processor_kwargs": {"guidance_text": OTHER_QUESTION}}],
+            ],
+            "messages": openai_messages(media),
+        },
         "qwen2": {"model": str(folders["qwen2"]), **batch},
         "chunked": {
             "model": str(folders["qwen2.5"]),
             **common,
-            "rounds": [[BATCH[4]], [BATCH[2]]],
+            "rounds": [[BATCH[4]], [BATCH[2]], [BATCH[4]]],
+            "logprobs": LOGPROBS,
             "record_positions": True,
-            "engine": {"max_num_batched_tokens": 32, "enable_chunked_prefill": True},
+            "engine": {
+                "max_num_batched_tokens": 32,
+                "enable_chunked_prefill": True,
+                "enable_prefix_caching": True,
+                "block_size": 32,  # vLLM CPU's default 128 would cache no block of these prompts
+            },
         },
         "uncompressed": {"model": str(folders["uncompressed"]), **common, "rounds": [BATCH]},
         "stock": {"model": str(folders["stock"]), **common, "rounds": [BATCH]},
@@ -178,16 +199,19 @@ def engines(vllm_python, folders, media, tmp_path_factory) -> dict[str, dict]:
     return run_jobs(vllm_python, work, jobs)
 
 
-def processor_inputs(processor, entry: dict, media: dict) -> dict:
+def processor_inputs(processor, entry: dict, media: dict, **options) -> dict:
     images = [Image.open(media["images"][name]) for name in entry.get("images", [])] or None
     videos = [media["frames"] for _ in entry.get("videos", [])] or None
-    return processor(images=images, videos=videos, text=entry["prompt"], return_tensors="pt")
+    return processor(images=images, videos=videos, text=entry["prompt"], return_tensors="pt", **options)
 
 
-def transformers_reference(folder: Path, entry: dict, media: dict) -> dict:
-    """Transformers' prompt ids, M-RoPE positions `(3, tokens)`, greedy tokens and first-step log-probs of a prompt."""
+def transformers_reference(folder: Path, entry: dict, media: dict, **options) -> dict:
+    """
+    Transformers' prompt ids, M-RoPE positions `(3, tokens)`, greedy tokens and first-step log-probs of a prompt
+    (`options` for the processor, e.g. `guidance_text`).
+    """
     model, processor = load_remote(folder)
-    inputs = processor_inputs(processor, entry, media)
+    inputs = processor_inputs(processor, entry, media, **options)
     encoded = {}
     for modality, (pixels, grid, guidance) in MEDIA_INPUTS.items():
         if pixels in inputs:
@@ -250,10 +274,32 @@ def test_greedy_tokens_and_log_probs_equal_transformers(engines, references, arc
 
 def test_chunked_prefill_gives_the_same_positions_and_tokens(engines):
     chunked, whole = loaded(engines["chunked"])["rounds"], loaded(engines["qwen2.5"])["rounds"][0]
-    for round_, index in zip(chunked, (4, 2), strict=True):
+    for round_, index in zip(chunked[:2], (4, 2), strict=True):
         assert len(round_["prompt_ids"][0]) > 2 * 32  # three chunks or more, some of them inside an item
         assert round_["positions"][0] == whole["positions"][index]
         assert round_["tokens"][0] == whole["tokens"][index]
+
+
+def test_a_prefix_cache_hit_answers_as_the_first_time(engines):
+    # The image-and-video prompt again: its media blocks come from the prefix cache (keyed by the items and the
+    # question), so only the text after them is computed, at the positions admission gave it.
+    chunked = loaded(engines["chunked"])["rounds"]
+    assert len(chunked[2]["positions"][0][0]) < len(chunked[2]["prompt_ids"][0]) - 32  # most of it was cached
+    assert chunked[2]["tokens"] == chunked[0]["tokens"]
+    for token, logprob in chunked[2]["logprobs"][0].items():
+        assert abs(logprob - chunked[0]["logprobs"][0][token]) < 1e-5
+
+
+def test_encoder_cache_is_keyed_by_item_and_question_and_the_override_guides(engines, folders, media):
+    rounds = loaded(engines["qwen2.5"])["rounds"]
+    # The batch encodes 7 items (the cat twice: two questions; the clip twice); the cat with its question again
+    # encodes nothing; another question encodes it again; that question as mm_processor_kwargs is the same entry.
+    assert [round_["encoded_images"] for round_ in rounds] == [7, 7, 8, 8]
+    overridden = transformers_reference(folders["qwen2.5"], BATCH[0], media, guidance_text=OTHER_QUESTION)
+    assert rounds[3]["tokens"][0] == overridden["tokens"]
+    assert rounds[3]["positions"][0] == overridden["positions"]
+    # The other question keeps other TGVC seeds of the cat than its own question does.
+    assert rounds[3]["positions"][0] != rounds[1]["positions"][0]
 
 
 def test_no_compression_equals_stock_vllm_qwen(engines, folders):

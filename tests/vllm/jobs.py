@@ -21,13 +21,14 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def count_encoded_images(model) -> None:
-    """Wraps the vision tower's forward to count the images it encodes."""
-    tower = model.vision_tower
+    """Wraps the vision tower's forward to count the images (Qwen: images and videos) it encodes."""
+    tower = model.vision_tower if hasattr(model, "vision_tower") else model.visual
     forward = tower.forward
     model.encoded_images = 0
 
     def counted(pixel_values, *args, **kwargs):
-        model.encoded_images += pixel_values.shape[0]
+        grid = kwargs.get("grid_thw")  # Qwen: packed patches, one grid row per item
+        model.encoded_images += len(grid) if grid is not None else pixel_values.shape[0]
         return forward(pixel_values, *args, **kwargs)
 
     tower.forward = counted
@@ -55,12 +56,15 @@ def take_positions(model) -> list:
     return positions
 
 
-def prefill_positions(steps: list, prompt_lengths: list[int]) -> list:
-    """Each prompt's prefill positions `(3, length)`: the first steps' tokens, split by prompt (scheduling order)."""
+def prefill_positions(steps: list, computed: list[int]) -> list:
+    """
+    Each prompt's prefill positions `(3, computed)`: the first steps' tokens, split by prompt (scheduling order); a
+    prompt's computed tokens are those after its prefix-cache hit.
+    """
     import torch
 
-    prefill = torch.cat(steps, dim=-1)[..., : sum(prompt_lengths)]
-    return [chunk.tolist() for chunk in torch.split(prefill, prompt_lengths, dim=-1)]
+    prefill = torch.cat(steps, dim=-1)[..., : sum(computed)]
+    return [chunk.tolist() for chunk in torch.split(prefill, computed, dim=-1)]
 
 
 def image_features(path: str):
@@ -111,18 +115,17 @@ def run(job: dict) -> dict:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(core) for core in range(tensor_parallel_size))
         os.environ["VLLM_HOST_IP"] = "127.0.0.1"
     try:
-        llm = LLM(
-            model=job["model"],
-            trust_remote_code=True,
-            dtype="float32",
-            enforce_eager=True,
-            max_model_len=2048,
-            seed=0,
-            enable_prefix_caching=False,
-            limit_mm_per_prompt=job.get("limit_mm_per_prompt", {"image": 2}),
-            tensor_parallel_size=tensor_parallel_size,
+        engine = {
+            "dtype": "float32",
+            "enforce_eager": True,
+            "max_model_len": 2048,
+            "seed": 0,
+            "enable_prefix_caching": False,
+            "limit_mm_per_prompt": job.get("limit_mm_per_prompt", {"image": 2}),
+            "tensor_parallel_size": tensor_parallel_size,
             **job.get("engine", {}),
-        )
+        }
+        llm = LLM(model=job["model"], trust_remote_code=True, **engine)
     except Exception as error:  # the test reads the message
         traceback.print_exc()
         result["load_error"] = f"{type(error).__name__}: {error}"
@@ -153,7 +156,8 @@ def run(job: dict) -> dict:
             ]
         if job.get("record_positions"):
             steps = llm.apply_model(take_positions)[0]
-            round_result["positions"] = prefill_positions(steps, [len(output.prompt_token_ids) for output in outputs])
+            computed = [len(output.prompt_token_ids) - (output.num_cached_tokens or 0) for output in outputs]
+            round_result["positions"] = prefill_positions(steps, computed)
         result["rounds"].append(round_result)
     if job.get("messages"):  # OpenAI-style chats, as given
         outputs = llm.chat(job["messages"], params, use_tqdm=False)
