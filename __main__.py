@@ -26,8 +26,8 @@ COMMANDS = {
     ),
     "bench-vllm": (
         vllm_bench,
-        "Stock LLaVA vs VisionTrim served by vLLM with the same weights: KV-cache capacity, throughput, time to first "
-        "token (runs vLLM in its own environment).",
+        "Stock LLaVA (or Qwen2.5-VL, with vLLM's EVS) vs VisionTrim served by vLLM with the same weights: KV-cache "
+        "capacity, throughput, time to first token (runs vLLM in its own environment).",
     ),
     "eval": (
         evaluation,

@@ -36,6 +36,10 @@ def error_of(capsys, run) -> str:
         ),
         (["bench-vllm", "--vllm-python", __file__, "--requests", "0"], "argument --requests: must be a whole number"),
         (
+            ["bench-vllm", "--vllm-python", __file__, "--concurrency", "1", "4"],
+            "argument --concurrency: takes one value for --arch llava, got 2",
+        ),
+        (
             ["eval", "run", "--task", "pope", "--questions", "q.jsonl", "--answers", "a.jsonl", "--model", "."],
             "visiontrim eval run: error: argument --questions: no such file: q.jsonl",
         ),

@@ -1,6 +1,7 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-`python -m visiontrim bench-vllm`: stock LLaVA against VisionTrim served by vLLM, with the same weights, in one run.
+`python -m visiontrim bench-vllm`: stock LLaVA against VisionTrim served by vLLM, with the same weights, in one run
+(`--arch qwen2.5-vl`: Qwen2.5-VL, VisionTrim and vLLM's EVS, see `vllm_bench_qwen.py`).
 
 It builds a random LLaVA-1.5-shaped model here (the real CLIP ViT-L/14-336 towers, a small LLM) and saves it twice:
 as a VisionTrim folder and as a stock llava-hf folder with the same weights. `tools/vllm_bench_job.py` then measures
@@ -19,8 +20,8 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from ..serving.weight_names import vllm_weight_name
-from . import plots
-from .arguments import existing_file, non_empty_text, positive_int
+from . import plots, vllm_bench_qwen
+from .arguments import UsageError, existing_file, non_empty_text, positive_int
 from .build import (
     LLAVA_15_SHAPES,
     Shapes,
@@ -99,6 +100,13 @@ def plot(results: dict[str, dict], path: Path, title: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.arch == "qwen2.5-vl":
+        return vllm_bench_qwen.run(args)
+    if len(args.concurrency) > 1:
+        raise UsageError(
+            f"argument --concurrency: takes one value for --arch llava, got {len(args.concurrency)}; several "
+            "values are for --arch qwen2.5-vl (one measurement each)."
+        )
     shapes = (
         Shapes(llm_heads=2, llm_kv_heads=2)
         if args.toy
@@ -113,7 +121,7 @@ def run(args: argparse.Namespace) -> dict:
             "prompt": f"USER: <image>\n{args.question} ASSISTANT:",
             "question": args.question,
             "requests": args.requests,
-            "concurrency": args.concurrency,
+            "concurrency": args.concurrency[0],
             "max_tokens": args.max_tokens,
             "max_model_len": 2048,
             "server_start_timeout_s": 900,
@@ -141,7 +149,7 @@ def run(args: argparse.Namespace) -> dict:
         "model": description,
         "question": args.question,
         "requests": args.requests,
-        "concurrency": args.concurrency,
+        "concurrency": args.concurrency[0],
         "max_tokens": args.max_tokens,
         "kv_capacity_bound": (stock_tokens + args.max_tokens) / (kept_tokens + args.max_tokens),
         "results": results,
@@ -165,13 +173,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=".venv-vllm/bin/python",
         help="Python of vLLM's own environment, built by `tests/vllm/make_env.sh .venv-vllm` (the default path)",
     )
-    parser.add_argument("--tokens", type=positive_int, default=64, help="VisionTrim's visual tokens per image")
+    parser.add_argument(
+        "--arch",
+        choices=("llava", "qwen2.5-vl"),
+        default="llava",
+        help="llava: LLaVA-1.5's CLIP towers, VisionTrim at --tokens per image; qwen2.5-vl: Qwen2.5-VL-7B's vision "
+        "tower, VisionTrim at 25%% and 50%% kept and vLLM's EVS at the same rates, on two images and a video",
+    )
+    parser.add_argument("--tokens", type=positive_int, default=64, help="LLaVA: VisionTrim's visual tokens per image")
     parser.add_argument("--llm-layers", type=positive_int, default=LLAVA_15_SHAPES.llm_layers)
     parser.add_argument("--llm-hidden", type=positive_int, default=LLAVA_15_SHAPES.llm_hidden)
-    parser.add_argument("--toy", action="store_true", help="tiny widths everywhere (for tests); the grid stays 24x24")
+    parser.add_argument("--toy", action="store_true", help="tiny widths everywhere (for tests); image grids as given")
     parser.add_argument("--question", type=non_empty_text, default=DEFAULT_QUESTION)
     parser.add_argument("--requests", type=positive_int, default=16, help="requests measured, offline and served")
-    parser.add_argument("--concurrency", type=positive_int, default=4, help="concurrent clients of vllm serve")
+    parser.add_argument(
+        "--concurrency",
+        type=positive_int,
+        nargs="+",
+        default=[4],
+        help="concurrent clients of vllm serve (qwen2.5-vl: one measurement per value)",
+    )
     parser.add_argument("--max-tokens", type=positive_int, default=16, help="output tokens per request")
     parser.add_argument("--kv-cache-gib", type=positive_int, default=1, help="VLLM_CPU_KVCACHE_SPACE for both")
     parser.add_argument("--output-dir", default="benchmark-results")

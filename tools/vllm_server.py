@@ -1,7 +1,7 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-`vllm serve` on 127.0.0.1 as a context manager, and an OpenAI-style chat request with one image and a question to it,
-for the serving benchmark and the tests (standard library only).
+`vllm serve` on 127.0.0.1 as a context manager, and an OpenAI-style chat request with one image (or video) and a
+question to it, for the serving benchmarks and the tests (standard library only).
 """
 
 import contextlib
@@ -62,17 +62,20 @@ def image_chat_request(
     A chat completion request to the server on `port`: one user turn holding the image (`image_url`, e.g. a base64
     `data:` URL) and the question, greedy, with the OpenAI or vLLM request `options` (`stream`, `logprobs`, ...).
     """
+    part = {"type": "image_url", "image_url": {"url": image_url}}
+    return media_chat_request(port, model, part, question, max_tokens, **options)
+
+
+def media_chat_request(
+    port: int, model: str, part: dict, question: str, max_tokens: int, **options
+) -> urllib.request.Request:
+    """
+    A chat completion request to the server on `port`: one user turn holding a media content `part` (`image_url` or
+    `video_url`) and the question, greedy, with the OpenAI or vLLM request `options`.
+    """
     body = {
         "model": model,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": image_url}},
-                    {"type": "text", "text": question},
-                ],
-            }
-        ],
+        "messages": [{"role": "user", "content": [part, {"type": "text", "text": question}]}],
         "max_tokens": max_tokens,
         "temperature": 0,
         **options,

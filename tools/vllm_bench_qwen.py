@@ -1,0 +1,148 @@
+# Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
+"""
+`python -m visiontrim bench-vllm --arch qwen2.5-vl`: stock Qwen2.5-VL, VisionTrim (25% and 50% of each image's and
+video slice's tokens kept) and vLLM's own EVS video pruning at the same rates, served by vLLM with the same weights, in
+one run.
+
+It builds a random model here (Qwen2.5-VL-7B's vision tower, a small LLM; `--toy`: tiny widths) and saves it as a stock
+folder and as two VisionTrim folders. `tools/vllm_bench_qwen_job.py` measures them in the vLLM environment
+(`--vllm-python`) on a 448 x 448 image, a 1008 x 756 image and a 16-frame 448 x 448 video (EVS prunes videos only):
+prompt tokens, KV-cache capacity against its ideal ratio ((stock prompt + output) / (prompt + output)), offline
+throughput, and through `vllm serve` time to first token (p50, p95) at each `--concurrency`.
+"""
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .build_qwen import (
+    QWEN2_5_VL_7B_VISION_SHAPES,
+    QwenShapes,
+    build_qwen_config,
+    build_qwen_model,
+    build_qwen_processor,
+    stock_qwen_processor,
+    stock_qwen_with_same_weights,
+)
+from .demo import sample_photo
+
+
+logger = logging.getLogger(__name__)
+
+PHOTOS = ("chelsea.jpg", "coffee.jpg")
+# Each medium: kind, (width, height), frames.
+MEDIA = {
+    "image 448x448": {"kind": "image", "size": (448, 448), "frames": 1},
+    "image 1008x756": {"kind": "image", "size": (1008, 756), "frames": 1},
+    "video 16x448x448": {"kind": "video", "size": (448, 448), "frames": 16},
+}
+VIDEO_MEDIA = [name for name, medium in MEDIA.items() if medium["kind"] == "video"]
+KEPT_SHARES = (0.25, 0.5)
+# The processor's largest image: the 1008 x 756 one (vLLM profiles the tower at it).
+MAX_PIXELS = 1008 * 756
+
+
+def save_folders(root: Path, shapes: QwenShapes) -> dict[str, str]:
+    """The stock folder and a VisionTrim folder per kept share, all of one random model (the same weights)."""
+    config = build_qwen_config("qwen2.5-vl", shapes, reduction_ratio=1 - KEPT_SHARES[0])
+    model, processor = build_qwen_model(config), build_qwen_processor(config, max_pixels=MAX_PIXELS)
+    folders = {}
+    for kept in KEPT_SHARES:
+        model.config.reduction_ratio = processor.reduction_ratio = 1 - kept
+        folders[kept] = root / f"visiontrim-{round(kept * 100)}"
+        model.save_pretrained(folders[kept])
+        processor.save_pretrained(folders[kept])
+    folders["stock"] = root / "stock"
+    stock_qwen_with_same_weights(model).save_pretrained(folders["stock"])
+    stock_qwen_processor(processor).save_pretrained(folders["stock"])
+    return {name: str(folder) for name, folder in folders.items()}
+
+
+def bench_runs(folders: dict) -> list[dict]:
+    """Stock and VisionTrim on every medium; vLLM's EVS (the stock folder, `video_pruning_rate`) on the video."""
+    runs = [{"name": "stock", "folder": folders["stock"], "media": list(MEDIA)}]
+    for kept in KEPT_SHARES:
+        runs.append({"name": f"VisionTrim {kept:.0%}", "folder": folders[kept], "media": list(MEDIA)})
+    for kept in KEPT_SHARES:
+        evs = {"video_pruning_rate": 1 - kept}
+        runs.append({"name": f"EVS {kept:.0%}", "folder": folders["stock"], "engine": evs, "media": VIDEO_MEDIA})
+    return runs
+
+
+def table(results: dict[str, dict], medium: str, max_tokens: int, concurrency: list[int]) -> str:
+    """One medium's rows: tokens, KV capacity against its ideal, offline throughput, served TTFT per concurrency."""
+    stock = results["stock"][medium]
+    titles = ["model", "prompt tokens", "KV capacity (requests)", "KV ratio (ideal)", "offline req/s"]
+    titles += [f"TTFT p50 / p95 s @{clients}" for clients in concurrency]
+    lines = ["| " + " | ".join(titles) + " |", "|---" * len(titles) + "|"]
+    for name, measured in results.items():
+        if medium not in measured:
+            continue
+        row = measured[medium]
+        ideal = (stock["prompt_tokens"] + max_tokens) / (row["prompt_tokens"] + max_tokens)
+        cells = [
+            name,
+            f"{row['prompt_tokens']:d}",
+            f"{row['kv_capacity_requests']:d}",
+            f"{row['kv_capacity_requests'] / stock['kv_capacity_requests']:.2f} ({ideal:.2f})",
+            f"{row['offline_requests_per_s']:.3f}",
+        ]
+        for clients in concurrency:
+            served = row["served"][f"concurrency {clients}"]
+            cells.append(f"{served['ttft_p50_s']:.2f} / {served['ttft_p95_s']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict:
+    shapes = (
+        QwenShapes(llm_heads=2, llm_kv_heads=2)
+        if args.toy
+        else QwenShapes(
+            **{**vars(QWEN2_5_VL_7B_VISION_SHAPES), "llm_layers": args.llm_layers, "llm_hidden": args.llm_hidden}
+        )
+    )
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="visiontrim-bench-vllm-qwen-") as scratch:
+        job = {
+            "runs": bench_runs(save_folders(Path(scratch), shapes)),
+            "media": MEDIA,
+            "photos": [str(sample_photo(name)) for name in PHOTOS],
+            "question": args.question,
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "max_tokens": args.max_tokens,
+            "max_model_len": 4096,
+            "server_start_timeout_s": 1800,
+        }
+        job_path, result_path = Path(scratch) / "job.json", output / "bench-vllm-qwen-raw.json"
+        job_path.write_text(json.dumps(job))
+        logger.warning(
+            "Five runs (stock, VisionTrim at two shares, EVS at two rates), each an offline engine then `vllm serve`, "
+            "in vLLM's environment: with Qwen2.5-VL-7B's vision tower a 448 x 448 image takes ~11 s of tower on a "
+            "2-core CPU (a 1008 x 756 one ~50 s, the video ~90 s), so the default run takes hours there; use a GPU."
+        )
+        environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
+        subprocess.run(
+            [args.vllm_python, "-m", "visiontrim.tools.vllm_bench_qwen_job", job_path, result_path],
+            check=True,
+            env=environment,
+        )
+        results = json.loads(result_path.read_text())
+    description = (
+        f"random Qwen2.5-VL: vision tower {shapes.vision_layers} x {shapes.vision_hidden}, LLM {shapes.llm_layers} x "
+        f"{shapes.llm_hidden}; vLLM, fp32, KV cache {args.kv_cache_gib} GiB; {args.requests} requests, "
+        f"{args.max_tokens} output tokens each"
+    )
+    report = {"model": description, "question": args.question, "max_tokens": args.max_tokens, "results": results}
+    (output / "bench-vllm-qwen.json").write_text(json.dumps(report, indent=2))
+    print(description)
+    for medium in MEDIA:
+        print(f"\n{medium}\n{table(results, medium, args.max_tokens, args.concurrency)}")
+    print(f"written: {output / 'bench-vllm-qwen.json'}")
+    return report
