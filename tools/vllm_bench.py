@@ -12,8 +12,6 @@ and, through `vllm serve`, time to first token and request throughput. Results: 
 import argparse
 import json
 import logging
-import os
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from .build import (
     stock_processor,
 )
 from .demo import DEFAULT_QUESTION, sample_photo
+from .vllm_server import run_vllm_job
 
 
 logger = logging.getLogger(__name__)
@@ -126,19 +125,12 @@ def run(args: argparse.Namespace) -> dict:
             "max_model_len": 2048,
             "server_start_timeout_s": 900,
         }
-        job_path, result_path = Path(scratch) / "job.json", output / "bench-vllm-raw.json"
-        job_path.write_text(json.dumps(job))
         logger.warning(
             "Each model gets an offline engine, then `vllm serve`, one after the other, in vLLM's environment: on a "
             "2-core CPU with the real CLIP ViT-L tower this takes 10-20 minutes."
         )
-        environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
-        subprocess.run(
-            [args.vllm_python, "-m", "visiontrim.tools.vllm_bench_job", job_path, result_path],
-            check=True,
-            env=environment,
-        )
-        results = json.loads(result_path.read_text())
+        job_module, result_path = "visiontrim.tools.vllm_bench_job", output / "bench-vllm-raw.json"
+        results = run_vllm_job(args.vllm_python, job_module, job, Path(scratch), result_path, args.kv_cache_gib)
     description = (
         f"random LLaVA-1.5-shaped: CLIP tower {shapes.vision_layers} x {shapes.vision_hidden}, LLM "
         f"{shapes.llm_layers} x {shapes.llm_hidden}; vLLM (CPU), fp32, KV cache {args.kv_cache_gib} GiB"

@@ -16,14 +16,12 @@ import io
 import json
 import math
 import os
-import statistics
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from visiontrim.tools.vllm_server import image_chat_request, vllm_server
+from visiontrim.tools.vllm_server import concurrent_clients, image_chat_request, vllm_server
 
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its block count is read
@@ -82,8 +80,8 @@ def data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def stream_chat(port: int, folder: str, question: str, image, max_tokens: int) -> tuple[float, float]:
-    """One streaming chat completion: (seconds to the first content token, seconds to the end)."""
+def stream_chat(port: int, folder: str, question: str, image, max_tokens: int) -> float:
+    """One streaming chat completion: seconds to its first content token."""
     request = image_chat_request(port, folder, data_url(image), question, max_tokens, ignore_eos=True, stream=True)
     started = time.perf_counter()
     first = None
@@ -91,7 +89,7 @@ def stream_chat(port: int, folder: str, question: str, image, max_tokens: int) -
         for line in response:
             if first is None and line.startswith(b"data: {"):  # vLLM streams its first chunk with the first token
                 first = time.perf_counter() - started
-    return first if first is not None else math.nan, time.perf_counter() - started
+    return first if first is not None else math.nan
 
 
 def served(folder: str, job: dict, images: list, log_path: Path) -> dict:
@@ -100,36 +98,11 @@ def served(folder: str, job: dict, images: list, log_path: Path) -> dict:
     vllm = Path(sys.executable).parent / "vllm"
     with vllm_server(vllm, folder, log_path, options, job["server_start_timeout_s"]) as port:
         stream_chat(port, folder, job["question"], images[0], job["max_tokens"])  # warm-up
-        pending = list(images[1:])
-        lock = threading.Lock()
-        timings: list[tuple[float, float]] = []
-
-        def client() -> None:
-            while True:
-                with lock:
-                    if not pending:
-                        return
-                    image = pending.pop(0)
-                timing = stream_chat(port, folder, job["question"], image, job["max_tokens"])
-                with lock:
-                    timings.append(timing)
-
-        started = time.perf_counter()
-        clients = [threading.Thread(target=client) for _ in range(job["concurrency"])]
-        for thread in clients:
-            thread.start()
-        for thread in clients:
-            thread.join()
-        elapsed = time.perf_counter() - started
-    first_token = sorted(timing[0] for timing in timings)
-    return {
-        "served_requests": len(timings),
-        "concurrency": job["concurrency"],
-        "ttft_p50_s": statistics.median(first_token),
-        "ttft_p95_s": first_token[min(len(first_token) - 1, math.ceil(0.95 * len(first_token)) - 1)],
-        "served_requests_per_s": len(timings) / elapsed,
-        "served_s": elapsed,
-    }
+        return concurrent_clients(
+            lambda image: stream_chat(port, folder, job["question"], image, job["max_tokens"]),
+            images[1:],
+            job["concurrency"],
+        )
 
 
 def main(job_path: str, result_path: str) -> None:

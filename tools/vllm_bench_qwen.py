@@ -14,8 +14,6 @@ throughput, and through `vllm serve` time to first token (p50, p95) at each `--c
 import argparse
 import json
 import logging
-import os
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from .build_qwen import (
     stock_qwen_with_same_weights,
 )
 from .demo import sample_photo
+from .vllm_server import run_vllm_job
 
 
 logger = logging.getLogger(__name__)
@@ -120,20 +119,13 @@ def run(args: argparse.Namespace) -> dict:
             "max_model_len": 4096,
             "server_start_timeout_s": 1800,
         }
-        job_path, result_path = Path(scratch) / "job.json", output / "bench-vllm-qwen-raw.json"
-        job_path.write_text(json.dumps(job))
         logger.warning(
             "Five runs (stock, VisionTrim at two shares, EVS at two rates), each an offline engine then `vllm serve`, "
             "in vLLM's environment: with Qwen2.5-VL-7B's vision tower a 448 x 448 image takes ~11 s of tower on a "
             "2-core CPU (a 1008 x 756 one ~50 s, the video ~90 s), so the default run takes hours there; use a GPU."
         )
-        environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
-        subprocess.run(
-            [args.vllm_python, "-m", "visiontrim.tools.vllm_bench_qwen_job", job_path, result_path],
-            check=True,
-            env=environment,
-        )
-        results = json.loads(result_path.read_text())
+        job_module, result_path = "visiontrim.tools.vllm_bench_qwen_job", output / "bench-vllm-qwen-raw.json"
+        results = run_vllm_job(args.vllm_python, job_module, job, Path(scratch), result_path, args.kv_cache_gib)
     description = (
         f"random Qwen2.5-VL: vision tower {shapes.vision_layers} x {shapes.vision_hidden}, LLM {shapes.llm_layers} x "
         f"{shapes.llm_hidden}; vLLM, fp32, KV cache {args.kv_cache_gib} GiB; {args.requests} requests, "

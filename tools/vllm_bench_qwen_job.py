@@ -16,15 +16,13 @@ import io
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from visiontrim.tools.vllm_server import media_chat_request, vllm_server
+from visiontrim.tools.vllm_server import concurrent_clients, media_chat_request, vllm_server
 
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its block count is read
@@ -142,35 +140,6 @@ def stream_chat(port: int, folder: str, question: str, part: dict, max_tokens: i
     return first
 
 
-def clients_at_once(port: int, folder: str, job: dict, parts: list[dict], concurrency: int) -> dict:
-    """`parts` sent by `concurrency` streaming clients: time to first token (p50, p95) and requests per second."""
-    pending, lock, first_tokens = list(parts), threading.Lock(), []
-
-    def client() -> None:
-        while True:
-            with lock:
-                if not pending:
-                    return
-                part = pending.pop(0)
-            first = stream_chat(port, folder, job["question"], part, job["max_tokens"])
-            with lock:
-                first_tokens.append(first)
-
-    started = time.perf_counter()
-    clients = [threading.Thread(target=client) for _ in range(concurrency)]
-    for thread in clients:
-        thread.start()
-    for thread in clients:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    first_tokens.sort()
-    return {
-        "ttft_p50_s": statistics.median(first_tokens),
-        "ttft_p95_s": first_tokens[min(len(first_tokens) - 1, math.ceil(0.95 * len(first_tokens)) - 1)],
-        "served_requests_per_s": len(first_tokens) / elapsed,
-    }
-
-
 def served(run: dict, job: dict, items: dict[str, list], log_path: Path) -> dict:
     """Per medium and concurrency: time to first token (p50, p95) and request throughput through `vllm serve`."""
     options = ["--max-model-len", str(job["max_model_len"]), "--dtype", ENGINE_ARGUMENTS["dtype"], "--enforce-eager"]
@@ -184,7 +153,11 @@ def served(run: dict, job: dict, items: dict[str, list], log_path: Path) -> dict
             parts = [content_part(item, job["media"][name]) for item in items[name]]
             stream_chat(port, run["folder"], job["question"], parts[0], job["max_tokens"])  # warm-up
             for concurrency in job["concurrency"]:
-                timings = clients_at_once(port, run["folder"], job, parts[1:], concurrency)
+                timings = concurrent_clients(
+                    lambda part: stream_chat(port, run["folder"], job["question"], part, job["max_tokens"]),
+                    parts[1:],
+                    concurrency,
+                )
                 results.setdefault(name, {})[f"concurrency {concurrency}"] = timings
     return results
 

@@ -1,17 +1,26 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-`vllm serve` on 127.0.0.1 as a context manager, and an OpenAI-style chat request with one image (or video) and a
-question to it, for the serving benchmarks and the tests (standard library only).
+`vllm serve` on 127.0.0.1 as a context manager, an OpenAI-style chat request with one image (or video) and a question
+to it, concurrent streaming clients, and the run of a benchmark job in vLLM's environment, for the serving benchmarks
+and the tests (standard library only).
 """
 
 import contextlib
 import json
+import logging
+import math
+import os
 import socket
+import statistics
 import subprocess
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+logger = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -85,3 +94,50 @@ def media_chat_request(
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
+
+
+def concurrent_clients(send: Callable[[object], float], items: list, concurrency: int) -> dict:
+    """
+    `items` sent by `concurrency` clients at once (threads, each sending the next pending item with `send`, which
+    returns its seconds to the first token): time to first token (p50, p95), requests per second, and the totals.
+    """
+    pending, lock, first_tokens = list(items), threading.Lock(), []
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                item = pending.pop(0)
+            first = send(item)
+            with lock:
+                first_tokens.append(first)
+
+    started = time.perf_counter()
+    clients = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    first_tokens.sort()
+    return {
+        "served_requests": len(first_tokens),
+        "concurrency": concurrency,
+        "ttft_p50_s": statistics.median(first_tokens),
+        "ttft_p95_s": first_tokens[min(len(first_tokens) - 1, math.ceil(0.95 * len(first_tokens)) - 1)],
+        "served_requests_per_s": len(first_tokens) / elapsed,
+        "served_s": elapsed,
+    }
+
+
+def run_vllm_job(vllm_python: str, module: str, job: dict, scratch: Path, result_path: Path, kv_cache_gib: int):
+    """
+    Runs the benchmark job `job` with `python -m module JOB.json RESULT.json` in vLLM's environment (`vllm_python`,
+    `VLLM_CPU_KVCACHE_SPACE=kv_cache_gib`) and returns what it wrote to `result_path`.
+    """
+    job_path = scratch / "job.json"
+    job_path.write_text(json.dumps(job))
+    environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
+    subprocess.run([vllm_python, "-m", module, job_path, result_path], check=True, env=environment)
+    return json.loads(result_path.read_text())
