@@ -12,6 +12,7 @@ random LLM's first-step log-probs move by only ~1e-5 when every kept token sits 
 import base64
 import io
 import os
+import subprocess
 from pathlib import Path
 
 import av
@@ -315,6 +316,24 @@ def test_two_tensor_parallel_ranks_keep_the_same_tokens_as_one(engines):
     parallel, single = loaded(engines["parallel"])["rounds"][0], loaded(engines["qwen2.5"])["rounds"][0]
     assert parallel["positions"] == single["positions"]
     assert parallel["tokens"] == single["tokens"]
+
+
+OFFSETS_ROUND_TRIP = """
+import torch
+from visiontrim.serving.vllm_qwen2_vl import split_offsets, with_offsets
+
+offsets = torch.stack([torch.arange(0, 65536, 7), torch.arange(65535, -1, -7), torch.arange(0, 65536, 7) % 300], -1)
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    features = torch.randn(offsets.shape[0], 8, dtype=dtype)
+    stripped, decoded = split_offsets(with_offsets(features, offsets))
+    assert torch.equal(decoded, offsets) and torch.equal(stripped, features), dtype
+"""
+
+
+def test_unit_offsets_ride_exactly_on_half_precision_embeddings(vllm_python):
+    # Offsets up to 65535 (a long video's time positions) survive bf16 and fp16 embeddings: base-256 channels.
+    completed = subprocess.run([vllm_python, "-c", OFFSETS_ROUND_TRIP], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
 
 
 def test_vllm_serve_answers_openai_image_and_video_chats_like_offline(vllm_python, folders, media, engines, tmp_path):
