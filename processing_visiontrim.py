@@ -193,8 +193,8 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
 
         guidance_text (`str` or `list[str]`, *optional*):
             The text that guides TGVC, one per prompt (without `text`: one per image or video, or one for all); by
-            default the question of each prompt (its last user turn, without media markers and role tags). An empty text gives an all-zero mask row (see the model's
-            `config.empty_guidance`).
+            default the question of each prompt (its last user turn, without media markers and role tags). An empty
+            text gives an all-zero mask row (see the model's `config.empty_guidance`).
         """
         encoding = super().__call__(images=to_8_bit(images), text=text, videos=videos, **kwargs)
         prompts = [text] if isinstance(text, str) else list(text or [])
