@@ -17,7 +17,7 @@ first-index argmax, one-hot matmuls instead of scatter-adds) and computes scores
 """
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -922,6 +922,34 @@ def compress_units(
     )
 
 
+def compress_units_with_question(
+    run: QwenTowerRun,
+    config: CompressionSettings,
+    embed_tokens: Callable[[torch.LongTensor], torch.Tensor],
+    guidance_input_ids: torch.LongTensor | None,
+    guidance_attention_mask: torch.Tensor | None,
+    modality: str,
+    device: torch.device,
+) -> CompressedUnits:
+    """
+    `compress_units` guided by each image's (video's) question in the LLM's embedding space: its `(media, text)`
+    guidance ids, checked by `checked_guidance` and moved to `device`, embedded by the LLM's `embed_tokens` and
+    L2-normalised. With TGVC off (`dominant_ratio=1`) there is no guidance.
+    """
+    text_embeds = text_mask = None
+    if config.dominant_ratio < 1:
+        input_ids, text_mask = checked_guidance(
+            guidance_input_ids,
+            guidance_attention_mask,
+            run.grid_thw.shape[0],
+            config.empty_guidance,
+            "guidance" if modality == "image" else "video_guidance",
+            device,
+        )
+        text_embeds = F.normalize(embed_tokens(input_ids).float(), dim=-1)
+    return compress_units(run, config, text_embeds, text_mask)
+
+
 def anyres_image_tokens(
     crop_features: torch.Tensor, crops_per_image: list[int], image_newline: torch.Tensor | None
 ) -> list[torch.Tensor]:
@@ -953,6 +981,7 @@ __all__ = [
     "anyres_image_tokens",
     "compress_crops",
     "compress_units",
+    "compress_units_with_question",
     "dominant_token_scores",
     "encode_guidance",
     "head_mean_attention",

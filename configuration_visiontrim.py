@@ -116,6 +116,7 @@ def settings_fields(config_class: type) -> frozenset[str]:
     (`VisionTrimSettings`, `QwenSettings` or one of their subclasses that is not itself a model config), not the
     fields of the stock model config.
     """
+
     # By class name, not identity: vLLM sends remote-code config classes to its workers by value (cloudpickle), so
     # the classes in a config's MRO there are copies of this module's.
     def derives_from(base: type, name: str) -> bool:

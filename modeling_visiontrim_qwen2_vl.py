@@ -12,7 +12,6 @@ positions. The algorithm is `compress_units` in `compression_visiontrim.py`.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import (
     Qwen2_5_VLForConditionalGeneration,
@@ -26,13 +25,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 from transformers.utils.generic import can_return_tuple
 from transformers.vision_utils import get_vision_window_index
 
-from .compression_visiontrim import (
-    CompressedUnits,
-    QwenTowerRun,
-    checked_guidance,
-    compress_units,
-    record_outputs,
-)
+from .compression_visiontrim import QwenTowerRun, compress_units_with_question, record_outputs
 from .configuration_visiontrim_qwen2_vl import QwenSettings, VisionTrimQwen2_5_VLConfig, VisionTrimQwen2VLConfig
 from .modeling_visiontrim_utils import GUIDANCE_INPUTS, VisionTrimGenerationMixin, forward_inputs, with_guidance_inputs
 
@@ -181,18 +174,16 @@ class QwenModelMixin:
         guidance_attention_mask: torch.Tensor | None,
     ) -> QwenEncoderOutput:
         """DVTS + TGVC of a recorded tower run (`run_qwen_tower`), the guidance embedded with the LLM's embeddings."""
-        text_embeds = text_mask = None
-        if self.config.dominant_ratio < 1:
-            input_ids, text_mask = checked_guidance(
-                guidance_input_ids,
-                guidance_attention_mask,
-                run.grid_thw.shape[0],
-                self.config.empty_guidance,
-                "guidance" if modality == "image" else "video_guidance",
-                self.get_input_embeddings().weight.device,
-            )
-            text_embeds = F.normalize(self.get_input_embeddings()(input_ids).float(), dim=-1)
-        compressed: CompressedUnits = compress_units(run, self.config, text_embeds, text_mask)
+        embeddings = self.get_input_embeddings()
+        compressed = compress_units_with_question(
+            run,
+            self.config,
+            embeddings,
+            guidance_input_ids,
+            guidance_attention_mask,
+            modality,
+            embeddings.weight.device,
+        )
         return QwenEncoderOutput(
             last_hidden_state=run.outputs.last_hidden_state,
             pooler_output=torch.split(compressed.features, compressed.tokens_per_media),

@@ -23,7 +23,6 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from vllm.config import VllmConfig
@@ -46,7 +45,7 @@ from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from ..compression_visiontrim import QwenTowerRun, checked_guidance, compress_units, record_outputs
+from ..compression_visiontrim import QwenTowerRun, compress_units_with_question, record_outputs
 from ..configuration_visiontrim_qwen2_vl import qwen_visual_tokens
 from .vllm_common import (
     ProfilingQuestionMixin,
@@ -133,7 +132,10 @@ class VisionTrimQwenProcessingInfoMixin(VisionTrimProcessorMixin):
         return processor
 
     def kept_tokens(self, units: int, slices: int) -> int:
-        """Placeholders of an item of `slices` temporal slices of `units` merged tokens each."""
+        """
+        Placeholders of an item of `slices` temporal slices of `units` merged tokens each (for vLLM's budgets; a
+        prompt's placeholders are the processor's own `kept_tokens`).
+        """
         return slices * qwen_visual_tokens(units, self.get_hf_config().reduction_ratio)
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int, image_processor, mm_kwargs) -> int:
@@ -196,8 +198,8 @@ class VisionTrimQwenProcessorMixin(QuestionGuidanceMixin):
         placeholder = {"image": vocab[processor.image_token], "video": vocab[processor.video_token]}
 
         def replacement(item_index: int, modality: str) -> list[int]:
-            slices, rows, cols = out_mm_kwargs[modality][item_index][f"{modality}_grid_thw"].data.tolist()
-            return [placeholder[modality]] * self.info.kept_tokens(rows * cols // merge_size**2, slices)
+            grid_thw = out_mm_kwargs[modality][item_index][f"{modality}_grid_thw"].data
+            return [placeholder[modality]] * processor.kept_tokens(grid_thw, merge_size)
 
         return [
             PromptReplacement(
@@ -325,22 +327,17 @@ class VisionTrimQwenVllmMixin:
         """
         grid_thw = media[f"{modality}_grid_thw"]
         run = self.tower_run(media[PIXEL_INPUTS[modality]], grid_thw)
-        text_embeds = text_mask = None
-        if self.config.dominant_ratio < 1:
-            if guidance_input_ids is not None:
-                guidance_input_ids, guidance_attention_mask = padded_guidance(
-                    guidance_input_ids, guidance_attention_mask
-                )
-            input_ids, text_mask = checked_guidance(
-                guidance_input_ids,
-                guidance_attention_mask,
-                grid_thw.shape[0],
-                self.config.empty_guidance,
-                "guidance" if modality == "image" else "video_guidance",
-                run.query.device,
-            )
-            text_embeds = F.normalize(self.language_model.embed_input_ids(input_ids).float(), dim=-1)
-        compressed = compress_units(run, self.config, text_embeds, text_mask)
+        if guidance_input_ids is not None:
+            guidance_input_ids, guidance_attention_mask = padded_guidance(guidance_input_ids, guidance_attention_mask)
+        compressed = compress_units_with_question(
+            run,
+            self.config,
+            self.language_model.embed_input_ids,
+            guidance_input_ids,
+            guidance_attention_mask,
+            modality,
+            run.query.device,
+        )
         intervals = self.time_intervals(modality, media, grid_thw.shape[0])
         items = zip(
             compressed.features.split(compressed.tokens_per_media),
