@@ -206,12 +206,12 @@ def processor_inputs(processor, entry: dict, media: dict, **options) -> dict:
     return processor(images=images, videos=videos, text=entry["prompt"], return_tensors="pt", **options)
 
 
-def transformers_reference(folder: Path, entry: dict, media: dict, **options) -> dict:
+def transformers_reference(remote: tuple, entry: dict, media: dict, **options) -> dict:
     """
     Transformers' prompt ids, M-RoPE positions `(3, tokens)`, greedy tokens and first-step log-probs of a prompt
     (`options` for the processor, e.g. `guidance_text`).
     """
-    model, processor = load_remote(folder)
+    model, processor = remote
     inputs = processor_inputs(processor, entry, media, **options)
     encoded = {}
     for modality, (pixels, grid, guidance) in MEDIA_INPUTS.items():
@@ -242,9 +242,15 @@ def transformers_reference(folder: Path, entry: dict, media: dict, **options) ->
 
 
 @pytest.fixture(scope="module")
-def references(folders, media) -> dict[str, list[dict]]:
+def remotes(folders) -> dict[str, tuple]:
+    """The compressing folders loaded once each with Transformers (model, processor), as a user loads them."""
+    return {arch: load_remote(folders[arch]) for arch in ("qwen2.5", "qwen2")}
+
+
+@pytest.fixture(scope="module")
+def references(remotes, media) -> dict[str, list[dict]]:
     return {
-        arch: [transformers_reference(folders[arch], entry, media) for entry in BATCH] for arch in ("qwen2.5", "qwen2")
+        arch: [transformers_reference(remotes[arch], entry, media) for entry in BATCH] for arch in ("qwen2.5", "qwen2")
     }
 
 
@@ -291,12 +297,12 @@ def test_a_prefix_cache_hit_answers_as_the_first_time(engines):
         assert abs(logprob - chunked[0]["logprobs"][0][token]) < 1e-5
 
 
-def test_encoder_cache_is_keyed_by_item_and_question_and_the_override_guides(engines, folders, media):
+def test_encoder_cache_is_keyed_by_item_and_question_and_the_override_guides(engines, remotes, media):
     rounds = loaded(engines["qwen2.5"])["rounds"]
     # The batch encodes 7 items (the cat twice: two questions; the clip twice); the cat with its question again
     # encodes nothing; another question encodes it again; that question as mm_processor_kwargs is the same entry.
     assert [round_["encoded_images"] for round_ in rounds] == [7, 7, 8, 8]
-    overridden = transformers_reference(folders["qwen2.5"], BATCH[0], media, guidance_text=OTHER_QUESTION)
+    overridden = transformers_reference(remotes["qwen2.5"], BATCH[0], media, guidance_text=OTHER_QUESTION)
     assert rounds[3]["tokens"][0] == overridden["tokens"]
     assert rounds[3]["positions"][0] == overridden["positions"]
     # The other question keeps other TGVC seeds of the cat than its own question does.
