@@ -103,7 +103,7 @@ ARCHITECTURES = (
         "LlavaNextVideo",
         "VisionTrimLlavaNextVideoProcessor",
         True,
-        False,
+        True,
         anyres=True,
     ),
     Architecture(

@@ -1,8 +1,8 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-VisionTrim LLaVA-1.5 and LLaVA-NeXT in vLLM: vLLM's own LLaVA models (their CLIP tower, projector and LLM, with their
-fast kernels and tensor-parallel layers) with DVTS + TGVC run on each crop by the functions of
-`compression_visiontrim`, the ones the Transformers classes call.
+VisionTrim LLaVA-1.5, LLaVA-NeXT and LLaVA-NeXT-Video in vLLM: vLLM's own LLaVA models (their CLIP tower, projector
+and LLM, with their fast kernels and tensor-parallel layers) with DVTS + TGVC run on each crop (or video frame) by the
+functions of `compression_visiontrim`, the ones the Transformers classes call.
 
 The question reaches TGVC from an ordinary request: the multimodal processor reads the question out of the prompt (its
 last user turn, as `VisionTrimProcessor` does) and hands it to the folder's VisionTrim processor, which tokenises it
@@ -31,6 +31,12 @@ from vllm.model_executor.models.llava_next import (
     LlavaNextMultiModalProcessor,
     LlavaNextProcessingInfo,
 )
+from vllm.model_executor.models.llava_next_video import (
+    LlavaNextVideoDummyInputsBuilder,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaNextVideoMultiModalProcessor,
+    LlavaNextVideoProcessingInfo,
+)
 from vllm.model_executor.models.utils import AutoWeightsLoader
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
@@ -53,7 +59,11 @@ from .vllm_common import (
 from .weight_names import vllm_weight_name
 
 
-GUIDANCE_FIELDS = ("guidance_input_ids", "guidance_attention_mask")
+# The guidance fields of each modality's items, as the VisionTrim processors name them.
+GUIDANCE_FIELDS = {
+    "image": ("guidance_input_ids", "guidance_attention_mask"),
+    "video": ("video_guidance_input_ids", "video_guidance_attention_mask"),
+}
 # The modules VisionTrim adds to vLLM's LLaVA (the CLIP text tower and head).
 VISIONTRIM_MODULES = ("guidance_encoder.", "visual_projection.", "logit_scale")
 
@@ -75,8 +85,29 @@ class VisionTrimLlavaNextProcessingInfo(VisionTrimProcessingInfoMixin, LlavaNext
     pass
 
 
+class VisionTrimLlavaNextVideoProcessingInfo(VisionTrimProcessorMixin, LlavaNextVideoProcessingInfo):
+    def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int) -> int:
+        """
+        The placeholders the VisionTrim processor emits for a video: `visual_tokens` per frame (a frame is resized to
+        the tower's input size, so its own size does not matter); stock pooled frames without compression.
+        """
+        processor = self.get_hf_processor()
+        if processor.reduction_ratio == 0:
+            return super().get_num_video_tokens(
+                image_width=image_width, image_height=image_height, num_frames=num_frames
+            )
+        return num_frames * processor.visual_tokens
+
+
+LLAVA_USER_TURN = "USER: {media}\n{question} ASSISTANT:"
+
+
 class VisionTrimDummyInputsBuilder(ProfilingQuestionMixin, LlavaDummyInputsBuilder):
-    user_turn = "USER: {media}\n{question} ASSISTANT:"
+    user_turn = LLAVA_USER_TURN
+
+
+class VisionTrimLlavaNextVideoDummyInputsBuilder(ProfilingQuestionMixin, LlavaNextVideoDummyInputsBuilder):
+    user_turn = LLAVA_USER_TURN
 
 
 class VisionTrimMultiModalProcessor(QuestionGuidanceMixin, LlavaMultiModalProcessor):
@@ -87,13 +118,22 @@ class VisionTrimLlavaNextMultiModalProcessor(QuestionGuidanceMixin, LlavaNextMul
     pass
 
 
+class VisionTrimLlavaNextVideoMultiModalProcessor(QuestionGuidanceMixin, LlavaNextVideoMultiModalProcessor):
+    guidance_fields = {name: "video" for name in GUIDANCE_FIELDS["video"]}
+
+
 class VisionTrimVllmMixin:
     """
     What VisionTrim adds to a vLLM LLaVA model: the CLIP text tower, CLIP's `visual_projection` and `logit_scale`
     (loaded from the folder's `model.guidance_encoder.*`, `model.visual_projection.*`, `model.logit_scale`), and an
-    `embed_multimodal` that compresses every crop of every image (`compress`) before the LLM sees it. A model class
-    says how an image becomes crops (`image_crops`) and its compressed crops become LLM tokens (`image_tokens`).
+    `embed_multimodal` that compresses every crop of every image (video: every frame) with `compress` before the LLM
+    sees it. A model class says which `modality` it compresses, how its input becomes crops (`media_crops`) and its
+    compressed crops become LLM tokens (`media_tokens`).
     """
+
+    modality = "image"
+    # Checkpoint weights the vLLM model has no place for (those of a modality vLLM's class does not take).
+    unserved_weights: tuple[str, ...] = ()
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         config = vllm_config.model_config.hf_config
@@ -106,7 +146,7 @@ class VisionTrimVllmMixin:
             )
         check_head_size(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        with self._mark_tower_model(vllm_config, "image"):
+        with self._mark_tower_model(vllm_config, self.modality):
             self.guidance_encoder = CLIPTextModelWithProjection(config.guidance_config)
             self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
             self.logit_scale = nn.Parameter(torch.zeros(()))
@@ -118,31 +158,39 @@ class VisionTrimVllmMixin:
             type(config).__name__,
         )
 
-    def image_crops(self, image_input: Mapping[str, object]) -> tuple[torch.Tensor, list[int]]:
-        """The `(crops, 3, height, width)` pixels of the images and how many consecutive crops each has."""
+    def media_input(self, **kwargs: object) -> Mapping[str, object] | None:
+        """vLLM's parsed input of the model's modality (None without one)."""
+        return self._parse_and_validate_image_input(**kwargs)
+
+    def stock_embeddings(self, media_input: Mapping[str, object]) -> MultiModalEmbeddings:
+        """The stock class's embeddings of the input (compression off, or precomputed embeddings)."""
+        return self._process_image_input(media_input)
+
+    def media_crops(self, media_input: Mapping[str, object]) -> tuple[torch.Tensor, list[int]]:
+        """The `(crops, 3, height, width)` pixels of the items and how many consecutive crops (frames) each has."""
         raise NotImplementedError
 
-    def image_tokens(self, crop_features: torch.Tensor, crops_per_image: list[int]) -> MultiModalEmbeddings:
-        """The LLM tokens of each image from its `(crops, visual_tokens, text_hidden)` projected compressed crops."""
+    def media_tokens(self, crop_features: torch.Tensor, crops_per_item: list[int]) -> MultiModalEmbeddings:
+        """The LLM tokens of each item from its `(crops, visual_tokens, text_hidden)` projected compressed crops."""
         raise NotImplementedError
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        guidance = [kwargs.pop(name, None) for name in GUIDANCE_FIELDS]
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
+        guidance = [kwargs.pop(name, None) for name in GUIDANCE_FIELDS[self.modality]]
+        media_input = self.media_input(**kwargs)
+        if media_input is None:
             return []
-        if not self.config.compression_enabled or image_input["type"] != "pixel_values":
-            return self._process_image_input(image_input)
-        crops, crops_per_image = self.image_crops(image_input)
-        compressed = self.compress(crops, *guidance, crops_per_image)
-        return self.image_tokens(self.multi_modal_projector(compressed.features), crops_per_image)
+        if not self.config.compression_enabled or not media_input["type"].startswith("pixel_values"):
+            return self.stock_embeddings(media_input)
+        crops, crops_per_item = self.media_crops(media_input)
+        compressed = self.compress(crops, *guidance, crops_per_item)
+        return self.media_tokens(self.multi_modal_projector(compressed.features), crops_per_item)
 
     def compress(
         self,
         crops: torch.Tensor,
         guidance_input_ids: torch.Tensor | list[torch.Tensor] | None,
         guidance_attention_mask: torch.Tensor | list[torch.Tensor] | None,
-        crops_per_image: list[int],
+        crops_per_item: list[int],
     ) -> CompressedCrops:
         """
         DVTS + TGVC on `(crops, 3, height, width)` pixels: vLLM's vision tower runs with the scored layer's queries
@@ -167,7 +215,8 @@ class VisionTrimVllmMixin:
             self.guidance_encoder,
             guidance_input_ids,
             guidance_attention_mask,
-            crops_per_image,
+            crops_per_item,
+            GUIDANCE_FIELDS[self.modality][0].removesuffix("_input_ids"),
             guidance_cache=self.guidance_cache if self.config.guidance_cache_size > 0 else None,
         )
 
@@ -185,7 +234,7 @@ class VisionTrimVllmMixin:
                 name = vllm_weight_name(name)
                 yield name, weight.to(own_dtypes[name]) if name in own_dtypes else weight
 
-        return AutoWeightsLoader(self).load_weights(renamed())
+        return AutoWeightsLoader(self, ignore_unexpected_prefixes=list(self.unserved_weights)).load_weights(renamed())
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -194,11 +243,11 @@ class VisionTrimVllmMixin:
 class VisionTrimLlavaForConditionalGeneration(VisionTrimVllmMixin, LlavaForConditionalGeneration):
     """vLLM's LLaVA-1.5 keeping `config.visual_tokens` DVTS + TGVC tokens per image."""
 
-    def image_crops(self, image_input: Mapping[str, object]) -> tuple[torch.Tensor, list[int]]:
-        pixel_values = image_input["pixel_values"]
+    def media_crops(self, media_input: Mapping[str, object]) -> tuple[torch.Tensor, list[int]]:
+        pixel_values = media_input["pixel_values"]
         return pixel_values, [1] * pixel_values.shape[0]
 
-    def image_tokens(self, crop_features: torch.Tensor, crops_per_image: list[int]) -> torch.Tensor:
+    def media_tokens(self, crop_features: torch.Tensor, crops_per_item: list[int]) -> torch.Tensor:
         return crop_features
 
 
@@ -213,15 +262,44 @@ class VisionTrimLlavaNextForConditionalGeneration(VisionTrimVllmMixin, LlavaNext
     each crop followed by `image_newline` when `config.crop_newline` is set, as the Transformers class lays them out.
     """
 
-    def image_crops(self, image_input: Mapping[str, object]) -> tuple[torch.Tensor, list[int]]:
+    def media_crops(self, media_input: Mapping[str, object]) -> tuple[torch.Tensor, list[int]]:
         crops_per_image = [
             image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
-            for size in image_input["image_sizes"].tolist()
+            for size in media_input["image_sizes"].tolist()
         ]
-        pixels = [image[:count] for image, count in zip(image_input["pixel_values"], crops_per_image, strict=True)]
+        pixels = [image[:count] for image, count in zip(media_input["pixel_values"], crops_per_image, strict=True)]
         return torch.cat(pixels), crops_per_image
 
-    def image_tokens(self, crop_features: torch.Tensor, crops_per_image: list[int]) -> list[torch.Tensor]:
+    def media_tokens(self, crop_features: torch.Tensor, crops_per_item: list[int]) -> list[torch.Tensor]:
         return anyres_image_tokens(
-            crop_features, crops_per_image, self.image_newline if self.config.crop_newline else None
+            crop_features, crops_per_item, self.image_newline if self.config.crop_newline else None
         )
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VisionTrimLlavaNextVideoMultiModalProcessor,
+    info=VisionTrimLlavaNextVideoProcessingInfo,
+    dummy_inputs=VisionTrimLlavaNextVideoDummyInputsBuilder,
+)
+class VisionTrimLlavaNextVideoForConditionalGeneration(VisionTrimVllmMixin, LlavaNextVideoForConditionalGeneration):
+    """
+    vLLM's LLaVA-NeXT-Video (videos only, as vLLM serves it) keeping `config.visual_tokens` DVTS + TGVC tokens per
+    frame, each frame compressed on its full patch grid with the spatial pooling skipped, all frames of a video guided
+    by its question: the Transformers class's video path.
+    """
+
+    modality = "video"
+    unserved_weights = ("image_newline",)
+
+    def media_input(self, **kwargs: object) -> Mapping[str, object] | None:
+        return self._parse_and_validate_video_input(**kwargs)
+
+    def stock_embeddings(self, media_input: Mapping[str, object]) -> MultiModalEmbeddings:
+        return self._process_video_pixels(media_input)
+
+    def media_crops(self, media_input: Mapping[str, object]) -> tuple[torch.Tensor, list[int]]:
+        videos = list(media_input["pixel_values_videos"])  # `(videos, frames, ...)` or one `(frames, ...)` per video
+        return torch.cat(videos), [video.shape[0] for video in videos]
+
+    def media_tokens(self, crop_features: torch.Tensor, crops_per_item: list[int]) -> list[torch.Tensor]:
+        return [frames.flatten(0, 1) for frames in crop_features.split(crops_per_item)]

@@ -349,7 +349,11 @@ def test_llava_hf_video_checkpoint_converts_to_a_loadable_repository_equal_to_st
     card = (output / "README.md").read_text()
     name = {"video-llava": "Video-LLaVA", "llava-next-video": "LLaVA-NeXT-Video"}[arch]
     assert f"# VisionTrim {name}:" in card and 'prompt = "USER: <video>' in card
-    assert "## Serving with vLLM\n\nNot supported: the visiontrim vLLM plugin serves" in card
+    serving = card.split("## Serving with vLLM\n\n")[1]
+    if arch == "video-llava":
+        assert serving.startswith("Not supported: the visiontrim vLLM plugin serves")
+    else:  # vLLM's LLaVA-NeXT-Video takes videos only
+        assert "this folder serves videos with their compression" in serving and "takes videos only" in serving
 
 
 def test_image_clip_is_refused_outside_video_llava(tmp_path, clip_folder):

@@ -1,9 +1,9 @@
 """
 The vLLM plugin (`visiontrim.serving`), run as users run it: `LLM(model=folder, trust_remote_code=True)` and
 `vllm serve folder --trust-remote-code`, in vLLM's own environment (tests/vllm/make_env.sh; `.ci/run` builds it at
-`.venv-vllm`). Each engine runs in a subprocess (tests/vllm/jobs.py); the Transformers references run here. LLaVA-1.5
-and LLaVA-NeXT folders are served; the LLM stage and the LLaVA video architectures are refused at load. Qwen folders:
-tests/test_vllm_qwen.py.
+`.venv-vllm`). Each engine runs in a subprocess (tests/vllm/jobs.py); the Transformers references run here. LLaVA-1.5,
+LLaVA-NeXT and LLaVA-NeXT-Video (videos) folders are served; the LLM stage and Video-LLaVA (no vLLM model) are
+refused at load. Qwen folders: tests/test_vllm_qwen.py.
 
 Without that environment these tests are skipped, unless VISIONTRIM_REQUIRE_VLLM=1 (CI), which makes them fail.
 """
@@ -14,6 +14,7 @@ import os
 import urllib.request
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from PIL import Image
@@ -52,6 +53,23 @@ PIL_BACKEND = {"backend": "pil"}
 
 def prompt(question: str, num_images: int = 1) -> str:
     return "USER: " + "<image>\n" * num_images + f"{question} ASSISTANT:"
+
+
+# LLaVA-NeXT-Video: two clips panning across the photos (4 and 6 frames, so vLLM passes them as a list), each asked
+# its own question, in one batch.
+CLIP_FRAMES = {"cat": 4, "cup": 6}
+VIDEO_BATCH = [
+    {"prompt": "USER: <video>\nWhat does the animal do? ASSISTANT:", "videos": ["cat"]},
+    {"prompt": "USER: <video>\nWhat is on the table? ASSISTANT:", "videos": ["cup"]},
+]
+
+
+def pan(photo: str, frames: int) -> numpy.ndarray:
+    """`(frames, height, width, 3)` uint8 frames: a window of half the photo's width moving across it."""
+    image = numpy.asarray(Image.open(photo).convert("RGB"))
+    width = image.shape[1] // 2
+    starts = numpy.linspace(0, image.shape[1] - width, frames).astype(int)
+    return numpy.stack([image[:, start : start + width] for start in starts])
 
 
 # Prompts with different images, questions and image counts, as one batch.
@@ -109,8 +127,8 @@ def engines(vllm_python, folder, photos, tmp_path_factory) -> dict[str, dict]:
       processor outputs made here, and a chat request;
     - "uncompressed" (reduction_ratio=0) and "stock" (vLLM's own LLaVA, same weights): the mixed batch;
     - "next" (a VisionTrim LLaVA-NeXT folder): the mixed batch;
-    - "staged" (the LLM stage on), "video" (Video-LLaVA), "next-video" (LLaVA-NeXT-Video) and "narrow" (LLM heads of
-      16): folders the plugin refuses;
+    - "next-video" (a VisionTrim LLaVA-NeXT-Video folder): two videos asked different questions, with log-probs;
+    - "staged" (the LLM stage on), "video" (Video-LLaVA) and "narrow" (LLM heads of 16): folders the plugin refuses;
     - "parallel", last: `folder` on two tensor-parallel ranks (the CLIP tower's heads split between them), the batch.
     """
     work = tmp_path_factory.mktemp("vllm-engines")
@@ -122,6 +140,12 @@ def engines(vllm_python, folder, photos, tmp_path_factory) -> dict[str, dict]:
     features_input = {name: inputs[name] for name in ("pixel_values", "guidance_input_ids", "guidance_attention_mask")}
     torch.save(features_input, work / "features_input.pt")
     batch_job = {"images": photos, "rounds": [BATCH]}
+    clips = {}
+    for name, frames in CLIP_FRAMES.items():
+        numpy.save(work / f"{name}.npy", pan(photos[name], frames))
+        clips[name] = {"path": str(work / f"{name}.npy"), "fps": 1.0}
+    next_video_folder = save_folder(work / "next-video", arch="llava-next-video")
+    _, next_video_processor = load_remote(next_video_folder)
     jobs = {
         "offline": {
             "model": str(folder),
@@ -150,7 +174,14 @@ def engines(vllm_python, folder, photos, tmp_path_factory) -> dict[str, dict]:
         "next": {"model": str(save_folder(work / "next", arch="llava-next")), **batch_job},
         "staged": {"model": str(save_folder(work / "staged", llm_stage_layer=1, llm_stage_tokens=32))},
         "video": {"model": str(save_folder(work / "video", arch="video-llava"))},
-        "next-video": {"model": str(save_folder(work / "next-video", arch="llava-next-video"))},
+        "next-video": {
+            "model": str(next_video_folder),
+            "videos": clips,
+            "rounds": [VIDEO_BATCH],
+            "limit_mm_per_prompt": {"video": 1},
+            "logprobs": LOGPROBS,
+            "placeholder_ids": [next_video_processor.tokenizer.convert_tokens_to_ids("<video>")],
+        },
         "narrow": {"model": str(save_folder(work / "narrow", shapes=Shapes()))},  # LLM head size 16
         "parallel": {"model": str(folder), "tensor_parallel_size": 2, **batch_job},
     }
@@ -158,7 +189,7 @@ def engines(vllm_python, folder, photos, tmp_path_factory) -> dict[str, dict]:
     results = run_jobs(vllm_python, work, {name: {**defaults, **job} for name, job in jobs.items()})
     results["offline"]["features_input"] = features_input
     results["offline"]["features"] = torch.load(work / "features_output.pt")
-    for name in ("offline", "uncompressed", "stock", "next"):
+    for name in ("offline", "uncompressed", "stock", "next", "next-video"):
         results[name]["folder"] = Path(jobs[name]["model"])
     return results
 
@@ -288,11 +319,26 @@ def test_llava_next_placeholders_and_greedy_tokens_equal_transformers(engines, p
     assert result["rounds"][0]["tokens"] == transformers_greedy(result["folder"], BATCH, photos)
 
 
+def test_llava_next_video_tokens_and_log_probs_equal_transformers(engines, photos):
+    # Each frame keeps 64 tokens on its full patch grid (no pooling), guided by its video's question.
+    result = loaded(engines["next-video"])
+    model, processor = load_remote(result["folder"])
+    assert result["rounds"][0]["placeholders"] == [frames * 64 for frames in CLIP_FRAMES.values()]
+    for index, entry in enumerate(VIDEO_BATCH):
+        name = entry["videos"][0]
+        inputs = processor(videos=[pan(photos[name], CLIP_FRAMES[name])], text=entry["prompt"], return_tensors="pt")
+        assert result["rounds"][0]["prompt_ids"][index] == inputs["input_ids"][0].tolist()
+        output = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+        assert result["rounds"][0]["tokens"][index] == output[0, inputs["input_ids"].shape[1] :].tolist()
+        reference = torch.log_softmax(model(**inputs).logits[0, -1].double(), dim=-1)
+        for token, logprob in result["rounds"][0]["logprobs"][index].items():
+            assert abs(logprob - reference[int(token)].item()) < 1e-3
+
+
 def test_every_unserved_visiontrim_architecture_is_refused_naming_what_is_served(engines):
-    for name, architecture in (("video", "VisionTrimVideoLlava"), ("next-video", "VisionTrimLlavaNextVideo")):
-        error = engines[name]["load_error"]
-        assert f"{architecture}ForConditionalGeneration is not served by the VisionTrim vLLM plugin" in error
-        assert "serves VisionTrim LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen2-VL folders" in error
+    error = engines["video"]["load_error"]
+    assert "VisionTrimVideoLlavaForConditionalGeneration is not served by the VisionTrim vLLM plugin" in error
+    assert "serves VisionTrim LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video, Qwen2.5-VL, Qwen2-VL folders" in error
 
 
 def test_a_head_size_vllm_cpu_attention_lacks_is_refused_at_load(engines):

@@ -533,11 +533,29 @@ image and a question guides TGVC by that question:
 vllm serve $repo_id --revision $revision --trust-remote-code
 ```
 """
+SERVING_VIDEO = """## Serving with vLLM
+
+With the `visiontrim` package installed beside vLLM (its vLLM plugin; `pip install --no-deps visiontrim`, since vLLM
+pins an older Transformers), this folder serves videos with their compression, and an ordinary OpenAI chat request
+with a video and a question guides TGVC by that question. vLLM's LLaVA-NeXT-Video model takes videos only (one per
+prompt); run images with Transformers as above.
+
+```bash
+vllm serve $repo_id --revision $revision --trust-remote-code
+```
+"""
 SERVING_UNSUPPORTED = """## Serving with vLLM
 
 Not supported: the visiontrim vLLM plugin serves the $served models, and refuses this architecture when it loads. Run
 it with Transformers as above.
 """
+
+
+def serving_section(architecture: Architecture) -> str:
+    """The card's vLLM section for the architecture: images, videos (LLaVA-NeXT-Video), or not served."""
+    if not architecture.vllm_served:
+        return SERVING_UNSUPPORTED
+    return SERVING_VIDEO if architecture.videos else SERVING_IMAGE
 
 
 def render_card(
@@ -584,7 +602,7 @@ def render_card(
         clip_provenance=clip_provenance,
         vision_provenance=provenance,
         video_usage=VIDEO_USAGE if architecture.videos else "",
-        serving=string.Template(SERVING_IMAGE if architecture.vllm_served else SERVING_UNSUPPORTED).substitute(
+        serving=string.Template(serving_section(architecture)).substitute(
             repo_id=repo_id or "path/to/this/folder",
             revision=revision,
             served=" and ".join(served.display_name for served in ARCHITECTURES if served.vllm_served),
