@@ -40,6 +40,14 @@ def error_of(capsys, run) -> str:
             "argument --concurrency: takes one value for --arch llava, got 2",
         ),
         (
+            ["bench-vllm", "--vllm-python", __file__, "--media", "image-448x448"],
+            "argument --media: is for --arch qwen2.5-vl",
+        ),
+        (
+            ["bench-vllm", "--vllm-python", __file__, "--arch", "qwen2.5-vl", "--media", "image-336x336"],
+            "argument --media: invalid choice: 'image-336x336'",
+        ),
+        (
             ["eval", "run", "--task", "pope", "--questions", "q.jsonl", "--answers", "a.jsonl", "--model", "."],
             "visiontrim eval run: error: argument --questions: no such file: q.jsonl",
         ),

@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> dict:
             f"argument --concurrency: takes one value for --arch llava, got {len(args.concurrency)}; several "
             "values are for --arch qwen2.5-vl (one measurement each)."
         )
+    if args.media is not None:
+        raise UsageError("argument --media: is for --arch qwen2.5-vl; --arch llava measures one 336 x 336 image.")
     shapes = (
         Shapes(llm_heads=2, llm_kv_heads=2)
         if args.toy
@@ -184,6 +186,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[4],
         help="concurrent clients of vllm serve (qwen2.5-vl: one measurement per value)",
+    )
+    parser.add_argument(
+        "--media",
+        nargs="+",
+        choices=list(vllm_bench_qwen.MEDIA),
+        default=None,
+        help="qwen2.5-vl: the media measured (default: all three); EVS runs only on a video",
     )
     parser.add_argument("--max-tokens", type=positive_int, default=16, help="output tokens per request")
     parser.add_argument("--kv-cache-gib", type=positive_int, default=1, help="VLLM_CPU_KVCACHE_SPACE for both")

@@ -35,11 +35,10 @@ logger = logging.getLogger(__name__)
 PHOTOS = ("chelsea.jpg", "coffee.jpg")
 # Each medium: kind, (width, height), frames.
 MEDIA = {
-    "image 448x448": {"kind": "image", "size": (448, 448), "frames": 1},
-    "image 1008x756": {"kind": "image", "size": (1008, 756), "frames": 1},
-    "video 16x448x448": {"kind": "video", "size": (448, 448), "frames": 16},
+    "image-448x448": {"kind": "image", "size": (448, 448), "frames": 1},
+    "image-1008x756": {"kind": "image", "size": (1008, 756), "frames": 1},
+    "video-16x448x448": {"kind": "video", "size": (448, 448), "frames": 16},
 }
-VIDEO_MEDIA = [name for name, medium in MEDIA.items() if medium["kind"] == "video"]
 KEPT_SHARES = (0.25, 0.5)
 # The processor's largest image: the 1008 x 756 one (vLLM profiles the tower at it).
 MAX_PIXELS = 1008 * 756
@@ -61,14 +60,15 @@ def save_folders(root: Path, shapes: QwenShapes) -> dict[str, str]:
     return {name: str(folder) for name, folder in folders.items()}
 
 
-def bench_runs(folders: dict) -> list[dict]:
-    """Stock and VisionTrim on every medium; vLLM's EVS (the stock folder, `video_pruning_rate`) on the video."""
-    runs = [{"name": "stock", "folder": folders["stock"], "media": list(MEDIA)}]
+def bench_runs(folders: dict, media: list[str]) -> list[dict]:
+    """Stock and VisionTrim on each of `media`; vLLM's EVS (the stock folder, `video_pruning_rate`) on its videos."""
+    runs = [{"name": "stock", "folder": folders["stock"], "media": media}]
     for kept in KEPT_SHARES:
-        runs.append({"name": f"VisionTrim {kept:.0%}", "folder": folders[kept], "media": list(MEDIA)})
-    for kept in KEPT_SHARES:
+        runs.append({"name": f"VisionTrim {kept:.0%}", "folder": folders[kept], "media": media})
+    video_media = [name for name in media if MEDIA[name]["kind"] == "video"]
+    for kept in KEPT_SHARES if video_media else ():
         evs = {"video_pruning_rate": 1 - kept}
-        runs.append({"name": f"EVS {kept:.0%}", "folder": folders["stock"], "engine": evs, "media": VIDEO_MEDIA})
+        runs.append({"name": f"EVS {kept:.0%}", "folder": folders["stock"], "engine": evs, "media": video_media})
     return runs
 
 
@@ -105,12 +105,13 @@ def run(args: argparse.Namespace) -> dict:
             **{**vars(QWEN2_5_VL_7B_VISION_SHAPES), "llm_layers": args.llm_layers, "llm_hidden": args.llm_hidden}
         )
     )
+    media = args.media or list(MEDIA)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="visiontrim-bench-vllm-qwen-") as scratch:
         job = {
-            "runs": bench_runs(save_folders(Path(scratch), shapes)),
-            "media": MEDIA,
+            "runs": bench_runs(save_folders(Path(scratch), shapes), media),
+            "media": {name: MEDIA[name] for name in media},
             "photos": [str(sample_photo(name)) for name in PHOTOS],
             "question": args.question,
             "requests": args.requests,
@@ -120,7 +121,8 @@ def run(args: argparse.Namespace) -> dict:
             "server_start_timeout_s": 1800,
         }
         logger.warning(
-            "Five runs (stock, VisionTrim at two shares, EVS at two rates), each an offline engine then `vllm serve`, "
+            "Up to five runs (stock, VisionTrim at two shares, EVS at two rates on a video), each an offline engine "
+            "then `vllm serve`, "
             "in vLLM's environment: with Qwen2.5-VL-7B's vision tower a 448 x 448 image takes ~11 s of tower on a "
             "2-core CPU (a 1008 x 756 one ~50 s, the video ~90 s), so the default run takes hours there; use a GPU."
         )
@@ -134,7 +136,7 @@ def run(args: argparse.Namespace) -> dict:
     report = {"model": description, "question": args.question, "max_tokens": args.max_tokens, "results": results}
     (output / "bench-vllm-qwen.json").write_text(json.dumps(report, indent=2))
     print(description)
-    for medium in MEDIA:
+    for medium in media:
         print(f"\n{medium}\n{table(results, medium, args.max_tokens, args.concurrency)}")
     print(f"written: {output / 'bench-vllm-qwen.json'}")
     return report

@@ -90,7 +90,9 @@ def offline(run: dict, job: dict, items: dict[str, list]) -> dict:
     num_blocks, block_size = scheduler.kv_cache_config.num_blocks, scheduler.cache_config.block_size
     results = {}
     for name in run["media"]:
-        prompts = [offline_prompt(item, job["media"][name], job["question"]) for item in items[name]]
+        prompts = [
+            offline_prompt(item, job["media"][name], job["question"]) for item in items[name][: job["requests"] + 1]
+        ]
         llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
         started = time.perf_counter()
         outputs = llm.generate(prompts[1:], params, use_tqdm=False)
@@ -152,10 +154,12 @@ def served(run: dict, job: dict, items: dict[str, list], log_path: Path) -> dict
         for name in run["media"]:
             parts = [content_part(item, job["media"][name]) for item in items[name]]
             stream_chat(port, run["folder"], job["question"], parts[0], job["max_tokens"])  # warm-up
-            for concurrency in job["concurrency"]:
+            for level, concurrency in enumerate(job["concurrency"]):
+                # Each level its own items: an item seen before would come from vLLM's encoder cache.
+                measured = parts[1 + level * job["requests"] : 1 + (level + 1) * job["requests"]]
                 timings = concurrent_clients(
                     lambda part: stream_chat(port, run["folder"], job["question"], part, job["max_tokens"]),
-                    parts[1:],
+                    measured,
                     concurrency,
                 )
                 results.setdefault(name, {})[f"concurrency {concurrency}"] = timings
@@ -164,7 +168,8 @@ def served(run: dict, job: dict, items: dict[str, list], log_path: Path) -> dict
 
 def main(job_path: str, result_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
-    items = {name: media_items(job["photos"], medium, job["requests"] + 1) for name, medium in job["media"].items()}
+    count = 1 + job["requests"] * len(job["concurrency"])  # a warm-up item, then each concurrency level's own
+    items = {name: media_items(job["photos"], medium, count) for name, medium in job["media"].items()}
     results: dict[str, dict] = {}
     for run in job["runs"]:
         measured = offline(run, job, items)
