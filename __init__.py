@@ -1,7 +1,7 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-VisionTrim: training-free vision token compression (DVTS + TGVC) for LLaVA and Qwen2-VL / Qwen2.5-VL models in
-Hugging Face Transformers.
+VisionTrim: training-free vision token compression (DVTS + TGVC) for LLaVA, Qwen2-VL / Qwen2.5-VL and Qwen3-VL models
+in Hugging Face Transformers.
 
 The public classes are imported on first use, as Transformers does with its own: `import visiontrim` alone imports no
 model code, so the vLLM plugin (`visiontrim.serving`) can use the configuration, processing and compression modules
@@ -20,8 +20,9 @@ __version__ = "0.1.0"
 _MODULE_OF = {
     **exports(),
     "CompressionSettings": "configuration_visiontrim",
-    "QwenSettings": "configuration_visiontrim_qwen2_vl",
+    "QwenSettings": "configuration_visiontrim",
     "VisionTrimSettings": "configuration_visiontrim_llava",
+    "VisionTrimQwen3VLVideoProcessor": "video_processing_visiontrim",
     "VisionTrimQwenVideoProcessor": "video_processing_visiontrim",
     "VisionTrimVideoProcessor": "video_processing_visiontrim",
 }

@@ -26,9 +26,14 @@ class Architecture:
     anyres: bool = False  # whether an image is several crops (LLaVA-NeXT's anyres: a base view and high-res crops)
 
     @property
+    def qwen(self) -> bool:
+        """Whether it is a Qwen model: M-RoPE positions, a budget per share of each image, LLM-vocabulary guidance."""
+        return self.family in QWEN_FAMILIES
+
+    @property
     def kept_positions_at_prefill(self) -> bool:
         """Whether its kept tokens' positions depend on which are kept (M-RoPE): vLLM writes them at prefill."""
-        return self.family == QWEN_FAMILY
+        return self.qwen
 
     @property
     def model_type(self) -> str:
@@ -117,14 +122,29 @@ ARCHITECTURES = (
         True,
     ),
     Architecture("qwen2-vl", "Qwen2-VL", "qwen2_vl", "qwen2_vl", "Qwen2VL", "VisionTrimQwen2VLProcessor", True, True),
+    Architecture("qwen3-vl", "Qwen3-VL", "qwen3_vl", "qwen3_vl", "Qwen3VL", "VisionTrimQwen3VLProcessor", True, False),
+    Architecture(
+        "qwen3-vl-moe",
+        "Qwen3-VL-MoE",
+        "qwen3_vl",
+        "qwen3_vl_moe",
+        "Qwen3VLMoe",
+        "VisionTrimQwen3VLProcessor",
+        True,
+        False,
+    ),
 )
 ARCHITECTURE_NAMES = tuple(architecture.name for architecture in ARCHITECTURES)
-# The families: the LLaVA models (a CLIP tower, guided by a CLIP text tower) and the Qwen2-VL models.
-LLAVA_FAMILY, QWEN_FAMILY = "llava", "qwen2_vl"
+# The families (each its own Hub files): the LLaVA models (a CLIP tower, guided by a CLIP text tower), the Qwen2-VL
+# models (Qwen2-VL, Qwen2.5-VL) and the Qwen3-VL models (dense, MoE). The Qwen families share the M-RoPE core
+# (`mrope_visiontrim.py`): a budget per image share, guidance in the LLM's vocabulary.
+LLAVA_FAMILY, QWEN_FAMILY, QWEN3_FAMILY = "llava", "qwen2_vl", "qwen3_vl"
+QWEN_FAMILIES = (QWEN_FAMILY, QWEN3_FAMILY)
 # Each family's name in messages, and the module whose builders make its tiny random models.
 FAMILY_BUILDERS = {
     LLAVA_FAMILY: ("LLaVA", "visiontrim.tools.build"),
     QWEN_FAMILY: ("Qwen2-VL", "visiontrim.tools.build_qwen"),
+    QWEN3_FAMILY: ("Qwen3-VL", "visiontrim.tools.build_qwen"),
 }
 
 
@@ -153,12 +173,16 @@ def architecture_of(config: Any) -> Architecture:
     raise ValueError(f"model_type {model_type!r} is not an architecture VisionTrim supports: {supported()}.")
 
 
-def of_family(architecture: Architecture, family: str) -> Architecture:
-    """`architecture`, checked to be of `family`; a `ValueError` naming that family's and where to build the others."""
-    if architecture.family != family:
-        members = [candidate for candidate in ARCHITECTURES if candidate.family == family]
+def of_family(architecture: Architecture, *families: str) -> Architecture:
+    """
+    `architecture`, checked to be of one of `families`; a `ValueError` naming their architectures and where to build
+    the others.
+    """
+    if architecture.family not in families:
+        members = [candidate for candidate in ARCHITECTURES if candidate.family in families]
+        names = " or ".join(FAMILY_BUILDERS[family][0] for family in families)
         raise ValueError(
-            f"{architecture.name} is not a {FAMILY_BUILDERS[family][0]}-family architecture ({supported(members)}): "
+            f"{architecture.name} is not a {names}-family architecture ({supported(members)}): "
             f"build it with {FAMILY_BUILDERS[architecture.family][1]}."
         )
     return architecture
@@ -186,6 +210,8 @@ __all__ = [
     "ARCHITECTURES",
     "ARCHITECTURE_NAMES",
     "LLAVA_FAMILY",
+    "QWEN3_FAMILY",
+    "QWEN_FAMILIES",
     "QWEN_FAMILY",
     "Architecture",
     "architecture_named",

@@ -810,6 +810,18 @@ class CompressedUnits:
     dominant_units: torch.LongTensor  # (dominant,): the DVTS tokens' units, raster order within each slice
     complement_seed_units: torch.LongTensor  # (complement,): the TGVC seeds' units, likewise
     tokens_per_media: list[int]  # how many tokens each image (video) keeps
+    companions: torch.Tensor | None = None  # (kept, companion_dim): the companions' rows of the same tokens
+
+
+class LeadingFeatures(nn.Module):
+    """The first `width` features of each token `(..., dim)`: the main features of tokens carrying companions."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[..., : self.width]
 
 
 def compress_units(
@@ -817,11 +829,14 @@ def compress_units(
     config: CompressionSettings,
     text_embeds: torch.Tensor | None,
     text_mask: torch.Tensor | None,
+    companions: torch.Tensor | None = None,
 ) -> CompressedUnits:
     """
     DVTS then TGVC on the merged tokens ("units", 2 x 2 patches each) of Qwen images or videos, every temporal slice
     on its own grid, all slices batched (padded to the largest grid). A slice of `N` units keeps
     `config.kept_tokens(N)` = `(K_d, K_c)`: its `K_d` best DVTS units in raster order, then its `K_c` TGVC seeds.
+    Companion features (Qwen3-VL's DeepStack sets) ride along each unit: the kept units' rows, merged with the same
+    assignments at every TGVC iteration; they never take part in a choice.
 
     DVTS: the global term is the attention each unit receives at the scored block (head-mean probabilities over the
     image's or video's patches, averaged over its queries, summed over the unit's patches, normalised over the
@@ -835,6 +850,7 @@ def compress_units(
         text_embeds: `(media, text, text_hidden)` L2-normalised guidance embeddings of each image (video); None
             when TGVC is off.
         text_mask: `(media, text)` bool validity of `text_embeds`.
+        companions: `(units, companion_dim)` features of the same units (the merged tokens' order), or None.
     """
     unit_size = run.merge_size**2
     grid = run.grid_thw.to(run.query.device)
@@ -877,13 +893,18 @@ def compress_units(
     budgets = [config.kept_tokens(units) for units in slice_units.tolist()]
     num_dominant = torch.tensor([dominant for dominant, _ in budgets], device=grid.device)
     num_complement = torch.tensor([complement for _, complement in budgets], device=grid.device)
-    merged = on_grid(run.outputs.pooler_output)
+    # Companions as extra columns of the merged tokens: DVTS gathers, and TGVC's merge sums, columns independently.
+    width = run.outputs.pooler_output.shape[-1]
+    tokens = run.outputs.pooler_output
+    if companions is not None:
+        tokens = torch.cat([tokens, companions.to(tokens)], dim=-1)
+    merged = on_grid(tokens)
     guidance = None
     if text_embeds is not None:
         guidance = Guidance(
             text_embeds.repeat_interleave(frames.to(text_embeds.device), dim=0).to(merged.device),
             text_mask.repeat_interleave(frames.to(text_mask.device), dim=0).to(merged.device),
-            nn.Identity(),
+            LeadingFeatures(width),
             torch.zeros((), device=merged.device),
         )
     slice_means = None  # each slice's mean merged token: the guidance of a slice without a question (TGVC only)
@@ -913,12 +934,14 @@ def compress_units(
     tokens_per_media = torch.zeros(len(frames), dtype=torch.long, device=grid.device).index_add_(
         0, torch.arange(len(frames), device=grid.device).repeat_interleave(frames), tokens_per_slice
     )
+    kept = compressed.features[compressed.valid]
     return CompressedUnits(
-        compressed.features[compressed.valid],
+        kept[:, :width],
         unit_index(kept_cells)[compressed.valid],
         unit_index(compressed.dominant_indices)[compressed.dominant_valid],
         unit_index(compressed.complement_seed_indices)[compressed.complement_seed_valid],
         tokens_per_media.tolist(),
+        kept[:, width:] if companions is not None else None,
     )
 
 
@@ -930,11 +953,12 @@ def compress_units_with_question(
     guidance_attention_mask: torch.Tensor | None,
     modality: str,
     device: torch.device,
+    companions: torch.Tensor | None = None,
 ) -> CompressedUnits:
     """
     `compress_units` guided by each image's (video's) question in the LLM's embedding space: its `(media, text)`
     guidance ids, checked by `checked_guidance` and moved to `device`, embedded by the LLM's `embed_tokens` and
-    L2-normalised. With TGVC off (`dominant_ratio=1`) there is no guidance.
+    L2-normalised. With TGVC off (`dominant_ratio=1`) there is no guidance. `companions`: as in `compress_units`.
     """
     text_embeds = text_mask = None
     if config.dominant_ratio < 1:
@@ -947,7 +971,7 @@ def compress_units_with_question(
             device,
         )
         text_embeds = F.normalize(embed_tokens(input_ids).float(), dim=-1)
-    return compress_units(run, config, text_embeds, text_mask)
+    return compress_units(run, config, text_embeds, text_mask, companions)
 
 
 def anyres_image_tokens(
@@ -977,6 +1001,7 @@ __all__ = [
     "CompressedUnits",
     "QwenTowerRun",
     "GuidanceEmbeddingCache",
+    "LeadingFeatures",
     "VisionTowerRun",
     "anyres_image_tokens",
     "compress_crops",

@@ -1,17 +1,25 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
 What every VisionTrim processor shares: the question of each image (video) read from its prompt, tokenised as
-`guidance_input_ids` / `guidance_attention_mask`. A family's processing file (`processing_visiontrim_<family>.py`)
-adds its placeholder counts and guidance tokenizer.
+`guidance_input_ids` / `guidance_attention_mask`; and what the Qwen families share (`QwenProcessingMixin`: placeholder
+counts from the grids, guidance in the LLM's vocabulary). A family's processing file
+(`processing_visiontrim_<family>.py`) adds its own placeholder counts and guidance tokenizer.
 """
 
 from collections import OrderedDict
 
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import MultiModalData
 from transformers.utils import logging
 from transformers.video_processing_utils import VideoProcessorMixin
 
-from .configuration_visiontrim import check_setting, valid_empty_guidance
+from .configuration_visiontrim import (
+    DEFAULT_REDUCTION_RATIO,
+    check_reduction_ratio,
+    check_setting,
+    qwen_visual_tokens,
+    valid_empty_guidance,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -290,8 +298,102 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
         )
 
 
+class QwenProcessingMixin(GuidanceProcessingMixin):
+    """
+    What VisionTrim processors add to the stock Qwen ones (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): an image of `N` merged
+    tokens (from `image_grid_thw`) gets `max(1, round_half_up(N * (1 - reduction_ratio)))` placeholders, a video that
+    many per temporal slice, and each image (video) the question of its prompt as `guidance_input_ids` /
+    `guidance_attention_mask` (`video_guidance_*`): the text of the last user turn, tokenised by the LLM's own
+    tokenizer without special tokens, which the model embeds with the LLM's input embeddings.
+    """
+
+    guidance_special_tokens = False
+    default_reduction_ratio = DEFAULT_REDUCTION_RATIO
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        video_processor=None,
+        chat_template=None,
+        reduction_ratio=None,
+        guidance_max_length=512,
+        empty_guidance="cls_similarity",
+        **kwargs,
+    ):
+        """
+        The stock Qwen processor's arguments (the same for every Qwen model), then the VisionTrim ones
+        (`reduction_ratio` None: the family's `default_reduction_ratio`, its config's default).
+        """
+        if reduction_ratio is None:
+            reduction_ratio = self.default_reduction_ratio
+        self.set_qwen_guidance(reduction_ratio, guidance_max_length, empty_guidance)
+        super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs)
+
+    def set_qwen_guidance(self, reduction_ratio: float, guidance_max_length: int, empty_guidance: str) -> None:
+        """Sets the budget and the guidance settings, refusing invalid values with the field's name."""
+        self.set_empty_guidance(empty_guidance)
+        check_reduction_ratio(reduction_ratio, type(self).__name__)
+        self.reduction_ratio = reduction_ratio
+        self.guidance_max_length = guidance_max_length
+
+    @property
+    def guidance_tokenizer(self):
+        """The guidance is tokenised by the LLM's tokenizer: the model embeds it with the LLM's input embeddings."""
+        return self.tokenizer
+
+    @property
+    def media_tokens(self) -> tuple[str, ...]:
+        """The markers removed from a prompt's question: the placeholders and the vision start and end tokens."""
+        return (self.image_token, self.video_token, "<|vision_start|>", "<|vision_end|>")
+
+    @property
+    def model_input_names(self) -> list[str]:
+        names = super().model_input_names
+        return names + [
+            "guidance_input_ids",
+            "guidance_attention_mask",
+            "video_guidance_input_ids",
+            "video_guidance_attention_mask",
+        ]
+
+    def num_media(self, encoding: BatchFeature, pixels_name: str) -> int:
+        """Images (videos) are packed patches: one `*_grid_thw` row each."""
+        return len(encoding["image_grid_thw" if pixels_name == "pixel_values" else "video_grid_thw"])
+
+    def kept_tokens(self, grid_thw, merge_size: int) -> int:
+        """Placeholders of an image or video of `grid_thw` (t, h, w) patches: the kept tokens of its `t` slices."""
+        frames, height, width = (int(value) for value in grid_thw)
+        return frames * qwen_visual_tokens(height * width // merge_size**2, self.reduction_ratio)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        if self.reduction_ratio == 0:
+            return super().replace_image_token(image_inputs, image_idx, **kwargs)
+        grid = image_inputs["image_grid_thw"][image_idx]
+        return self.image_token * self.kept_tokens(grid, self.image_processor.merge_size)
+
+    def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
+        if self.reduction_ratio == 0:
+            return super().replace_video_token(video_inputs, video_idx, **kwargs)
+        grid = video_inputs["video_grid_thw"][video_idx]
+        return self.video_token * self.kept_tokens(grid, self.video_processor.merge_size)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs) -> MultiModalData:
+        multimodal_data = super()._get_num_multimodal_tokens(
+            image_sizes=image_sizes, video_sizes=video_sizes, **kwargs
+        )
+        if image_sizes is not None and self.reduction_ratio > 0:
+            merge_size = self.image_processor.merge_size
+            multimodal_data.num_image_tokens = [
+                qwen_visual_tokens(patches // merge_size**2, self.reduction_ratio)
+                for patches in multimodal_data.num_image_patches
+            ]
+        return multimodal_data
+
+
 __all__ = [
     "GuidanceProcessingMixin",
+    "QwenProcessingMixin",
     "VideoProcessorCheckMixin",
     "guidance_from_prompt",
     "has_user_turn",

@@ -1,7 +1,8 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
 Pillow video processors for VisionTrim folders, which must not need torchvision: CLIP preprocessing of every frame
-(Video-LLaVA, LLaVA-NeXT-Video) and Qwen2-VL's packed patches. They take sampled frames; neither decodes a file.
+(Video-LLaVA, LLaVA-NeXT-Video), and the packed patches of Qwen2-VL / Qwen2.5-VL and of Qwen3-VL. They take sampled
+frames; neither decodes a file.
 """
 
 import os
@@ -9,8 +10,16 @@ import os
 import torch
 from transformers import CLIPImageProcessorPil
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.image_transforms import to_pil_image
+from transformers.image_utils import (
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    PILImageResampling,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as qwen3_smart_resize
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VideoMetadata, make_batched_videos
 
@@ -157,6 +166,10 @@ class VisionTrimQwenVideoProcessor(VideoProcessorMixin):
             image_std=self.image_std,
         )
 
+    def resized(self, frames: list) -> list:
+        """The frames before the frame processor: as given (Qwen2-VL's image processor resizes each frame itself)."""
+        return frames
+
     def preprocess(
         self,
         videos,
@@ -173,13 +186,14 @@ class VisionTrimQwenVideoProcessor(VideoProcessorMixin):
         """
         frame_processor = self.frame_processor()
         videos = sampled_videos(videos, type(self).__name__)
-        rates = [self.fps] * len(videos)
+        rates, indices = [self.fps] * len(videos), [None] * len(videos)
         for index, given in enumerate(video_metadata or []):
-            fps = given.get("fps") if isinstance(given, dict) else given.fps
-            rates[index] = fps or self.fps
+            given = given if isinstance(given, dict) else vars(given)
+            rates[index] = given.get("fps") or self.fps
+            indices[index] = given.get("frames_indices")
         pixels, grids, metadata = [], [], []
-        for video, fps in zip(videos, rates, strict=True):
-            frames = list(video)
+        for video, fps, frames_indices in zip(videos, rates, indices, strict=True):
+            frames = self.resized(list(video))
             frames += frames[-1:] * (-len(frames) % self.temporal_patch_size)
             processed = frame_processor(frames, return_tensors="pt", do_rescale=do_rescale, do_normalize=do_normalize)
             _, height, width = processed["image_grid_thw"][0].tolist()
@@ -187,7 +201,8 @@ class VisionTrimQwenVideoProcessor(VideoProcessorMixin):
             patches = processed["pixel_values"].view(slices, self.temporal_patch_size, height * width, 3, -1)
             pixels.append(patches.permute(0, 2, 3, 1, 4).reshape(slices * height * width, -1))
             grids.append([slices, height, width])
-            metadata.append(VideoMetadata(total_num_frames=len(video), fps=fps))
+            frames_indices = list(range(len(video))) if frames_indices is None else list(frames_indices)
+            metadata.append(VideoMetadata(total_num_frames=len(video), fps=fps, frames_indices=frames_indices))
         encoding = BatchFeature(
             {"pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.tensor(grids)},
             tensor_type=return_tensors,
@@ -196,7 +211,59 @@ class VisionTrimQwenVideoProcessor(VideoProcessorMixin):
         return encoding
 
 
+class VisionTrimQwen3VLVideoProcessor(VisionTrimQwenVideoProcessor):
+    r"""
+    [`VisionTrimQwenVideoProcessor`] with Qwen3-VL's preprocessing, as Transformers' `Qwen3VLVideoProcessor` does it
+    with torchvision: 16 px patches, and each video resized as a whole (`smart_resize` over its frames: sides a
+    multiple of 32 px, the frames' pixels together within `size`), normalised by 0.5 / 0.5. Each video's
+    `video_metadata` carries the frame indices and rate its timestamps come from (given ones are kept; by default the
+    frames are 0, 1, ... at `fps`).
+
+    Args:
+        size (`dict`, defaults to `{"shortest_edge": 128 * 32 * 32, "longest_edge": 768 * 32 * 32}`):
+            The fewest and most pixels of a video's frames together.
+        patch_size, temporal_patch_size, merge_size, image_mean, image_std, fps: as in [`Qwen3VLVideoProcessor`].
+    """
+
+    def __init__(
+        self,
+        size: dict[str, int] | None = None,
+        patch_size: int = 16,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        **kwargs,
+    ):
+        super().__init__(
+            size=size or {"shortest_edge": 128 * 32 * 32, "longest_edge": 768 * 32 * 32},
+            patch_size=patch_size,
+            image_mean=image_mean or list(IMAGENET_STANDARD_MEAN),
+            image_std=image_std or list(IMAGENET_STANDARD_STD),
+            **kwargs,
+        )
+
+    def frame_processor(self) -> Qwen2VLImageProcessorPil:
+        """The Pillow Qwen image processor of the resized frames: patches and normalises, does not resize."""
+        processor = super().frame_processor()
+        processor.do_resize = False
+        return processor
+
+    def resized(self, frames: list) -> list:
+        """The frames resized together to Qwen3-VL's `smart_resize` of the video (Pillow, bicubic)."""
+        images = [to_pil_image(frame) for frame in frames]  # a Pillow image each
+        height, width = qwen3_smart_resize(
+            len(images),
+            images[0].height,
+            images[0].width,
+            temporal_factor=self.temporal_patch_size,
+            factor=self.patch_size * self.merge_size,
+            min_pixels=self.size["shortest_edge"],
+            max_pixels=self.size["longest_edge"],
+        )
+        return [image.resize((width, height), PILImageResampling.BICUBIC) for image in images]
+
+
 VisionTrimVideoProcessor.register_for_auto_class("AutoVideoProcessor")
 VisionTrimQwenVideoProcessor.register_for_auto_class("AutoVideoProcessor")
+VisionTrimQwen3VLVideoProcessor.register_for_auto_class("AutoVideoProcessor")
 
-__all__ = ["VisionTrimQwenVideoProcessor", "VisionTrimVideoProcessor"]
+__all__ = ["VisionTrimQwen3VLVideoProcessor", "VisionTrimQwenVideoProcessor", "VisionTrimVideoProcessor"]

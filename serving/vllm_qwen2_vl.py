@@ -46,7 +46,7 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from ..compression_visiontrim import QwenTowerRun, compress_units_with_question, record_outputs
-from ..configuration_visiontrim_qwen2_vl import qwen_visual_tokens
+from ..configuration_visiontrim import qwen_visual_tokens
 from .vllm_common import (
     ProfilingQuestionMixin,
     QuestionGuidanceMixin,

@@ -213,6 +213,27 @@ def test_toy_qwen_benchmark_reports_both_sizes(tmp_path, capsys, arch):
     assert "argument --video: the Qwen" in capsys.readouterr().err
 
 
+def test_toy_qwen3_benchmark_reports_its_default_and_deepstack(tmp_path, capsys):
+    """Qwen3-VL rows at 448 x 448 (14 x 14 units) and 1024 x 768 (32 x 24): stock, its 50% default, 25%, 11%."""
+    main(["bench", "--toy", "--arch", "qwen3-vl", *TOY_ARGUMENTS, "--output-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "bench-qwen3-vl.json").read_text())
+    assert [entry["grid_thw"] for entry in report["sizes"]] == [[1, 28, 28], [1, 48, 64]]
+    for entry, units in zip(report["sizes"], (196, 768), strict=True):
+        names = [row["name"] for row in entry["rows"]]
+        assert names == [
+            "stock",
+            "VisionTrim 50%",
+            "VisionTrim 25%",
+            "VisionTrim 11%",
+            "DVTS only 11%",
+            "TGVC only 11%",
+        ]
+        eleven = max(1, round(units * 64 / 576))
+        expected = [units, units // 2, round(units * 0.25), eleven, eleven, eleven]
+        assert [row["visual_tokens"] for row in entry["rows"]] == expected
+    assert "(DeepStack at [0, 1, 2])" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def qwen_folder(tmp_path_factory):
     """A tiny VisionTrim Qwen2.5-VL folder, images at most 448 x 448."""

@@ -154,7 +154,7 @@ def test_an_unsupported_model_type_and_a_qwen_random_model_are_refused_naming_th
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "idefics3"}))
     line = error_line(capsys, ["--model", str(tmp_path / "other")])
     assert "model_type 'idefics3' is not an architecture VisionTrim supports: llava (LLaVA-1.5)," in line
-    assert line.endswith("qwen2.5-vl (Qwen2.5-VL), qwen2-vl (Qwen2-VL).")
+    assert line.endswith("qwen2-vl (Qwen2-VL), qwen3-vl (Qwen3-VL), qwen3-vl-moe (Qwen3-VL-MoE).")
     line = error_line(capsys, ["--arch", "qwen2.5-vl"])
     assert line == (
         "visiontrim: error: argument --arch: the random model is one of llava (LLaVA-1.5), llava-next (LLaVA-NeXT), "

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from visiontrim.configuration_visiontrim_qwen2_vl import qwen_visual_tokens
+from visiontrim.configuration_visiontrim import qwen_visual_tokens
 from visiontrim.tools.build_qwen import (
     QwenShapes,
     build_qwen_config,

@@ -13,6 +13,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
+from visiontrim.architectures import FAMILY_BUILDERS, architecture_named
+
 from helpers import NON_DEFAULT_SETTINGS, QUESTION_PROMPT, load_remote, save_checkpoint, working_directory
 
 
@@ -29,11 +31,17 @@ LLAVA_FILES = CORE_FILES | {
     "modeling_visiontrim_llava.py",
     "processing_visiontrim_llava.py",
 }
-QWEN_FILES = CORE_FILES | {
+# The Qwen families share the M-RoPE core and the Pillow video processors.
+QWEN_CORE_FILES = CORE_FILES | {"mrope_visiontrim.py", "video_processing_visiontrim.py"}
+QWEN_FILES = QWEN_CORE_FILES | {
     "configuration_visiontrim_qwen2_vl.py",
     "modeling_visiontrim_qwen2_vl.py",
     "processing_visiontrim_qwen2_vl.py",
-    "video_processing_visiontrim.py",
+}
+QWEN3_FILES = QWEN_CORE_FILES | {
+    "configuration_visiontrim_qwen3_vl.py",
+    "modeling_visiontrim_qwen3_vl.py",
+    "processing_visiontrim_qwen3_vl.py",
 }
 SHIPPED_FILES = {
     "llava": LLAVA_FILES,
@@ -42,6 +50,8 @@ SHIPPED_FILES = {
     "llava-next-video": LLAVA_FILES | {"video_processing_visiontrim.py"},
     "qwen2.5-vl": QWEN_FILES,
     "qwen2-vl": QWEN_FILES,
+    "qwen3-vl": QWEN3_FILES,
+    "qwen3-vl-moe": QWEN3_FILES,
 }
 REMOTE_CODE_FILES = tuple(sorted(LLAVA_FILES))
 
@@ -272,10 +282,11 @@ def test_each_folder_ships_the_core_and_its_own_family_only(tmp_path):
             build_processor(config).save_pretrained(folder)
         written = {path.name for path in folder.rglob("*.py")}
         assert written == expected, (arch, written ^ expected)
-        other_family = "llava" if arch.startswith("qwen") else "qwen"
-        for name in written - {"video_processing_visiontrim.py"}:  # the Pillow video processors of both families
+        family = architecture_named(arch).family
+        others = [f"visiontrim_{other}" for other in FAMILY_BUILDERS if other != family]
+        for name in written:
             imports = [line for line in (folder / name).read_text().splitlines() if "import" in line]
-            assert not [line for line in imports if other_family in line.lower()], (arch, name)
+            assert not [line for line in imports if any(other in line for other in others)], (arch, name)
         copies.append(tmp_path / "copies" / arch)
         shutil.copytree(folder, copies[-1])  # only what save_pretrained wrote travels
     output = run_without_package(EACH_FOLDER_WITHOUT_PACKAGE, [sample_photo("chelsea.jpg"), *copies], tmp_path, 600)
@@ -287,5 +298,7 @@ def test_each_folder_ships_the_core_and_its_own_family_only(tmp_path):
         "VisionTrimLlavaNextVideoForConditionalGeneration",
         "VisionTrimQwen2_5_VLForConditionalGeneration",
         "VisionTrimQwen2VLForConditionalGeneration",
+        "VisionTrimQwen3VLForConditionalGeneration",
+        "VisionTrimQwen3VLMoeForConditionalGeneration",
     ]
     assert all(module.startswith("transformers_modules.") for _, module in loaded)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..architectures import ARCHITECTURES, QWEN_FAMILY, Architecture, architecture_named, architecture_of
+from ..architectures import ARCHITECTURES, Architecture, architecture_named, architecture_of
 from ..compression_visiontrim import GuidanceEmbeddingCache, compress_crops, encode_guidance, run_vision_tower
 from ..configuration_visiontrim_llava import vision_attention_layer
 from . import plots
@@ -34,7 +34,7 @@ from .arguments import (
     non_negative_int,
     positive_int,
 )
-from .bench_qwen import QWEN_TOWER_SHAPES, run_qwen
+from .bench_qwen import QWEN_BENCHES, run_qwen
 from .build import (
     LLAVA_15_SHAPES,
     Shapes,
@@ -83,9 +83,7 @@ ROWS = {
 }  # fmt: skip
 # The architectures with rows: the LLaVA family's above, the Qwen family's in `bench_qwen.py`.
 BENCHMARKED = tuple(
-    architecture
-    for architecture in ARCHITECTURES
-    if architecture.name in ROWS or architecture.name in QWEN_TOWER_SHAPES
+    architecture for architecture in ARCHITECTURES if architecture.name in ROWS or architecture.name in QWEN_BENCHES
 )
 VIDEO_FRAMES = 8
 LLM_STAGE_LAYER = 2  # or the LLM's last layer, when it has no more than 2
@@ -311,7 +309,7 @@ def run(args: argparse.Namespace) -> dict:
             f"got {args.new_tokens}"
         )
     architecture = bench_architecture(args)
-    if architecture.family == QWEN_FAMILY:
+    if architecture.qwen:
         return run_qwen(args, architecture)
     arch = architecture.name
     device = torch.device(args.device)

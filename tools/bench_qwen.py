@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..architectures import Architecture
-from ..modeling_visiontrim_qwen2_vl import run_qwen_tower
+from ..mrope_visiontrim import run_qwen_tower
 from . import plots
 from .arguments import UsageError
 from .build_qwen import (
     QWEN2_5_VL_7B_VISION_SHAPES,
     QWEN2_VL_7B_VISION_SHAPES,
+    QWEN3_VL_8B_VISION_SHAPES,
     QwenShapes,
     build_qwen_config,
     build_qwen_model,
@@ -56,10 +56,30 @@ QWEN_ROWS = (
     ("DVTS only 11%", 1 - 64 / 576, 1.0),
     ("TGVC only 11%", 1 - 64 / 576, 0.0),
 )
-# (width, height) of the photo: a square and Qwen2.5-VL's 1008 x 756 (72 x 54 patches, 972 merged tokens).
+# Qwen3-VL's rows add its default, half of each image kept.
+QWEN3_ROWS = (QWEN_ROWS[0], ("VisionTrim 50%", 0.5, 0.75), *QWEN_ROWS[1:])
+# (width, height) of the photo: a square and a page-sized image (Qwen2.5-VL's 1008 x 756: 72 x 54 patches, 972 merged
+# tokens; Qwen3-VL's 16 px patches: 1024 x 768, 64 x 48 patches, 768 merged tokens).
 QWEN_IMAGE_SIZES = ((448, 448), (1008, 756))
-# The random model's vision tower, per architecture: the 7B models'.
-QWEN_TOWER_SHAPES = {"qwen2.5-vl": QWEN2_5_VL_7B_VISION_SHAPES, "qwen2-vl": QWEN2_VL_7B_VISION_SHAPES}
+QWEN3_IMAGE_SIZES = ((448, 448), (1024, 768))
+
+
+@dataclass(frozen=True)
+class QwenBench:
+    """What the random-model benchmark of a Qwen architecture runs: its tower, photo sizes and rows."""
+
+    tower: QwenShapes
+    sizes: tuple[tuple[int, int], ...] = QWEN_IMAGE_SIZES
+    rows: tuple[tuple[str, float | None, float | None], ...] = QWEN_ROWS
+
+
+# The benchmarked architectures, with the real model's vision tower: the 7B / 8B models'.
+QWEN_BENCHES = {
+    "qwen2.5-vl": QwenBench(QWEN2_5_VL_7B_VISION_SHAPES),
+    "qwen2-vl": QwenBench(QWEN2_VL_7B_VISION_SHAPES),
+    "qwen3-vl": QwenBench(QWEN3_VL_8B_VISION_SHAPES, QWEN3_IMAGE_SIZES, QWEN3_ROWS),
+    "qwen3-vl-moe": QwenBench(QWEN3_VL_8B_VISION_SHAPES, QWEN3_IMAGE_SIZES, QWEN3_ROWS),
+}
 
 
 @dataclass
@@ -95,8 +115,11 @@ def measure(row: QwenRow, model, inputs, tower_run, args) -> None:
     """
     row.visual_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
     row.prompt_tokens = inputs["input_ids"].shape[1]
-    if row.reduction_ratio is None:
-        encoded = BaseModelOutputWithPooling(pooler_output=(tower_run.outputs.pooler_output,))
+    if row.reduction_ratio is None:  # the tower's own outputs, one image (Qwen3-VL: with its DeepStack sets)
+        fields = {"pooler_output": (tower_run.outputs.pooler_output,)}
+        if getattr(tower_run.outputs, "deepstack_features", None) is not None:
+            fields["deepstack_features"] = [(level,) for level in tower_run.outputs.deepstack_features]
+        encoded = type(tower_run.outputs)(**fields)
     else:
         guidance = (inputs["guidance_input_ids"], inputs["guidance_attention_mask"])
         row.compression = timings(
@@ -171,8 +194,10 @@ def plot(sizes: list[dict], path: Path, title: str) -> bool:
     return plots.speedup_plot(path, title, lines, log_tokens=True)
 
 
-def bench_size(size: tuple[int, int], model, processor, stock, stock_processor, prompt: str, args, dtype) -> dict:
-    """Every row of `QWEN_ROWS` on the photo at `size` (width, height); the tower is timed once."""
+def bench_size(
+    size: tuple[int, int], rows_spec: tuple, model, processor, stock, stock_processor, prompt: str, args, dtype
+) -> dict:
+    """Every row of `rows_spec` (`QWEN_ROWS`) on the photo at `size` (width, height); the tower is timed once."""
     image = bench_photo(size, args.image)
     inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(args.device)
     pixels, grid = inputs["pixel_values"].to(dtype), inputs["image_grid_thw"]
@@ -182,7 +207,7 @@ def bench_size(size: tuple[int, int], model, processor, stock, stock_processor, 
     )
     tower_run = run_qwen_tower(model.model.visual, pixels, grid, config.scored_block)
     rows = []
-    for name, reduction_ratio, dominant_ratio in QWEN_ROWS:
+    for name, reduction_ratio, dominant_ratio in rows_spec:
         row = QwenRow(name, size, reduction_ratio, dominant_ratio)
         if reduction_ratio is None:
             row_inputs = stock_processor(images=[image], text=[prompt], return_tensors="pt").to(args.device)
@@ -202,18 +227,19 @@ def run_qwen(args: argparse.Namespace, architecture: Architecture) -> dict:
     The benchmark of a Qwen architecture: the `--model` folder, or a random model with the 7B model's tower
     (`--toy`: tiny), on `--image` or a bundled photo.
     """
+    bench = QWEN_BENCHES[architecture.name]
     if args.video is not None:
+        sizes = " and ".join(f"{width} x {height}" for width, height in bench.sizes)
         raise UsageError(
-            f"argument --video: the {architecture.display_name} benchmark runs a photo at "
-            f"{QWEN_IMAGE_SIZES[0][0]} x {QWEN_IMAGE_SIZES[0][1]} and {QWEN_IMAGE_SIZES[1][0]} x "
-            f"{QWEN_IMAGE_SIZES[1][1]} (--image), not a video"
+            f"argument --video: the {architecture.display_name} benchmark runs a photo at {sizes} (--image), not a "
+            "video"
         )
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.model is not None:
         model, processor = load_folder(args.model, {}, dtype, args.device)
         description = f"{args.model} ({architecture.display_name})"
     else:
-        tower = QWEN_TOWER_SHAPES[architecture.name]
+        tower = bench.tower
         shapes = (
             QwenShapes()
             if args.toy
@@ -222,7 +248,10 @@ def run_qwen(args: argparse.Namespace, architecture: Architecture) -> dict:
         config = build_qwen_config(architecture.name, shapes=shapes, reduction_ratio=0.75)
         model = build_qwen_model(config).to(device=device, dtype=dtype)
         processor = build_qwen_processor(config)
-        attention = f" (full attention at {shapes.full_attention_blocks})" if architecture.name == "qwen2.5-vl" else ""
+        attention = {
+            "qwen2.5-vl": f" (full attention at {shapes.full_attention_blocks})",
+            "qwen3-vl": f" (DeepStack at {shapes.deepstack_blocks})",
+        }.get(architecture.name, "")
         description = (
             f"random {architecture.display_name}-shaped: vision tower {shapes.vision_layers} x "
             f"{shapes.vision_hidden}{attention}, LLM {shapes.llm_layers} x {shapes.llm_hidden}"
@@ -238,8 +267,8 @@ def run_qwen(args: argparse.Namespace, architecture: Architecture) -> dict:
     )
     with torch.inference_mode():
         sizes = [
-            bench_size(size, model, processor, stock, stock_processor, prompt, args, dtype)
-            for size in QWEN_IMAGE_SIZES
+            bench_size(size, bench.rows, model, processor, stock, stock_processor, prompt, args, dtype)
+            for size in bench.sizes
         ]
 
     title = description.replace(", LLM", ",\nLLM")

@@ -1,8 +1,9 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-Randomly initialised VisionTrim Qwen2-VL / Qwen2.5-VL models, tokenizers and processors built in memory, with no
-download: for the benchmark and the tests. The vision tower's layout is real (14 px patches, 2 x 2 merge, Qwen2.5-VL's
-112 px windows and full-attention blocks); widths and depths are small unless asked for.
+Randomly initialised VisionTrim Qwen models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and MoE), tokenizers and processors
+built in memory, with no download: for the benchmark and the tests. The vision tower's layout is real (14 px patches,
+Qwen3-VL's 16 px; 2 x 2 merge; Qwen2.5-VL's 112 px windows and full-attention blocks; Qwen3-VL's DeepStack levels);
+widths and depths are small unless asked for.
 """
 
 import copy
@@ -13,18 +14,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixi
 
 from ..architectures import (
     ARCHITECTURES,
-    QWEN_FAMILY,
+    QWEN3_FAMILY,
+    QWEN_FAMILIES,
     architecture_named,
     architecture_of,
     of_family,
 )
-from ..configuration_visiontrim_qwen2_vl import QwenSettings
-from ..video_processing_visiontrim import VisionTrimQwenVideoProcessor
+from ..configuration_visiontrim import QwenSettings
+from ..video_processing_visiontrim import VisionTrimQwen3VLVideoProcessor, VisionTrimQwenVideoProcessor
 from .build import build_model, stock_config, train_bpe_tokenizer
 
 
-# The Qwen2-VL-family architectures, which these builders build.
-QWEN_ARCHITECTURES = tuple(architecture for architecture in ARCHITECTURES if architecture.family == QWEN_FAMILY)
+# The Qwen architectures, which these builders build.
+QWEN_ARCHITECTURES = tuple(architecture for architecture in ARCHITECTURES if architecture.qwen)
 # Qwen's special tokens, in the order of their ids after the BPE vocabulary's first ones.
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -55,6 +57,8 @@ class QwenShapes:
     vision_heads: int = 4
     vision_intermediate: int = 64
     full_attention_blocks: list[int] = field(default_factory=lambda: [1, 3])
+    deepstack_blocks: list[int] = field(default_factory=lambda: [0, 1, 2])  # Qwen3-VL
+    vision_position_embeddings: int = 64  # Qwen3-VL's learned position grid (8 x 8)
     llm_hidden: int = 64
     llm_layers: int = 2
     llm_heads: int = 4
@@ -80,6 +84,19 @@ QWEN2_VL_7B_VISION_SHAPES = QwenShapes(
     **{**vars(QWEN2_5_VL_7B_VISION_SHAPES), "vision_intermediate": 4 * 1280, "full_attention_blocks": []}
 )
 
+# Qwen3-VL-8B's vision tower (27 blocks x 1152, 16 px patches, DeepStack at 8, 16, 24), with the same small LLM.
+QWEN3_VL_8B_VISION_SHAPES = QwenShapes(
+    **{
+        **vars(QWEN2_5_VL_7B_VISION_SHAPES),
+        "vision_hidden": 1152,
+        "vision_layers": 27,
+        "vision_intermediate": 4304,
+        "full_attention_blocks": [],
+        "deepstack_blocks": [8, 16, 24],
+        "vision_position_embeddings": 2304,
+    }
+)
+
 
 def build_qwen_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained in memory with Qwen's special tokens and chat template, left padding."""
@@ -95,8 +112,8 @@ def build_qwen_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
 
 
 def build_qwen_config(arch: str = "qwen2.5-vl", shapes: QwenShapes | None = None, **compression) -> QwenSettings:
-    """A VisionTrim config of the Qwen2-VL-family architecture `arch` and `shapes`; `compression` sets its fields."""
-    architecture = of_family(architecture_named(arch), QWEN_FAMILY)
+    """A VisionTrim config of the Qwen architecture `arch` and `shapes`; `compression` sets its fields."""
+    architecture = of_family(architecture_named(arch), *QWEN_FAMILIES)
     shapes = shapes or QwenShapes()
     tokenizer = build_qwen_tokenizer()
     vision = {
@@ -106,7 +123,16 @@ def build_qwen_config(arch: str = "qwen2.5-vl", shapes: QwenShapes | None = None
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
     }
-    if arch == "qwen2.5-vl":
+    if architecture.family == QWEN3_FAMILY:
+        vision |= {
+            "patch_size": 16,
+            "hidden_size": shapes.vision_hidden,
+            "intermediate_size": shapes.vision_intermediate,
+            "out_hidden_size": shapes.llm_hidden,
+            "num_position_embeddings": shapes.vision_position_embeddings,
+            "deepstack_visual_indexes": shapes.deepstack_blocks,
+        }
+    elif arch == "qwen2.5-vl":
         vision |= {
             "hidden_size": shapes.vision_hidden,
             "intermediate_size": shapes.vision_intermediate,
@@ -139,6 +165,11 @@ def build_qwen_config(arch: str = "qwen2.5-vl", shapes: QwenShapes | None = None
         "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
         "pad_token_id": tokenizer.pad_token_id,
     }
+    if architecture.family == QWEN3_FAMILY:
+        text["head_dim"] = head_dim
+        text["rope_parameters"]["mrope_interleaved"] = True
+    if arch == "qwen3-vl-moe":
+        text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": shapes.llm_intermediate // 2}
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in TOKEN_FIELDS.items()}
     return architecture.visiontrim_class("config")(vision_config=vision, text_config=text, **ids, **compression)
 
@@ -153,26 +184,31 @@ TOKEN_FIELDS = {
 
 
 def build_qwen_model(config: QwenSettings, seed: int = 0) -> PreTrainedModel:
-    """A randomly initialised model of the config's Qwen2-VL-family architecture (seeded), in eval mode."""
-    of_family(architecture_of(config), QWEN_FAMILY)
+    """A randomly initialised model of the config's Qwen architecture (seeded), in eval mode."""
+    of_family(architecture_of(config), *QWEN_FAMILIES)
     return build_model(config, seed)
 
 
 def build_qwen_processor(
     config: QwenSettings, min_pixels: int = 56 * 56, max_pixels: int = 1008 * 1008
 ) -> ProcessorMixin:
-    """The processor matching `config` (same budget; Qwen's image preprocessing with the Pillow backend)."""
-    architecture = of_family(architecture_of(config), QWEN_FAMILY)
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=14,
-        merge_size=2,
-        temporal_patch_size=2,
-        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-    )
+    """
+    The processor matching `config` (same budget; Qwen's image preprocessing with the Pillow backend). Images and
+    Qwen2-VL's video frames take `min_pixels` to `max_pixels` each; Qwen3-VL's videos, all their frames together.
+    """
+    architecture = of_family(architecture_of(config), *QWEN_FAMILIES)
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    if architecture.family == QWEN3_FAMILY:
+        image_processor = Qwen2VLImageProcessorPil(
+            patch_size=16, merge_size=2, temporal_patch_size=2, size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        )
+        video_processor = VisionTrimQwen3VLVideoProcessor(size=size)
+    else:
+        image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, size=size)
+        video_processor = VisionTrimQwenVideoProcessor(size=size)
     return architecture.visiontrim_class("processor")(
         image_processor=image_processor,
-        video_processor=VisionTrimQwenVideoProcessor(size=size),
+        video_processor=video_processor,
         tokenizer=build_qwen_tokenizer(),
         chat_template=QWEN_CHAT_TEMPLATE,
         reduction_ratio=config.reduction_ratio,
@@ -182,7 +218,7 @@ def build_qwen_processor(
 
 def stock_qwen_with_same_weights(model: PreTrainedModel) -> PreTrainedModel:
     """The stock Qwen model of `model`'s architecture holding the same weights (its base model's submodules)."""
-    architecture = of_family(architecture_of(model.config), QWEN_FAMILY)
+    architecture = of_family(architecture_of(model.config), *QWEN_FAMILIES)
     with torch.device("meta"):
         stock = architecture.stock_class("model")(stock_config(model.config)).eval()
     stock.model.visual = model.model.visual

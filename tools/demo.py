@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..architectures import ARCHITECTURES, QWEN_FAMILY, Architecture, architecture_named, supported
+from ..architectures import ARCHITECTURES, Architecture, architecture_named, supported
 from .arguments import (
     UsageError,
     folder_architecture,
@@ -88,7 +88,7 @@ def kept_cells(
     The kept cells of the first crop (LLaVA: the image, LLaVA-NeXT: its base view; on the tower's patch grid) or, for
     Qwen, of the image (on its grid of merged units, `(h / 2) x (w / 2)` patches).
     """
-    if architecture.family == QWEN_FAMILY:
+    if architecture.qwen:
         _, height, width = inputs["image_grid_thw"][0].tolist()
         merge = config.vision_config.spatial_merge_size
         dominant, seeds = encoded.dominant_units.tolist(), encoded.complement_seed_units.tolist()
@@ -125,7 +125,7 @@ def tower_view(
     The image as the tower saw it: LLaVA's first crop un-normalised; for Qwen, the photo resized to the patch grid the
     processor chose (its `image_grid_thw` times the patch size).
     """
-    if architecture.family == QWEN_FAMILY:
+    if architecture.qwen:
         _, height, width = inputs["image_grid_thw"][0].tolist()
         patch = config.vision_config.patch_size
         return image.resize((width * patch, height * patch), Image.Resampling.BICUBIC)
@@ -211,7 +211,7 @@ def stock_twin(
     architecture: Architecture, model: PreTrainedModel, processor: ProcessorMixin
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """The stock model sharing `model`'s weights, and the processor of its prompts (every visual token)."""
-    if architecture.family == QWEN_FAMILY:
+    if architecture.qwen:
         return stock_qwen_with_same_weights(model), stock_qwen_processor(processor)
     return stock_llava_with_same_weights(model), stock_processor(processor)
 
@@ -261,7 +261,7 @@ def prepare(
 
 def token_breakdown(architecture: Architecture, config: PreTrainedConfig, encoded: BaseModelOutputWithPooling) -> str:
     """How VisionTrim's visual tokens are made: per crop (LLaVA) or out of the image's merged units (Qwen)."""
-    if architecture.family == QWEN_FAMILY:
+    if architecture.qwen:
         return f"{len(encoded.dominant_units)} DVTS + {len(encoded.complement_seed_units)} TGVC"
     crops = encoded.dominant_indices.shape[0]
     newline = " + 1 image_newline" if architecture.anyres and config.crop_newline else ""
@@ -279,7 +279,7 @@ def run(args: argparse.Namespace) -> None:
         architecture = folder_architecture(args.model, ARCHITECTURES, "the main job")
     else:
         architecture = architecture_named(args.arch)
-    if architecture.family == QWEN_FAMILY and args.tokens is not None:
+    if architecture.qwen and args.tokens is not None:
         raise UsageError(
             f"argument --tokens: {architecture.display_name} keeps a share of each image's merged tokens (images "
             "have any size): give --reduction-ratio instead"
@@ -328,7 +328,7 @@ def run(args: argparse.Namespace) -> None:
     else:
         description = f"{args.model} ({architecture.display_name})"
     cells = kept_cells(architecture, config, inputs[VISIONTRIM], encoded[VISIONTRIM])
-    qwen = architecture.family == QWEN_FAMILY
+    qwen = architecture.qwen
     if qwen:
         grid = f"{cells.rows}x{cells.cols} grid of the image's merged units, 2x2 patches each"
     else:

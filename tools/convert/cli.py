@@ -7,8 +7,8 @@ CLIP model its vision tower comes from:
     visiontrim-convert --llava llava-hf/llava-1.5-7b-hf --clip openai/clip-vit-large-patch14-336 \\
         --output visiontrim-llava-1.5-7b --tokens 64
 
-and `--qwen` the Qwen2-VL family (`--qwen Qwen/Qwen2.5-VL-7B-Instruct --reduction-ratio 0.75`). A refused or failed
-conversion prints one line, exits with status 2 and leaves nothing behind.
+and `--qwen` the Qwen models (`--qwen Qwen/Qwen2.5-VL-7B-Instruct --reduction-ratio 0.75`; Qwen2-VL, Qwen3-VL too). A
+refused or failed conversion prints one line, exits with status 2 and leaves nothing behind.
 """
 
 import argparse
@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ...architectures import ARCHITECTURE_NAMES, ARCHITECTURES, LLAVA_FAMILY, QWEN_FAMILY
+from ...architectures import ARCHITECTURE_NAMES, ARCHITECTURES, LLAVA_FAMILY, QWEN_FAMILIES
 from ..arguments import folder_or_hub_id, positive_int
 from .llava import convert_llava
 from .qwen import convert_qwen
@@ -26,9 +26,9 @@ from .repository import DTYPES, ConversionError
 logger = logging.getLogger("visiontrim.convert")
 
 
-def family_names(family: str) -> str:
-    """The display names of `family`'s architectures: "LLaVA-1.5, LLaVA-NeXT, ... or LLaVA-NeXT-Video"."""
-    names = [architecture.display_name for architecture in ARCHITECTURES if architecture.family == family]
+def family_names(*families: str) -> str:
+    """The display names of `families`' architectures: "LLaVA-1.5, LLaVA-NeXT, ... or LLaVA-NeXT-Video"."""
+    names = [architecture.display_name for architecture in ARCHITECTURES if architecture.family in families]
     return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
 
 
@@ -41,7 +41,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="visiontrim-convert",
         description=f"Convert a {family_names(LLAVA_FAMILY)} checkpoint (--llava, plus the CLIP model its vision "
-        f"tower comes from) or a {family_names(QWEN_FAMILY)} one (--qwen) into a VisionTrim repository folder that "
+        f"tower comes from) or a {family_names(*QWEN_FAMILIES)} one (--qwen) into a VisionTrim repository folder that "
         "loads with from_pretrained(..., trust_remote_code=True).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
@@ -53,7 +53,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument(
         "--qwen",
         type=folder_or_hub_id,
-        help=f"{family_names(QWEN_FAMILY)} checkpoint: local folder or Hub id, e.g. Qwen/Qwen2.5-VL-7B-Instruct",
+        help=f"{family_names(*QWEN_FAMILIES)} checkpoint: local folder or Hub id, e.g. Qwen/Qwen2.5-VL-7B-Instruct",
     )
     parser.add_argument(
         "--clip",
@@ -71,7 +71,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument(
-        "--reduction-ratio", type=float, help="share of each crop's (or frame's) tokens removed (default 0.889)"
+        "--reduction-ratio",
+        type=float,
+        help="share of each crop's (or frame's) tokens removed (default 0.889; Qwen3-VL: 0.5)",
     )
     budget.add_argument(
         "--tokens", type=positive_int, help="tokens kept per crop or video frame (default: 1 - 0.889 of it)"

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from ...architectures import ARCHITECTURES, QWEN_FAMILY, is_visiontrim
+from ...architectures import ARCHITECTURES, is_visiontrim
 from ..arguments import (
     UsageError,
     existing_file,
@@ -131,7 +131,7 @@ def budget_overrides(args: argparse.Namespace) -> dict[str, float]:
     if args.reduction_ratio is not None:
         overrides = {"reduction_ratio": args.reduction_ratio}
     option = "--visual-tokens" if args.visual_tokens else "--reduction-ratio"
-    if args.visual_tokens and architecture.family == QWEN_FAMILY:
+    if args.visual_tokens and architecture.qwen:
         raise UsageError(
             f"argument --visual-tokens: {architecture.display_name} keeps a share of each image's merged tokens "
             "(images have any size): give --reduction-ratio instead"
