@@ -378,3 +378,25 @@ def test_converter_turns_a_qwen3_vl_folder_into_a_visiontrim_one_at_the_qwen3_de
         expected = model.generate(**image_and_video(processor), max_new_tokens=4, do_sample=False)
         converted = loaded.generate(**image_and_video(loaded_processor), max_new_tokens=4, do_sample=False)
     assert torch.equal(converted, expected)
+
+
+@torch.no_grad()
+def test_eager_attention_and_bfloat16_keep_the_same_tokens_and_deepstack_dtype():
+    model, processor = build(0.75)
+    inputs = image_batch(processor)
+    arguments = (inputs["pixel_values"], inputs["image_grid_thw"], inputs["guidance_input_ids"])
+    sdpa = model.model.get_image_features(*arguments)
+    model.set_attn_implementation("eager")
+    eager = model.model.get_image_features(*arguments)
+    assert torch.equal(torch.cat(eager.kept_units), torch.cat(sdpa.kept_units))
+    torch.testing.assert_close(torch.cat(eager.pooler_output), torch.cat(sdpa.pooler_output), rtol=1e-4, atol=1e-5)
+    half = model.to(torch.bfloat16).model.get_image_features(*arguments)
+    assert half.pooler_output[0].dtype == torch.bfloat16
+    assert all(level[0].dtype == torch.bfloat16 for level in half.deepstack_features)
+    assert [len(kept) for kept in half.kept_units] == [len(kept) for kept in sdpa.kept_units]
+    overlap = len(set(half.dominant_units.tolist()) & set(sdpa.dominant_units.tolist()))
+    assert overlap >= 0.8 * len(sdpa.dominant_units)  # bf16 tower outputs differ a little; the choice barely moves
+    logits = model(
+        **{key: value.to(torch.bfloat16) if value.is_floating_point() else value for key, value in inputs.items()}
+    ).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
