@@ -122,7 +122,7 @@ ARCHITECTURES = (
         True,
     ),
     Architecture("qwen2-vl", "Qwen2-VL", "qwen2_vl", "qwen2_vl", "Qwen2VL", "VisionTrimQwen2VLProcessor", True, True),
-    Architecture("qwen3-vl", "Qwen3-VL", "qwen3_vl", "qwen3_vl", "Qwen3VL", "VisionTrimQwen3VLProcessor", True, False),
+    Architecture("qwen3-vl", "Qwen3-VL", "qwen3_vl", "qwen3_vl", "Qwen3VL", "VisionTrimQwen3VLProcessor", True, True),
     Architecture(
         "qwen3-vl-moe",
         "Qwen3-VL-MoE",

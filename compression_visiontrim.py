@@ -799,6 +799,9 @@ class QwenTowerRun:
     merge_size: int
     num_heads: int
     scaling: float
+    # (merged tokens, dim): features the tower gives beside each merged token, kept and merged with it (Qwen3-VL's
+    # DeepStack sets, side by side); None: none.
+    companions: torch.Tensor | None = None
 
 
 @dataclass
@@ -829,14 +832,13 @@ def compress_units(
     config: CompressionSettings,
     text_embeds: torch.Tensor | None,
     text_mask: torch.Tensor | None,
-    companions: torch.Tensor | None = None,
 ) -> CompressedUnits:
     """
     DVTS then TGVC on the merged tokens ("units", 2 x 2 patches each) of Qwen images or videos, every temporal slice
     on its own grid, all slices batched (padded to the largest grid). A slice of `N` units keeps
     `config.kept_tokens(N)` = `(K_d, K_c)`: its `K_d` best DVTS units in raster order, then its `K_c` TGVC seeds.
-    Companion features (Qwen3-VL's DeepStack sets) ride along each unit: the kept units' rows, merged with the same
-    assignments at every TGVC iteration; they never take part in a choice.
+    The run's companion features (Qwen3-VL's DeepStack sets) ride along each unit: the kept units' rows, merged with
+    the same assignments at every TGVC iteration; they never take part in a choice.
 
     DVTS: the global term is the attention each unit receives at the scored block (head-mean probabilities over the
     image's or video's patches, averaged over its queries, summed over the unit's patches, normalised over the
@@ -850,7 +852,6 @@ def compress_units(
         text_embeds: `(media, text, text_hidden)` L2-normalised guidance embeddings of each image (video); None
             when TGVC is off.
         text_mask: `(media, text)` bool validity of `text_embeds`.
-        companions: `(units, companion_dim)` features of the same units (the merged tokens' order), or None.
     """
     unit_size = run.merge_size**2
     grid = run.grid_thw.to(run.query.device)
@@ -895,7 +896,7 @@ def compress_units(
     num_complement = torch.tensor([complement for _, complement in budgets], device=grid.device)
     # Companions as extra columns of the merged tokens: DVTS gathers, and TGVC's merge sums, columns independently.
     width = run.outputs.pooler_output.shape[-1]
-    tokens = run.outputs.pooler_output
+    tokens, companions = run.outputs.pooler_output, run.companions
     if companions is not None:
         tokens = torch.cat([tokens, companions.to(tokens)], dim=-1)
     merged = on_grid(tokens)
@@ -953,12 +954,11 @@ def compress_units_with_question(
     guidance_attention_mask: torch.Tensor | None,
     modality: str,
     device: torch.device,
-    companions: torch.Tensor | None = None,
 ) -> CompressedUnits:
     """
     `compress_units` guided by each image's (video's) question in the LLM's embedding space: its `(media, text)`
     guidance ids, checked by `checked_guidance` and moved to `device`, embedded by the LLM's `embed_tokens` and
-    L2-normalised. With TGVC off (`dominant_ratio=1`) there is no guidance. `companions`: as in `compress_units`.
+    L2-normalised. With TGVC off (`dominant_ratio=1`) there is no guidance.
     """
     text_embeds = text_mask = None
     if config.dominant_ratio < 1:
@@ -971,7 +971,7 @@ def compress_units_with_question(
             device,
         )
         text_embeds = F.normalize(embed_tokens(input_ids).float(), dim=-1)
-    return compress_units(run, config, text_embeds, text_mask, companions)
+    return compress_units(run, config, text_embeds, text_mask)
 
 
 def anyres_image_tokens(

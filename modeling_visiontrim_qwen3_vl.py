@@ -38,10 +38,6 @@ class Qwen3EncoderOutput(QwenEncoderOutput):
 class Qwen3ModelMixin(QwenModelMixin):
     """What Qwen3-VL changes in the Qwen models' compression: DeepStack rows, and a video's slices as blocks."""
 
-    def companion_features(self, run: QwenTowerRun) -> torch.Tensor:
-        """The DeepStack feature sets side by side, `(units, levels * text_hidden)`: merged like the main tokens."""
-        return torch.cat(run.outputs.deepstack_features, dim=-1)
-
     def encoder_output(self, run: QwenTowerRun, compressed: CompressedUnits) -> Qwen3EncoderOutput:
         output = super().encoder_output(run, compressed)
         levels = compressed.companions.chunk(len(run.outputs.deepstack_features), dim=-1)

@@ -55,9 +55,10 @@ def run_qwen_tower(
     tower: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.LongTensor, block_index: int, **kwargs
 ):
     """
-    Runs a Qwen2-VL / Qwen2.5-VL vision tower on packed patches, recording block `block_index`'s queries and keys
-    (rotary embedding applied) and output, in raster order: Qwen2.5-VL runs its blocks in window order, which is
-    undone here as the tower undoes it after the merger. Every block keeps its own attention kernel.
+    Runs a Qwen vision tower on packed patches, recording block `block_index`'s queries and keys (rotary embedding
+    applied) and output, in raster order: Qwen2.5-VL runs its blocks in window order, which is undone here as the
+    tower undoes it after the merger. Every block keeps its own attention kernel. Qwen3-VL's DeepStack sets become the
+    run's companions.
     """
     block = tower.blocks[block_index]
     attention = block.attn
@@ -78,6 +79,7 @@ def run_qwen_tower(
             return values.view(-1, unit_size, values.shape[-1])[raster_order].flatten(0, 1)
 
         query, key, features = in_raster_order(query), in_raster_order(key), in_raster_order(features)
+    deepstack = getattr(outputs, "deepstack_features", None)  # Qwen3-VL
     return QwenTowerRun(
         outputs,
         query,
@@ -87,6 +89,7 @@ def run_qwen_tower(
         tower.spatial_merge_size,
         attention.num_heads,
         attention.scaling,
+        torch.cat(deepstack, dim=-1) if deepstack else None,
     )
 
 
@@ -178,13 +181,8 @@ class QwenModelMixin:
             guidance_attention_mask,
             modality,
             embeddings.weight.device,
-            self.companion_features(run),
         )
         return self.encoder_output(run, compressed)
-
-    def companion_features(self, run: QwenTowerRun) -> torch.Tensor | None:
-        """`(units, dim)` features kept and merged with the same tokens as the merged ones: none here."""
-        return None
 
     def encoder_output(self, run: QwenTowerRun, compressed: CompressedUnits) -> QwenEncoderOutput:
         """`get_*_features`' output: each item's kept tokens and units, and the tower's own outputs."""

@@ -39,6 +39,19 @@ def sampled_videos(videos, owner: str) -> list:
     return make_batched_videos(videos)
 
 
+def flat_metadata(video_metadata) -> list:
+    """Each video's metadata, from one entry per video or from per-batch lists of them (vLLM's `[[metadata]]`)."""
+    entries = []
+    for entry in video_metadata or []:
+        entries.extend(entry if isinstance(entry, (list, tuple)) else [entry])
+    return entries
+
+
+def metadata_field(metadata: VideoMetadata | dict | None, name: str):
+    """A field of a video's metadata (a `VideoMetadata` or a dict), None when it is not given."""
+    return metadata.get(name) if isinstance(metadata, dict) else getattr(metadata, name, None)
+
+
 class VisionTrimVideoProcessor(VideoProcessorMixin):
     r"""
     Turns sampled video frames into `pixel_values_videos` `(videos, frames, 3, height, width)` with CLIP's
@@ -187,10 +200,9 @@ class VisionTrimQwenVideoProcessor(VideoProcessorMixin):
         frame_processor = self.frame_processor()
         videos = sampled_videos(videos, type(self).__name__)
         rates, indices = [self.fps] * len(videos), [None] * len(videos)
-        for index, given in enumerate(video_metadata or []):
-            given = given if isinstance(given, dict) else vars(given)
-            rates[index] = given.get("fps") or self.fps
-            indices[index] = given.get("frames_indices")
+        for index, given in enumerate(flat_metadata(video_metadata)):
+            rates[index] = metadata_field(given, "fps") or self.fps
+            indices[index] = metadata_field(given, "frames_indices")
         pixels, grids, metadata = [], [], []
         for video, fps, frames_indices in zip(videos, rates, indices, strict=True):
             frames = self.resized(list(video))

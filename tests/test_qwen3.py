@@ -371,7 +371,7 @@ def test_converter_turns_a_qwen3_vl_folder_into_a_visiontrim_one_at_the_qwen3_de
     assert (loaded.config.reduction_ratio, loaded_processor.reduction_ratio) == (0.5, 0.5)
     card = " ".join((tmp_path / "out" / "README.md").read_text().split())
     assert "So the default for Qwen3-VL is `reduction_ratio=0.5`" in card and "DeepStack features" in card
-    assert "refuses Qwen3-VL folders when they load" in card and "qwen3_vl" in card
+    assert "this folder serves images and videos with its compression" in card and "qwen3_vl" in card
     assert "A 1024 x 768 image (768 merged tokens) keeps (288, 96)" in card
     model.config.reduction_ratio = processor.reduction_ratio = 0.5
     with torch.no_grad():

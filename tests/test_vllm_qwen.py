@@ -206,13 +206,20 @@ def processor_inputs(processor, entry: dict, media: dict, **options) -> dict:
     return processor(images=images, videos=videos, text=entry["prompt"], return_tensors="pt", **options)
 
 
-def transformers_reference(remote: tuple, entry: dict, media: dict, **options) -> dict:
+def transformers_reference(
+    remote: tuple, entry: dict, media: dict, prompt_ids: list[int] | None = None, **options
+) -> dict:
     """
     Transformers' prompt ids, M-RoPE positions `(3, tokens)`, greedy tokens and first-step log-probs of a prompt
-    (`options` for the processor, e.g. `guidance_text`).
+    (`options` for the processor, e.g. `guidance_text`); with `prompt_ids`, of those ids (another engine's layout of
+    the same prompt) with the processor's media and guidance.
     """
     model, processor = remote
     inputs = processor_inputs(processor, entry, media, **options)
+    if prompt_ids is not None:
+        ids = torch.tensor([prompt_ids])
+        types = (ids == model.config.image_token_id).int() + 2 * (ids == model.config.video_token_id).int()
+        inputs.update(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types)
     encoded = {}
     for modality, (pixels, grid, guidance) in MEDIA_INPUTS.items():
         if pixels in inputs:
@@ -326,7 +333,7 @@ def test_two_tensor_parallel_ranks_keep_the_same_tokens_as_one(engines):
 
 OFFSETS_ROUND_TRIP = """
 import torch
-from visiontrim.serving.vllm_qwen2_vl import split_offsets, with_offsets
+from visiontrim.serving.vllm_qwen import split_offsets, with_offsets
 
 offsets = torch.stack([torch.arange(0, 65536, 7), torch.arange(65535, -1, -7), torch.arange(0, 65536, 7) % 300], -1)
 for dtype in (torch.bfloat16, torch.float16, torch.float32):

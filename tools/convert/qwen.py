@@ -31,6 +31,11 @@ from .repository import (
 
 
 CARD_TEMPLATE = "model_card_qwen.md"
+NOT_SERVED = """## Serving with vLLM
+
+Not yet: the visiontrim vLLM plugin refuses $architecture folders when they load. Run this folder with Transformers as
+above.
+"""
 SERVED = """## Serving with vLLM
 
 With the `visiontrim` package installed beside vLLM (its vLLM plugin; `pip install --no-deps visiontrim`, since vLLM
@@ -41,8 +46,8 @@ request guides TGVC by its question:
 vllm serve $repo_id --revision $revision --trust-remote-code
 ```
 """
-# What the Qwen card says per family: its tag, DVTS's scored block, an example image, what the family changes, whether
-# vLLM serves it (with the card's `$repo_id` and `$revision`), and what published numbers say.
+# What the Qwen card says per family: its tag, DVTS's scored block, an example image, what the family changes, and
+# what published numbers say.
 FAMILY_CARD = {
     QWEN_FAMILY: {
         "family": QWEN_FAMILY,
@@ -50,7 +55,6 @@ FAMILY_CARD = {
         "example_size": "1008 x 756",
         "example_units": 972,
         "family_notes": "",
-        "serving": SERVED,
         "published": """\
 VisionTrim's paper reports transfer results on Qwen2-VL and Qwen2.5-VL; its Qwen numbers are not published in a form we
 could verify, so none are quoted here. Evaluate this folder on your own tasks before relying on it.""",
@@ -63,11 +67,6 @@ could verify, so none are quoted here. Evaluate this folder on your own tasks be
         "family_notes": """ Qwen3-VL's DeepStack features (added to the
 language model's first layers at the visual positions) keep the same tokens, selected and merged like the main ones,
 and each video frame pair keeps its timestamp and at least one token.""",
-        "serving": """## Serving with vLLM
-
-Not yet: the visiontrim vLLM plugin refuses Qwen3-VL folders when they load. Run this folder with Transformers as
-above.
-""",
         "published": """\
 VisionTrim publishes no Qwen3-VL numbers. Third-party tables (the EADP paper, as reprinted) show what heavy pruning
 costs Qwen3-VL-8B at 1,024 vision tokens (average of 8 benchmarks with DocVQA / InfoVQA): keeping 128 tokens (87.5%
@@ -128,8 +127,10 @@ def convert_qwen(args: argparse.Namespace) -> Path:
         template = string.Template((resources.files("visiontrim") / "hub_cards" / CARD_TEMPLATE).read_text())
         hub_base = is_hub_id(args.qwen)
         repo_id = args.push_to_hub or "path/to/this/folder"
-        family = dict(FAMILY_CARD[architecture.family])
-        family["serving"] = string.Template(family["serving"]).substitute(repo_id=repo_id, revision=revision)
+        family = FAMILY_CARD[architecture.family]
+        serving = string.Template(SERVED if architecture.vllm_served else NOT_SERVED).substitute(
+            repo_id=repo_id, revision=revision, architecture=architecture.display_name
+        )
         return template.substitute(
             license=args.license or "apache-2.0",
             base_model_metadata=f"base_model: {args.qwen}\n" if hub_base else "",
@@ -140,6 +141,7 @@ def convert_qwen(args: argparse.Namespace) -> Path:
             reduction_ratio=f"{config.reduction_ratio:.6f}",
             dominant_ratio=config.dominant_ratio,
             **family,
+            serving=serving,
             example_budget=config.kept_tokens(family["example_units"]),
             visiontrim_version=__version__,
             repo_id=repo_id,

@@ -1,0 +1,133 @@
+"""
+The vLLM plugin serving VisionTrim Qwen3-VL folders (`LLM(model=folder, trust_remote_code=True)`), in vLLM's own
+environment: prompt ids (each video slice after its timestamp), the M-RoPE positions the served LLM gets, greedy
+tokens and first-step log-probs against the Transformers classes, whose DeepStack rows and positions are checked
+against a slow reference in `test_qwen3.py`; `reduction_ratio=0` against vLLM's own Qwen3-VL.
+"""
+
+from pathlib import Path
+
+import numpy
+import pytest
+from PIL import Image
+from test_vllm_qwen import chat, transformers_reference
+
+from visiontrim.tools.build_qwen import QwenShapes, stock_qwen_processor, stock_qwen_with_same_weights
+from visiontrim.tools.demo import sample_photo
+
+from helpers import load_remote, loaded, run_jobs, save_qwen_checkpoint
+
+
+SHAPES = QwenShapes(llm_heads=2, llm_kv_heads=2)  # vLLM's CPU attention: head size 32
+FOLDER = {"arch": "qwen3-vl", "shapes": SHAPES, "max_pixels": 448 * 448, "sharpness": 30.0}
+MAX_TOKENS = 8
+LOGPROBS = 5
+CLIP_FPS = 2.0
+# A wide image, two images in one prompt, a 4-frame clip (2 slices, each after its timestamp), an image with the clip.
+BATCH = [
+    {"prompt": chat("What animal is this?", 1), "images": ["cat"]},
+    {"prompt": chat("Compare the two pictures.", 2), "images": ["square", "cup"]},
+    {"prompt": chat("What happens in the video?", videos=1), "videos": ["clip"]},
+    {"prompt": chat("Is the cat of the picture in the video?", 1, 1), "images": ["cat"], "videos": ["clip"]},
+]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("vllm-qwen3-media")
+    cat, cup = (Image.open(sample_photo(name)).convert("RGB") for name in ("chelsea.jpg", "coffee.jpg"))
+    paths = {}
+    for name, image in {"cat": cat, "cup": cup, "square": cat.resize((256, 256))}.items():
+        paths[name] = str(folder / f"{name}.png")
+        image.save(paths[name])
+    frames = numpy.stack([numpy.asarray(cat.crop((left, 60, left + 128, 252))) for left in (100, 130, 160, 190)])
+    numpy.save(folder / "clip.npy", frames)
+    return {"images": paths, "videos": {"clip": {"path": str(folder / "clip.npy"), "fps": CLIP_FPS}}, "frames": frames}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """A tiny VisionTrim Qwen3-VL folder (a quarter of each image and slice kept), uncompressed, and stock."""
+    work = tmp_path_factory.mktemp("vllm-qwen3-folders")
+    folders = {
+        "qwen3": save_qwen_checkpoint(work / "qwen3", **FOLDER, reduction_ratio=0.75),
+        "uncompressed": save_qwen_checkpoint(work / "uncompressed", **FOLDER, reduction_ratio=0),
+    }
+    model, processor = load_remote(folders["uncompressed"])
+    stock_qwen_with_same_weights(model).save_pretrained(work / "stock")
+    stock_qwen_processor(processor).save_pretrained(work / "stock")
+    folders["stock"] = work / "stock"
+    return folders
+
+
+@pytest.fixture(scope="module")
+def engines(vllm_python, folders, media, tmp_path_factory) -> dict[str, dict]:
+    """The batch on the VisionTrim folder (tokens, log-probs, prefill positions), the uncompressed and stock ones."""
+    work = tmp_path_factory.mktemp("vllm-qwen3-engines")
+    _, processor = load_remote(folders["qwen3"])
+    common = {
+        "images": media["images"],
+        "videos": media["videos"],
+        "limit_mm_per_prompt": {"image": 2, "video": 1},
+        "placeholder_ids": processor.tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"]),
+        "max_tokens": MAX_TOKENS,
+        "rounds": [BATCH],
+    }
+    jobs = {
+        "qwen3": {"model": str(folders["qwen3"]), **common, "logprobs": LOGPROBS, "record_positions": True},
+        "uncompressed": {"model": str(folders["uncompressed"]), **common},
+        "stock": {"model": str(folders["stock"]), **common},
+    }
+    return run_jobs(vllm_python, work, jobs)
+
+
+@pytest.fixture(scope="module")
+def references(folders, media, engines) -> list[dict]:
+    """Transformers on the prompt ids vLLM served (see the prompt test), with the processor's media and guidance."""
+    remote = load_remote(folders["qwen3"])
+    served = loaded(engines["qwen3"])["rounds"][0]["prompt_ids"]
+    return [transformers_reference(remote, entry, media, ids) for entry, ids in zip(BATCH, served, strict=True)]
+
+
+def test_prompts_hold_the_kept_tokens_and_each_slice_its_timestamp(engines, folders, media):
+    served = loaded(engines["qwen3"])["rounds"][0]
+    stock = loaded(engines["stock"])["rounds"][0]
+    remote = load_remote(folders["qwen3"])
+    _, processor = remote
+    start, *pads = processor.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|video_pad|>"])
+    for index, entry in enumerate(BATCH):
+        expected = transformers_reference(remote, entry, media)["prompt_ids"]
+        if "videos" in entry:
+            # vLLM 0.32 replaces only the video placeholder, so stock Qwen3-VL's per-slice blocks stay inside the
+            # prompt's own <|vision_start|> ... <|vision_end|>; Transformers replaces the whole. Each engine keeps
+            # its stock layout.
+            assert stock["prompt_ids"][index].count(start) == expected.count(start) + 1
+        else:
+            assert served["prompt_ids"][index] == expected
+        # The served ids are stock vLLM's, each image's and slice's placeholders cut to the kept count.
+        text = [[token for token in run["prompt_ids"][index] if token not in pads] for run in (served, stock)]
+        assert text[0] == text[1]
+    video_prompt = processor.tokenizer.decode(served["prompt_ids"][2])
+    slices = [block.count("<|video_pad|>") for block in video_prompt.split("seconds>")[1:]]
+    assert slices == [6, 6]  # a quarter of each slice's 6 x 4 merged tokens, after each slice's timestamp
+
+
+def test_kept_tokens_sit_at_their_transformers_positions(engines, references):
+    served = loaded(engines["qwen3"])["rounds"][0]
+    for positions, reference in zip(served["positions"], references, strict=True):
+        assert positions == reference["positions"]
+
+
+def test_greedy_tokens_and_log_probs_equal_transformers(engines, references):
+    # The log-probs see the DeepStack rows too: a row kept or merged differently would move them.
+    served = loaded(engines["qwen3"])["rounds"][0]
+    for tokens, logprobs, reference in zip(served["tokens"], served["logprobs"], references, strict=True):
+        assert tokens == reference["tokens"]
+        for token, logprob in logprobs.items():
+            assert abs(logprob - reference["logprobs"][int(token)].item()) < 1e-3
+
+
+def test_no_compression_equals_stock_vllm_qwen3_vl(engines):
+    uncompressed, stock = loaded(engines["uncompressed"])["rounds"][0], loaded(engines["stock"])["rounds"][0]
+    assert uncompressed["prompt_ids"] == stock["prompt_ids"]
+    assert uncompressed["tokens"] == stock["tokens"]
