@@ -231,10 +231,15 @@ class VisionTrimQwen3VLVideoProcessor(VisionTrimQwenVideoProcessor):
     `video_metadata` carries the frame indices and rate its timestamps come from (given ones are kept; by default the
     frames are 0, 1, ... at `fps`).
 
+    With `do_sample_frames=True` (what vLLM asks when it hands over a decoded file whole) it samples each video as
+    `Qwen3VLVideoProcessor` does: `num_frames`, or the video's duration times `fps` frames, between `min_frames` and
+    `max_frames`, evenly spaced.
+
     Args:
         size (`dict`, defaults to `{"shortest_edge": 128 * 32 * 32, "longest_edge": 768 * 32 * 32}`):
             The fewest and most pixels of a video's frames together.
-        patch_size, temporal_patch_size, merge_size, image_mean, image_std, fps: as in [`Qwen3VLVideoProcessor`].
+        patch_size, temporal_patch_size, merge_size, image_mean, image_std, fps, min_frames, max_frames:
+            as in [`Qwen3VLVideoProcessor`].
     """
 
     def __init__(
@@ -243,6 +248,8 @@ class VisionTrimQwen3VLVideoProcessor(VisionTrimQwenVideoProcessor):
         patch_size: int = 16,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
+        min_frames: int = 4,
+        max_frames: int = 768,
         **kwargs,
     ):
         super().__init__(
@@ -252,6 +259,34 @@ class VisionTrimQwen3VLVideoProcessor(VisionTrimQwenVideoProcessor):
             image_std=image_std or list(IMAGENET_STANDARD_STD),
             **kwargs,
         )
+        self.min_frames = min_frames
+        self.max_frames = max_frames
+
+    def preprocess(
+        self,
+        videos,
+        video_metadata: list[VideoMetadata | dict] | None = None,
+        do_sample_frames: bool = False,
+        fps: float | None = None,
+        num_frames: int | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """As [`VisionTrimQwenVideoProcessor`], after sampling each video when `do_sample_frames` is set."""
+        if not do_sample_frames:
+            return super().preprocess(videos, video_metadata=video_metadata, **kwargs)
+        videos = sampled_videos(videos, type(self).__name__)
+        given = flat_metadata(video_metadata) or [None] * len(videos)
+        sampled, sampled_metadata = [], []
+        for video, metadata in zip(videos, given, strict=True):
+            total = len(video)
+            source_fps = metadata_field(metadata, "fps") or 24.0
+            count = num_frames if num_frames is not None else int(total / source_fps * (fps or self.fps))
+            count = min(max(count, self.min_frames), self.max_frames, total)
+            picked = torch.linspace(0, total - 1, count).round().long().tolist()
+            source_indices = metadata_field(metadata, "frames_indices") or list(range(total))
+            sampled.append([video[index] for index in picked])
+            sampled_metadata.append({"fps": source_fps, "frames_indices": [source_indices[i] for i in picked]})
+        return super().preprocess(sampled, video_metadata=sampled_metadata, **kwargs)
 
     def frame_processor(self) -> Qwen2VLImageProcessorPil:
         """The Pillow Qwen image processor of the resized frames: patches and normalises, does not resize."""

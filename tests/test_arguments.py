@@ -41,7 +41,7 @@ def error_of(capsys, run) -> str:
         ),
         (
             ["bench-vllm", "--vllm-python", __file__, "--media", "image-448x448"],
-            "argument --media: is for --arch qwen2.5-vl",
+            "argument --media: is for the Qwen archs",
         ),
         (
             ["bench-vllm", "--vllm-python", __file__, "--arch", "qwen2.5-vl", "--media", "image-336x336"],

@@ -400,3 +400,19 @@ def test_eager_attention_and_bfloat16_keep_the_same_tokens_and_deepstack_dtype()
         **{key: value.to(torch.bfloat16) if value.is_floating_point() else value for key, value in inputs.items()}
     ).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(("total", "source_fps"), [(40, 10.0), (7, 2.0), (3, 30.0), (300, 24.0)])
+def test_video_processor_samples_frames_as_stock_qwen3_vl_when_asked(total, source_fps):
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    _, processor = build(0.75, sharpness=None)
+    video_processor = processor.video_processor
+    video = random_video(total, 32, 32, seed=0)
+    metadata = VideoMetadata(total_num_frames=total, fps=source_fps, frames_indices=list(range(total)))
+    out = video_processor(videos=[video], video_metadata=[metadata], do_sample_frames=True, return_tensors="pt")
+    # Stock Qwen3-VL's own sampling rule (its processor needs torchvision; the rule does not).
+    expected = Qwen3VLVideoProcessor.sample_frames(video_processor, metadata).tolist()
+    assert out["video_metadata"][0].frames_indices == expected
+    assert int(out["video_grid_thw"][0, 0]) == -(-len(expected) // 2)

@@ -5,15 +5,17 @@ tokens and first-step log-probs against the Transformers classes, whose DeepStac
 against a slow reference in `test_qwen3.py`; `reduction_ratio=0` against vLLM's own Qwen3-VL.
 """
 
+import os
 from pathlib import Path
 
 import numpy
 import pytest
 from PIL import Image
-from test_vllm_qwen import chat, transformers_reference
+from test_vllm_qwen import ENGINE, chat, mp4_bytes, openai_messages, transformers_reference
 
 from visiontrim.tools.build_qwen import QwenShapes, stock_qwen_processor, stock_qwen_with_same_weights
 from visiontrim.tools.demo import sample_photo
+from visiontrim.tools.vllm_server import vllm_server
 
 from helpers import load_remote, loaded, run_jobs, save_qwen_checkpoint
 
@@ -42,7 +44,12 @@ def media(tmp_path_factory) -> dict:
         image.save(paths[name])
     frames = numpy.stack([numpy.asarray(cat.crop((left, 60, left + 128, 252))) for left in (100, 130, 160, 190)])
     numpy.save(folder / "clip.npy", frames)
-    return {"images": paths, "videos": {"clip": {"path": str(folder / "clip.npy"), "fps": CLIP_FPS}}, "frames": frames}
+    return {
+        "images": paths,
+        "videos": {"clip": {"path": str(folder / "clip.npy"), "fps": CLIP_FPS}},
+        "frames": frames,
+        "mp4": mp4_bytes(frames, CLIP_FPS),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +69,10 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engines(vllm_python, folders, media, tmp_path_factory) -> dict[str, dict]:
-    """The batch on the VisionTrim folder (tokens, log-probs, prefill positions), the uncompressed and stock ones."""
+    """
+    The batch on the VisionTrim folder (tokens, log-probs, prefill positions; and the OpenAI-style chats of the server
+    test, offline), the uncompressed and stock ones.
+    """
     work = tmp_path_factory.mktemp("vllm-qwen3-engines")
     _, processor = load_remote(folders["qwen3"])
     common = {
@@ -74,7 +84,13 @@ def engines(vllm_python, folders, media, tmp_path_factory) -> dict[str, dict]:
         "rounds": [BATCH],
     }
     jobs = {
-        "qwen3": {"model": str(folders["qwen3"]), **common, "logprobs": LOGPROBS, "record_positions": True},
+        "qwen3": {
+            "model": str(folders["qwen3"]),
+            **common,
+            "logprobs": LOGPROBS,
+            "record_positions": True,
+            "messages": openai_messages(media),
+        },
         "uncompressed": {"model": str(folders["uncompressed"]), **common},
         "stock": {"model": str(folders["stock"]), **common},
     }
@@ -131,3 +147,34 @@ def test_no_compression_equals_stock_vllm_qwen3_vl(engines):
     uncompressed, stock = loaded(engines["uncompressed"])["rounds"][0], loaded(engines["stock"])["rounds"][0]
     assert uncompressed["prompt_ids"] == stock["prompt_ids"]
     assert uncompressed["tokens"] == stock["tokens"]
+
+
+def test_vllm_serve_answers_openai_image_and_video_chats_like_offline(vllm_python, folders, media, engines, tmp_path):
+    # The MP4 arrives whole: vLLM decodes every frame and the folder's processor samples them as stock Qwen3-VL does.
+    import openai
+
+    offline = loaded(engines["qwen3"])
+    options = [*ENGINE, "--limit-mm-per-prompt", '{"image": 2, "video": 1}']
+    environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    answers = []
+    with vllm_server(
+        Path(vllm_python).parent / "vllm", str(folders["qwen3"]), tmp_path / "serve.log", options, 300, cwd=tmp_path,
+        env=environment,
+    ) as port:  # fmt: skip
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        for messages in openai_messages(media):
+            answers.append(
+                client.chat.completions.create(
+                    model=str(folders["qwen3"]),
+                    messages=messages,
+                    max_tokens=MAX_TOKENS,
+                    temperature=0,
+                    logprobs=True,
+                    extra_body={"return_tokens_as_token_ids": True},
+                )
+            )
+    for answer, tokens, prompt_tokens in zip(answers, offline["chat"], offline["chat_prompt_tokens"], strict=True):
+        served = [int(entry.token.removeprefix("token_id:")) for entry in answer.choices[0].logprobs.content]
+        assert served == tokens
+        assert answer.usage.prompt_tokens == prompt_tokens
+    assert offline["chat_prompt_tokens"][1] > 2 * 6  # the video's two slices, each after its timestamp

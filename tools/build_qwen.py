@@ -190,11 +190,12 @@ def build_qwen_model(config: QwenSettings, seed: int = 0) -> PreTrainedModel:
 
 
 def build_qwen_processor(
-    config: QwenSettings, min_pixels: int = 56 * 56, max_pixels: int = 1008 * 1008
+    config: QwenSettings, min_pixels: int = 56 * 56, max_pixels: int = 1008 * 1008, video_max_pixels: int | None = None
 ) -> ProcessorMixin:
     """
     The processor matching `config` (same budget; Qwen's image preprocessing with the Pillow backend). Images and
-    Qwen2-VL's video frames take `min_pixels` to `max_pixels` each; Qwen3-VL's videos, all their frames together.
+    Qwen2-VL's video frames take `min_pixels` to `max_pixels` each; Qwen3-VL's videos, all their frames together, up to
+    `video_max_pixels` (default `max_pixels`).
     """
     architecture = of_family(architecture_of(config), *QWEN_FAMILIES)
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
@@ -202,7 +203,8 @@ def build_qwen_processor(
         image_processor = Qwen2VLImageProcessorPil(
             patch_size=16, merge_size=2, temporal_patch_size=2, size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3
         )
-        video_processor = VisionTrimQwen3VLVideoProcessor(size=size)
+        video_size = {**size, "longest_edge": video_max_pixels or max_pixels}
+        video_processor = VisionTrimQwen3VLVideoProcessor(size=video_size)
     else:
         image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, size=size)
         video_processor = VisionTrimQwenVideoProcessor(size=size)

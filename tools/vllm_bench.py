@@ -1,7 +1,7 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
 `python -m visiontrim bench-vllm`: stock LLaVA against VisionTrim served by vLLM, with the same weights, in one run
-(`--arch qwen2.5-vl`: Qwen2.5-VL, VisionTrim and vLLM's EVS, see `vllm_bench_qwen.py`).
+(`--arch qwen2.5-vl` or `qwen3-vl`: the Qwen model, VisionTrim and vLLM's EVS, see `vllm_bench_qwen.py`).
 
 It builds a random LLaVA-1.5-shaped model here (the real CLIP ViT-L/14-336 towers, a small LLM) and saves it twice:
 as a VisionTrim folder and as a stock llava-hf folder with the same weights. `tools/vllm_bench_job.py` then measures
@@ -99,15 +99,15 @@ def plot(results: dict[str, dict], path: Path, title: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.arch == "qwen2.5-vl":
+    if args.arch in vllm_bench_qwen.SERVING_BENCHES:
         return vllm_bench_qwen.run(args)
     if len(args.concurrency) > 1:
         raise UsageError(
             f"argument --concurrency: takes one value for --arch llava, got {len(args.concurrency)}; several "
-            "values are for --arch qwen2.5-vl (one measurement each)."
+            "values are for the Qwen archs (one measurement each)."
         )
     if args.media is not None:
-        raise UsageError("argument --media: is for --arch qwen2.5-vl; --arch llava measures one 336 x 336 image.")
+        raise UsageError("argument --media: is for the Qwen archs; --arch llava measures one 336 x 336 image.")
     shapes = (
         Shapes(llm_heads=2, llm_kv_heads=2)
         if args.toy
@@ -169,10 +169,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--arch",
-        choices=("llava", "qwen2.5-vl"),
+        choices=("llava", *vllm_bench_qwen.SERVING_BENCHES),
         default="llava",
-        help="llava: LLaVA-1.5's CLIP towers, VisionTrim at --tokens per image; qwen2.5-vl: Qwen2.5-VL-7B's vision "
-        "tower, VisionTrim at 25%% and 50%% kept and vLLM's EVS at the same rates, on two images and a video",
+        help="llava: LLaVA-1.5's CLIP towers, VisionTrim at --tokens per image; qwen2.5-vl / qwen3-vl: the 7B / 8B "
+        "model's vision tower, VisionTrim at 25%% and 50%% kept and vLLM's EVS at the same rates, on two images and a "
+        "video",
     )
     parser.add_argument("--tokens", type=positive_int, default=64, help="LLaVA: VisionTrim's visual tokens per image")
     parser.add_argument("--llm-layers", type=positive_int, default=LLAVA_15_SHAPES.llm_layers)
@@ -185,14 +186,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         nargs="+",
         default=[4],
-        help="concurrent clients of vllm serve (qwen2.5-vl: one measurement per value)",
+        help="concurrent clients of vllm serve (Qwen: one measurement per value)",
     )
     parser.add_argument(
         "--media",
         nargs="+",
         choices=list(vllm_bench_qwen.MEDIA),
         default=None,
-        help="qwen2.5-vl: the media measured (default: all three); EVS runs only on a video",
+        help="qwen2.5-vl / qwen3-vl: the media measured (default: the architecture's three); EVS runs only on a video",
     )
     parser.add_argument("--max-tokens", type=positive_int, default=16, help="output tokens per request")
     parser.add_argument("--kv-cache-gib", type=positive_int, default=1, help="VLLM_CPU_KVCACHE_SPACE for both")

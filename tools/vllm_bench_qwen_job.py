@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 import urllib.request
 from pathlib import Path
 
@@ -172,7 +173,13 @@ def main(job_path: str, result_path: str) -> None:
     items = {name: media_items(job["photos"], medium, count) for name, medium in job["media"].items()}
     results: dict[str, dict] = {}
     for run in job["runs"]:
-        measured = offline(run, job, items)
+        try:
+            measured = offline(run, job, items)
+        except Exception as error:  # a run vLLM itself cannot do (its EVS on some models); the others go on
+            traceback.print_exc()
+            results[run["name"]] = {"error": f"{type(error).__name__}: {error}"}
+            Path(result_path).write_text(json.dumps(results, indent=2))
+            continue
         for name, timings in served(run, job, items, Path(result_path).with_name(f"serve-{run['name']}.log")).items():
             measured[name]["served"] = timings
         results[run["name"]] = measured
