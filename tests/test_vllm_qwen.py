@@ -349,22 +349,25 @@ def test_unit_offsets_ride_exactly_on_half_precision_embeddings(vllm_python):
     assert completed.returncode == 0, completed.stderr[-3000:]
 
 
-def test_vllm_serve_answers_openai_image_and_video_chats_like_offline(vllm_python, folders, media, engines, tmp_path):
+def assert_served_chats_equal_offline(vllm_python, folder: Path, media: dict, offline: dict, tmp_path: Path) -> str:
+    """
+    `vllm serve folder` answers `openai_messages(media)` through the `openai` client (greedy) with the offline
+    engine's `LLM.chat` tokens and prompt lengths (`offline`); returns the server's log.
+    """
     import openai
 
-    offline = loaded(engines["qwen2.5"])
     options = [*ENGINE, "--limit-mm-per-prompt", '{"image": 2, "video": 1}']
     environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     log = tmp_path / "serve.log"
     answers = []
     with vllm_server(
-        Path(vllm_python).parent / "vllm", str(folders["qwen2.5"]), log, options, 300, cwd=tmp_path, env=environment
+        Path(vllm_python).parent / "vllm", str(folder), log, options, 300, cwd=tmp_path, env=environment
     ) as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         for messages in openai_messages(media):
             answers.append(
                 client.chat.completions.create(
-                    model=str(folders["qwen2.5"]),
+                    model=str(folder),
                     messages=messages,
                     max_tokens=MAX_TOKENS,
                     temperature=0,
@@ -376,4 +379,11 @@ def test_vllm_serve_answers_openai_image_and_video_chats_like_offline(vllm_pytho
         served = [int(entry.token.removeprefix("token_id:")) for entry in answer.choices[0].logprobs.content]
         assert served == tokens
         assert answer.usage.prompt_tokens == prompt_tokens
-    assert "no user-turn marker" not in log.read_text()
+    return log.read_text()
+
+
+def test_vllm_serve_answers_openai_image_and_video_chats_like_offline(vllm_python, folders, media, engines, tmp_path):
+    log = assert_served_chats_equal_offline(
+        vllm_python, folders["qwen2.5"], media, loaded(engines["qwen2.5"]), tmp_path
+    )
+    assert "no user-turn marker" not in log

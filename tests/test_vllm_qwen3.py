@@ -5,17 +5,21 @@ tokens and first-step log-probs against the Transformers classes, whose DeepStac
 against a slow reference in `test_qwen3.py`; `reduction_ratio=0` against vLLM's own Qwen3-VL.
 """
 
-import os
 from pathlib import Path
 
 import numpy
 import pytest
 from PIL import Image
-from test_vllm_qwen import ENGINE, chat, mp4_bytes, openai_messages, transformers_reference
+from test_vllm_qwen import (
+    assert_served_chats_equal_offline,
+    chat,
+    mp4_bytes,
+    openai_messages,
+    transformers_reference,
+)
 
 from visiontrim.tools.build_qwen import QwenShapes, stock_qwen_processor, stock_qwen_with_same_weights
 from visiontrim.tools.demo import sample_photo
-from visiontrim.tools.vllm_server import vllm_server
 
 from helpers import load_remote, loaded, run_jobs, save_qwen_checkpoint
 
@@ -151,30 +155,6 @@ def test_no_compression_equals_stock_vllm_qwen3_vl(engines):
 
 def test_vllm_serve_answers_openai_image_and_video_chats_like_offline(vllm_python, folders, media, engines, tmp_path):
     # The MP4 arrives whole: vLLM decodes every frame and the folder's processor samples them as stock Qwen3-VL does.
-    import openai
-
     offline = loaded(engines["qwen3"])
-    options = [*ENGINE, "--limit-mm-per-prompt", '{"image": 2, "video": 1}']
-    environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    answers = []
-    with vllm_server(
-        Path(vllm_python).parent / "vllm", str(folders["qwen3"]), tmp_path / "serve.log", options, 300, cwd=tmp_path,
-        env=environment,
-    ) as port:  # fmt: skip
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
-        for messages in openai_messages(media):
-            answers.append(
-                client.chat.completions.create(
-                    model=str(folders["qwen3"]),
-                    messages=messages,
-                    max_tokens=MAX_TOKENS,
-                    temperature=0,
-                    logprobs=True,
-                    extra_body={"return_tokens_as_token_ids": True},
-                )
-            )
-    for answer, tokens, prompt_tokens in zip(answers, offline["chat"], offline["chat_prompt_tokens"], strict=True):
-        served = [int(entry.token.removeprefix("token_id:")) for entry in answer.choices[0].logprobs.content]
-        assert served == tokens
-        assert answer.usage.prompt_tokens == prompt_tokens
+    assert_served_chats_equal_offline(vllm_python, folders["qwen3"], media, offline, tmp_path)
     assert offline["chat_prompt_tokens"][1] > 2 * 6  # the video's two slices, each after its timestamp
