@@ -75,7 +75,8 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 def engines(vllm_python, folders, media, tmp_path_factory) -> dict[str, dict]:
     """
     The batch on the VisionTrim folder (tokens, log-probs, prefill positions; and the OpenAI-style chats of the server
-    test, offline), the uncompressed and stock ones.
+    test, offline); the same folder with prefill chunks of 32 tokens and prefix caching (the image-and-clip prompt,
+    the clip, the image-and-clip prompt again); the uncompressed and stock folders.
     """
     work = tmp_path_factory.mktemp("vllm-qwen3-engines")
     _, processor = load_remote(folders["qwen3"])
@@ -94,6 +95,19 @@ def engines(vllm_python, folders, media, tmp_path_factory) -> dict[str, dict]:
             "logprobs": LOGPROBS,
             "record_positions": True,
             "messages": openai_messages(media),
+        },
+        "chunked": {
+            "model": str(folders["qwen3"]),
+            **common,
+            "rounds": [[BATCH[3]], [BATCH[2]], [BATCH[3]]],
+            "logprobs": LOGPROBS,
+            "record_positions": True,
+            "engine": {
+                "max_num_batched_tokens": 32,
+                "enable_chunked_prefill": True,
+                "enable_prefix_caching": True,
+                "block_size": 32,
+            },
         },
         "uncompressed": {"model": str(folders["uncompressed"]), **common},
         "stock": {"model": str(folders["stock"]), **common},
@@ -145,6 +159,19 @@ def test_greedy_tokens_and_log_probs_equal_transformers(engines, references):
         assert tokens == reference["tokens"]
         for token, logprob in logprobs.items():
             assert abs(logprob - reference["logprobs"][int(token)].item()) < 1e-3
+
+
+def test_chunked_prefill_and_a_prefix_cache_hit_keep_positions_and_tokens(engines):
+    chunked, whole = loaded(engines["chunked"])["rounds"], loaded(engines["qwen3"])["rounds"][0]
+    for round_, index in zip(chunked[:2], (3, 2), strict=True):
+        assert len(round_["prompt_ids"][0]) > 2 * 32  # chunks cut inside the items and between a video's slices
+        assert round_["positions"][0] == whole["positions"][index]
+        assert round_["tokens"][0] == whole["tokens"][index]
+    # The image-and-clip prompt again: its media blocks come from the prefix cache; the rest at admission's positions.
+    assert len(chunked[2]["positions"][0][0]) < len(chunked[2]["prompt_ids"][0]) - 32
+    assert chunked[2]["tokens"] == chunked[0]["tokens"]
+    for token, logprob in chunked[2]["logprobs"][0].items():
+        assert abs(logprob - chunked[0]["logprobs"][0][token]) < 1e-5
 
 
 def test_no_compression_equals_stock_vllm_qwen3_vl(engines):
