@@ -34,6 +34,8 @@ GUIDANCE_INPUTS = {
     "image": ("guidance_input_ids", "guidance_attention_mask"),
     "video": ("video_guidance_input_ids", "video_guidance_attention_mask"),
 }
+# Each guidance input's modality, as vLLM's processors declare their fields.
+GUIDANCE_FIELDS = {name: modality for modality, names in GUIDANCE_INPUTS.items() for name in names}
 PIXEL_INPUTS = {"image": "pixel_values", "video": "pixel_values_videos"}
 # A kept token's (t, h, w) offset rides on its embedding as (offset // 256, offset % 256) per axis: integers below
 # 256 are exact in bfloat16 and float16, so long videos keep exact positions in half precision.

@@ -29,7 +29,12 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from .vllm_common import ProfilingQuestionMixin, QuestionGuidanceMixin
-from .vllm_qwen import GUIDANCE_INPUTS, QWEN_USER_TURN, VisionTrimQwenProcessingInfoMixin, VisionTrimQwenVllmMixin
+from .vllm_qwen import (
+    GUIDANCE_FIELDS,
+    QWEN_USER_TURN,
+    VisionTrimQwenProcessingInfoMixin,
+    VisionTrimQwenVllmMixin,
+)
 
 
 class VisionTrimQwen2_5_VLProcessingInfo(VisionTrimQwenProcessingInfoMixin, Qwen2_5_VLProcessingInfo):
@@ -51,7 +56,7 @@ class VisionTrimQwen2VLDummyInputsBuilder(ProfilingQuestionMixin, Qwen2VLDummyIn
 class VisionTrimQwenProcessorMixin(QuestionGuidanceMixin):
     """vLLM's Qwen processing with the question of each prompt as guidance, and the kept tokens as placeholders."""
 
-    guidance_fields = {name: modality for modality, names in GUIDANCE_INPUTS.items() for name in names}
+    guidance_fields = GUIDANCE_FIELDS
 
     def _get_prompt_updates(
         self,

@@ -29,7 +29,13 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from .vllm_common import ProfilingQuestionMixin, QuestionGuidanceMixin
-from .vllm_qwen import GUIDANCE_INPUTS, QWEN_USER_TURN, VisionTrimQwenProcessingInfoMixin, VisionTrimQwenVllmMixin
+from .vllm_qwen import (
+    GUIDANCE_FIELDS,
+    GUIDANCE_INPUTS,
+    QWEN_USER_TURN,
+    VisionTrimQwenProcessingInfoMixin,
+    VisionTrimQwenVllmMixin,
+)
 
 
 class VisionTrimQwen3VLProcessingInfo(VisionTrimQwenProcessingInfoMixin, Qwen3VLProcessingInfo):
@@ -46,7 +52,7 @@ class VisionTrimQwen3VLMultiModalProcessor(QuestionGuidanceMixin, Qwen3VLMultiMo
     image, and per video slice after the slice's timestamp.
     """
 
-    guidance_fields = {name: modality for modality, names in GUIDANCE_INPUTS.items() for name in names}
+    guidance_fields = GUIDANCE_FIELDS
 
     def _postprocess_hf_mm_data(
         self,

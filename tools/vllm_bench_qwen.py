@@ -19,9 +19,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bench_qwen import QWEN_BENCHES
 from .build_qwen import (
-    QWEN2_5_VL_7B_VISION_SHAPES,
-    QWEN3_VL_8B_VISION_SHAPES,
     QwenShapes,
     build_qwen_config,
     build_qwen_model,
@@ -48,20 +47,16 @@ KEPT_SHARES = (0.25, 0.5)
 
 @dataclass(frozen=True)
 class ServingBench:
-    """An architecture's serving benchmark: its tower, its default media, and its largest image (vLLM profiles it)."""
+    """An architecture's serving benchmark: its default media and its largest image (vLLM profiles the tower at it)."""
 
-    tower: QwenShapes
     media: tuple[str, ...]
     max_pixels: int
 
 
+# The tower of each architecture is its Transformers benchmark's (`bench_qwen.QWEN_BENCHES`).
 SERVING_BENCHES = {
-    "qwen2.5-vl": ServingBench(
-        QWEN2_5_VL_7B_VISION_SHAPES, ("image-448x448", "image-1008x756", "video-16x448x448"), 1008 * 756
-    ),
-    "qwen3-vl": ServingBench(
-        QWEN3_VL_8B_VISION_SHAPES, ("image-448x448", "image-1024x768", "video-16x448x448"), 1024 * 768
-    ),
+    "qwen2.5-vl": ServingBench(("image-448x448", "image-1008x756", "video-16x448x448"), 1008 * 756),
+    "qwen3-vl": ServingBench(("image-448x448", "image-1024x768", "video-16x448x448"), 1024 * 768),
 }
 
 
@@ -130,7 +125,9 @@ def run(args: argparse.Namespace) -> dict:
     shapes = (
         QwenShapes(llm_heads=2, llm_kv_heads=2)
         if args.toy
-        else QwenShapes(**{**vars(bench.tower), "llm_layers": args.llm_layers, "llm_hidden": args.llm_hidden})
+        else QwenShapes(
+            **{**vars(QWEN_BENCHES[args.arch].tower), "llm_layers": args.llm_layers, "llm_hidden": args.llm_hidden}
+        )
     )
     media = args.media or list(bench.media)
     output = Path(args.output_dir)
