@@ -888,9 +888,6 @@ def compress_units(
     global_scores = on_grid(unit_received.float())
     global_scores = global_scores / global_scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     unit_features = on_grid(run.features.view(-1, unit_size, run.features.shape[-1]).float().mean(dim=1))
-    grid_valid = valid.view(num_slices, max_rows, max_cols)
-    scores = global_local_scores(global_scores, unit_features.view(num_slices, max_rows, max_cols, -1), grid_valid)
-
     budgets = [config.kept_tokens(units) for units in slice_units.tolist()]
     num_dominant = torch.tensor([dominant for dominant, _ in budgets], device=grid.device)
     num_complement = torch.tensor([complement for _, complement in budgets], device=grid.device)
@@ -899,28 +896,20 @@ def compress_units(
     tokens, companions = run.outputs.pooler_output, run.companions
     if companions is not None:
         tokens = torch.cat([tokens, companions.to(tokens)], dim=-1)
-    merged = on_grid(tokens)
-    guidance = None
     if text_embeds is not None:
-        guidance = Guidance(
-            text_embeds.repeat_interleave(frames.to(text_embeds.device), dim=0).to(merged.device),
-            text_mask.repeat_interleave(frames.to(text_mask.device), dim=0).to(merged.device),
-            LeadingFeatures(width),
-            torch.zeros((), device=merged.device),
-        )
-    slice_means = None  # each slice's mean merged token: the guidance of a slice without a question (TGVC only)
-    if guidance is not None:
-        slice_means = (merged * valid.unsqueeze(-1)).sum(dim=1) / slice_units.unsqueeze(-1)
-    compressed = compress_tokens(
-        merged,
-        scores,
+        text_embeds = text_embeds.repeat_interleave(frames.to(text_embeds.device), dim=0).to(grid.device)
+        text_mask = text_mask.repeat_interleave(frames.to(text_mask.device), dim=0).to(grid.device)
+    compressed = compress_grids(
+        on_grid(tokens),
+        global_scores,
+        unit_features.view(num_slices, max_rows, max_cols, -1),
         num_dominant,
         num_complement,
-        guidance,
-        slice_means,
-        config.merge_iterations,
-        config.merge_update,
+        text_embeds,
+        text_mask,
+        config,
         valid,
+        width,
     )
 
     first_slice = F.pad(frames.cumsum(0), (1, 0))[:-1].repeat_interleave(frames)
@@ -943,6 +932,58 @@ def compress_units(
         unit_index(compressed.complement_seed_indices)[compressed.complement_seed_valid],
         tokens_per_media.tolist(),
         kept[:, width:] if companions is not None else None,
+    )
+
+
+def compress_grids(
+    tokens: torch.Tensor,
+    global_attention: torch.Tensor,
+    grid_features: torch.Tensor,
+    num_dominant: torch.LongTensor,
+    num_complement: torch.LongTensor,
+    text_embeds: torch.Tensor | None,
+    text_mask: torch.Tensor | None,
+    config: CompressionSettings,
+    valid: torch.Tensor | None = None,
+    width: int | None = None,
+) -> CompressedTokens:
+    """
+    `compress_tokens` for items on grids guided in the LLM's embedding space (towers without a CLS token or a CLIP text
+    tower: Qwen, LLaVA-OneVision): DVTS by `global_local_scores` of the raw global term and the grid's LTAM; TGVC
+    with the identity projection and `s = 1`; an item without a question guided by its mean token.
+
+    Args:
+        tokens: `(items, rows * cols, dim)` the tokens kept or merged (the LLM's inputs), raster order.
+        global_attention: `(items, rows * cols)` the raw global term `g_raw` (e.g. the attention each token receives).
+        grid_features: `(items, rows, cols, feature_dim)` the features LTAM compares.
+        num_dominant, num_complement: `(items,)` each item's `K_d` and `K_c`.
+        text_embeds: `(items, text, width)` L2-normalised guidance embeddings of each item; None when TGVC is off.
+        text_mask: `(items, text)` bool validity of `text_embeds`.
+        valid: `(items, rows * cols)` bool, each item's own cells of grids of different sizes padded to one shape (its
+            `h x w` top-left cells); None when every grid fills it.
+        width: how many leading columns of `tokens` TGVC compares with the guidance (the others ride along, merged
+            with the same assignments); None: all.
+    """
+    items, rows, cols, _ = grid_features.shape
+    grid_valid = valid.view(items, rows, cols) if valid is not None else None
+    scores = global_local_scores(global_attention, grid_features, grid_valid)
+    guidance = item_means = None
+    if text_embeds is not None:
+        guidance = Guidance(
+            text_embeds, text_mask, LeadingFeatures(width or tokens.shape[-1]), torch.zeros((), device=tokens.device)
+        )
+        present = valid if valid is not None else torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        item_means = (tokens * present.unsqueeze(-1)).sum(dim=1) / present.sum(dim=-1, keepdim=True)
+    return compress_tokens(
+        tokens,
+        scores,
+        num_dominant,
+        num_complement,
+        guidance,
+        item_means,
+        config.merge_iterations,
+        config.merge_update,
+        valid,
     )
 
 
@@ -1005,6 +1046,7 @@ __all__ = [
     "VisionTowerRun",
     "anyres_image_tokens",
     "compress_crops",
+    "compress_grids",
     "compress_units",
     "compress_units_with_question",
     "dominant_token_scores",

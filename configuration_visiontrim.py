@@ -40,6 +40,31 @@ def visual_tokens_per_crop(num_patches: int, reduction_ratio: float) -> int:
     return round_half_up(num_patches * (1 - reduction_ratio))
 
 
+def reduction_ratio_for_tokens(visual_tokens: Any, num_patches: int, owner: str) -> float:
+    """The `reduction_ratio` keeping `visual_tokens` of `num_patches` tokens per crop (all of them: 0, off)."""
+    if isinstance(visual_tokens, bool) or not isinstance(visual_tokens, int) or not 1 <= visual_tokens <= num_patches:
+        raise ValueError(
+            f"{owner}.visual_tokens must be an integer in [1, {num_patches}] (the vision tower has {num_patches} "
+            f"patch tokens per crop), got {visual_tokens!r}."
+        )
+    return 1 - visual_tokens / num_patches
+
+
+def check_budgets_agree(visual_tokens: Any, reduction_ratio: Any, num_patches: int, owner: str) -> None:
+    """
+    Raises a `ValueError` naming both when `visual_tokens` and a `reduction_ratio` other than the default ask for
+    different budgets (a default ratio is taken as not given).
+    """
+    if reduction_ratio in (None, DEFAULT_REDUCTION_RATIO) or not isinstance(reduction_ratio, (int, float)):
+        return
+    kept = visual_tokens_per_crop(num_patches, reduction_ratio)
+    if kept != visual_tokens:
+        raise ValueError(
+            f"{owner}: visual_tokens={visual_tokens} and reduction_ratio={reduction_ratio} (which keeps {kept} of "
+            f"{num_patches} tokens per crop) ask for different budgets: give only one of them."
+        )
+
+
 # Field validators: each raises a `ValueError` whose message follows the field's name ("must be ...").
 
 
@@ -206,6 +231,55 @@ class CompressionSettings:
         return False
 
 
+@dataclass(kw_only=True)
+class CropSettings(CompressionSettings):
+    """
+    The budget of the families whose tower sees fixed-size crops (LLaVA's CLIP, LLaVA-OneVision's SigLIP): every crop
+    of `num_patches` patches keeps `visual_tokens = round_half_up(num_patches * (1 - reduction_ratio))` tokens,
+    `dominant_tokens` by DVTS and `complement_tokens` by TGVC. `visual_tokens=K` is accepted instead of the ratio at
+    construction and in `from_pretrained`, and is stored as the ratio `1 - K / num_patches`.
+    """
+
+    def __post_init__(self, visual_tokens: int | None = None, **kwargs):
+        super().__post_init__(**kwargs)
+        if visual_tokens is not None:
+            check_budgets_agree(visual_tokens, self.reduction_ratio, self.num_patches, type(self).__name__)
+            self.reduction_ratio = reduction_ratio_for_tokens(visual_tokens, self.num_patches, type(self).__name__)
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per crop of the vision tower (576 for CLIP ViT-L/14 at 336 px, 729 for SigLIP at 384 px)."""
+        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+
+    @property
+    def visual_tokens(self) -> int:
+        """Visual tokens per crop given to the LLM (read-only: set `reduction_ratio`)."""
+        return visual_tokens_per_crop(self.num_patches, self.reduction_ratio)
+
+    @property
+    def dominant_tokens(self) -> int:
+        """Tokens per crop DVTS keeps."""
+        return round_half_up(self.visual_tokens * self.dominant_ratio)
+
+    @property
+    def complement_tokens(self) -> int:
+        """Tokens per crop TGVC produces."""
+        return self.visual_tokens - self.dominant_tokens
+
+    @property
+    def tgvc_enabled(self) -> bool:
+        """Whether TGVC runs (and so whether a guidance text is needed): compression on and `dominant_ratio` < 1."""
+        return self.compression_enabled and self.complement_tokens > 0
+
+    def describe_budget(self) -> str:
+        """The visual tokens per crop the LLM sees, with the settings that decide it (for error messages)."""
+        return f"{self.visual_tokens} per crop (config.reduction_ratio={self.reduction_ratio})"
+
+    def validate_budget_keeps_a_token(self) -> None:
+        """Class validator: `reduction_ratio` keeps at least one of a crop's `num_patches` tokens."""
+        check_keeps_a_token(self.reduction_ratio, self.num_patches, type(self).__name__)
+
+
 def qwen_visual_tokens(units: int, reduction_ratio: float) -> int:
     """
     Tokens kept of an image (or a video's temporal slice) of `units` merged tokens: `max(1, round_half_up(units * (1 -
@@ -288,9 +362,12 @@ class QwenSettings(CompressionSettings):
 
 __all__ = [
     "CompressionSettings",
+    "CropSettings",
     "QwenSettings",
+    "check_budgets_agree",
     "check_reduction_ratio",
     "qwen_visual_tokens",
+    "reduction_ratio_for_tokens",
     "round_half_up",
     "setting",
     "settings_fields",

@@ -13,17 +13,7 @@ from transformers import (
     VideoLlavaConfig,
 )
 
-from .configuration_visiontrim import (
-    DEFAULT_REDUCTION_RATIO,
-    CompressionSettings,
-    check_keeps_a_token,
-    non_negative,
-    one_of,
-    round_half_up,
-    setting,
-    strict_settings,
-    visual_tokens_per_crop,
-)
+from .configuration_visiontrim import CropSettings, non_negative, one_of, setting, strict_settings
 
 
 try:
@@ -44,31 +34,6 @@ CLIP_L14_TEXT_CONFIG = {
     "num_hidden_layers": 12,
     "projection_dim": 768,
 }
-
-
-def reduction_ratio_for_tokens(visual_tokens: Any, num_patches: int, owner: str) -> float:
-    """The `reduction_ratio` keeping `visual_tokens` of `num_patches` tokens per crop (all of them: 0, off)."""
-    if isinstance(visual_tokens, bool) or not isinstance(visual_tokens, int) or not 1 <= visual_tokens <= num_patches:
-        raise ValueError(
-            f"{owner}.visual_tokens must be an integer in [1, {num_patches}] (the vision tower has {num_patches} "
-            f"patch tokens per crop), got {visual_tokens!r}."
-        )
-    return 1 - visual_tokens / num_patches
-
-
-def check_budgets_agree(visual_tokens: Any, reduction_ratio: Any, num_patches: int, owner: str) -> None:
-    """
-    Raises a `ValueError` naming both when `visual_tokens` and a `reduction_ratio` other than the default ask for
-    different budgets (a default ratio is taken as not given).
-    """
-    if reduction_ratio in (None, DEFAULT_REDUCTION_RATIO) or not isinstance(reduction_ratio, (int, float)):
-        return
-    kept = visual_tokens_per_crop(num_patches, reduction_ratio)
-    if kept != visual_tokens:
-        raise ValueError(
-            f"{owner}: visual_tokens={visual_tokens} and reduction_ratio={reduction_ratio} (which keeps {kept} of "
-            f"{num_patches} tokens per crop) ask for different budgets: give only one of them."
-        )
 
 
 def vision_attention_layer(
@@ -110,7 +75,7 @@ def declare_guidance_config_before_5_20(config_class: type[PreTrainedConfig]) ->
 
 
 @dataclass(kw_only=True)
-class VisionTrimSettings(CompressionSettings):
+class VisionTrimSettings(CropSettings):
     """
     The VisionTrim compression settings, shared by the LLaVA, LLaVA-NeXT and video configs. See `ALGORITHM.md`.
 
@@ -171,37 +136,6 @@ class VisionTrimSettings(CompressionSettings):
                 cls.sub_configs_defaults = {**cls.sub_configs_defaults, "guidance_config": guidance}
         super().__init_subclass__(**kwargs)
 
-    def __post_init__(self, visual_tokens: int | None = None, **kwargs):
-        super().__post_init__(**kwargs)
-        if visual_tokens is not None:
-            check_budgets_agree(visual_tokens, self.reduction_ratio, self.num_patches, type(self).__name__)
-            self.reduction_ratio = reduction_ratio_for_tokens(visual_tokens, self.num_patches, type(self).__name__)
-
-    @property
-    def num_patches(self) -> int:
-        """Patch tokens per crop of the vision tower (576 for CLIP ViT-L/14 at 336 px)."""
-        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
-
-    @property
-    def visual_tokens(self) -> int:
-        """Visual tokens per crop given to the LLM (read-only: set `reduction_ratio`)."""
-        return visual_tokens_per_crop(self.num_patches, self.reduction_ratio)
-
-    @property
-    def dominant_tokens(self) -> int:
-        """Tokens per crop DVTS keeps."""
-        return round_half_up(self.visual_tokens * self.dominant_ratio)
-
-    @property
-    def complement_tokens(self) -> int:
-        """Tokens per crop TGVC produces."""
-        return self.visual_tokens - self.dominant_tokens
-
-    @property
-    def tgvc_enabled(self) -> bool:
-        """Whether TGVC runs (and so whether a guidance text is needed): compression on and `dominant_ratio` < 1."""
-        return self.compression_enabled and self.complement_tokens > 0
-
     @property
     def llm_stage_enabled(self) -> bool:
         return bool(self.llm_stage_layer)
@@ -210,14 +144,6 @@ class VisionTrimSettings(CompressionSettings):
     def min_visual_tokens_per_image(self) -> int:
         """The fewest visual tokens an image brings into the LLM: one crop's worth for LLaVA-1.5."""
         return self.visual_tokens
-
-    def describe_budget(self) -> str:
-        """The visual tokens per crop the LLM sees, with the settings that decide it (for error messages)."""
-        return f"{self.visual_tokens} per crop (config.reduction_ratio={self.reduction_ratio})"
-
-    def validate_budget_keeps_a_token(self) -> None:
-        """Class validator: `reduction_ratio` keeps at least one of a crop's `num_patches` tokens."""
-        check_keeps_a_token(self.reduction_ratio, self.num_patches, type(self).__name__)
 
     def validate_projection_dim(self) -> None:
         """Class validator: `projection_dim` is the guidance tower's `projection_dim`."""

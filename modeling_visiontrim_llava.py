@@ -11,7 +11,6 @@ algorithm is in `compression_visiontrim.py` (vision stage) and `llm_stage_vision
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -60,9 +59,9 @@ from .configuration_visiontrim_llava import (
 )
 from .llm_stage_visiontrim import build_language_model, generation_cache, llm_stage_inputs
 from .modeling_visiontrim_utils import (
-    MEDIA_PIXELS,
+    EncodeMediaFirstMixin,
+    VisionTrimEncoderOutput,
     VisionTrimGenerationMixin,
-    forward_inputs,
     signature_of,
     with_guidance_inputs,
 )
@@ -72,24 +71,7 @@ from .modeling_visiontrim_utils import (
 CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)
 
 
-@dataclass
-class VisionTrimEncoderOutput(BaseModelOutputWithPooling):
-    r"""
-    pooler_output (`list[torch.FloatTensor]` or `torch.FloatTensor`):
-        The projected tokens given to the LLM, in the stock class's layout: per image a `(tokens, text_hidden)` tensor
-        (LLaVA, LLaVA-NeXT), or one tensor (Video-LLaVA images `(images, tokens, text_hidden)`, Video-LLaVA videos
-        `(videos * frames, tokens, text_hidden)`, LLaVA-NeXT-Video videos `(videos, frames * tokens, text_hidden)`).
-    dominant_indices (`torch.LongTensor` of shape `(crops, dominant_tokens)`):
-        Raster indices, in each crop's (or frame's) patch grid, of the tokens DVTS kept (ascending).
-    complement_seed_indices (`torch.LongTensor` of shape `(crops, complement_tokens)`):
-        Raster indices of the TGVC seed tokens the other tokens were merged into (ascending).
-    """
-
-    dominant_indices: torch.LongTensor | None = None
-    complement_seed_indices: torch.LongTensor | None = None
-
-
-class VisionTrimModelMixin:
+class VisionTrimModelMixin(EncodeMediaFirstMixin):
     """
     What VisionTrim adds to a LLaVA-family base model: the CLIP text tower (`guidance_encoder`), CLIP's
     `visual_projection` and `logit_scale` (named so a `CLIPModel`'s weights map one to one), DVTS + TGVC on a batch of
@@ -235,85 +217,21 @@ class VisionTrimModelMixin:
             run, compressed, self.image_pooler_output(self.multi_modal_projector(compressed.features))
         )
 
-    def forward(self, *args, **kwargs):
-        """
-        The stock `forward`, with the images and videos encoded first, as `generate()` encodes them: each
-        `get_*_features` is given the inputs its signature names (pixels, sizes, feature layer and guidance), so the
-        guidance reaches the vision stage and never the LLM. With the LLM stage on, the decoder also gets the
-        positions of the visual tokens (`llm_stage_inputs`). Pixels of no image (an empty batch) are handed over as
-        they are.
-        """
-        stock_forward = super().forward
-        inputs, guidance = forward_inputs(stock_forward, args, kwargs)
-        encoded = dict(inputs.get("mm_encoder_outputs") or {})
-        for modality, pixels_name in MEDIA_PIXELS.items():
-            pixels = inputs.get(pixels_name)
-            if pixels is None or pixels.size(0) == 0 or encoded.get(modality) is not None:
-                continue
-            encoder = getattr(self, f"get_{modality}_features")
-            available = {**inputs, **guidance}
-            names = [name for name in signature_of(encoder.__func__).parameters if name in available]
-            encoded[modality] = encoder(**{name: available[name] for name in names}, return_dict=True)
-            inputs[pixels_name] = None
-        if encoded:
-            inputs["mm_encoder_outputs"] = encoded
+    def language_model_inputs(self, inputs: dict) -> dict:
+        """With the LLM stage on, the positions of the visual tokens for the decoder (`llm_stage_inputs`)."""
         newline = getattr(self, "image_newline", None)
+        encoded = inputs.get("mm_encoder_outputs") or {}
         image_features = None
         if newline is not None and self.config.llm_stage_enabled and encoded.get("image") is not None:
             image_features = torch.cat(list(encoded["image"].pooler_output))
-        stage_inputs = llm_stage_inputs(
+        return llm_stage_inputs(
             inputs.get("input_ids"), inputs.get("inputs_embeds"), image_features, newline, self.config
         )
-        return stock_forward(**inputs, **stage_inputs)
 
-    def check_placeholder_count(
-        self,
-        input_ids: torch.LongTensor | None,
-        inputs_embeds: torch.Tensor,
-        features: torch.Tensor | None,
-        modality: str,
-    ) -> None:
-        """
-        Raises a `ValueError` naming the budget unless the prompts hold one `modality` placeholder per feature (found
-        in `input_ids`, or without them as the placeholder's embedding in `inputs_embeds`).
-        """
-        if features is None:
-            return
-        token_id = getattr(self.config, f"{modality}_token_id")
-        if input_ids is not None:
-            is_placeholder = input_ids == token_id
-        else:
-            placeholder = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
-            is_placeholder = (inputs_embeds == placeholder.to(inputs_embeds.dtype)).all(dim=-1)
-        num_placeholders, num_features = int(is_placeholder.sum()), features.numel() // inputs_embeds.shape[-1]
-        if num_placeholders != num_features:
-            budget = (
-                f"{self.config.visual_tokens} per video frame"
-                if modality == "video"
-                else self.config.describe_budget()
-            )
-            raise ValueError(
-                f"The prompts hold {num_placeholders} {modality} placeholder tokens but the {modality}s give "
-                f"{num_features} visual tokens: this model keeps {budget}. Build the inputs with the VisionTrim "
-                "processor saved with the model, or give the processor the same settings as the model config (a "
-                "stock processor emits every patch token)."
-            )
-
-    def get_placeholder_mask(
-        self,
-        input_ids: torch.LongTensor,
-        inputs_embeds: torch.Tensor,
-        image_features: torch.Tensor | None = None,
-        video_features: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The stock placeholder mask(s), after checking the counts (`video_features` only for the video models)."""
-        self.check_placeholder_count(input_ids, inputs_embeds, image_features, "image")
-        self.check_placeholder_count(input_ids, inputs_embeds, video_features, "video")
-        if video_features is None:
-            return super().get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
-        return super().get_placeholder_mask(
-            input_ids, inputs_embeds=inputs_embeds, image_features=image_features, video_features=video_features
-        )
+    def describe_budget(self, modality: str) -> str:
+        if modality == "video":
+            return f"{self.config.visual_tokens} per video frame"
+        return self.config.describe_budget()
 
 
 class AnyresModelMixin(VisionTrimModelMixin):

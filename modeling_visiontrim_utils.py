@@ -7,11 +7,13 @@ the generation base class and the stock `forward` with the guidance inputs in it
 import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_visiontrim import CompressionSettings
 
@@ -53,6 +55,107 @@ def guidance_docstring(*modalities: str) -> str:
     return "".join(
         GUIDANCE_DOCSTRING.format(ids=ids, mask=mask, unit=m) for m in modalities for ids, mask in [GUIDANCE_INPUTS[m]]
     )
+
+
+@dataclass
+class VisionTrimEncoderOutput(BaseModelOutputWithPooling):
+    r"""
+    pooler_output (`list[torch.FloatTensor]` or `torch.FloatTensor`):
+        The projected tokens given to the LLM, in the stock class's layout: per image a `(tokens, text_hidden)` tensor
+        (LLaVA, LLaVA-NeXT, LLaVA-OneVision), or one tensor (Video-LLaVA images `(images, tokens, text_hidden)`,
+        Video-LLaVA videos `(videos * frames, tokens, text_hidden)`, LLaVA-NeXT-Video and LLaVA-OneVision videos
+        `(videos, frames * tokens (+ 1 newline for OneVision), text_hidden)`).
+    dominant_indices (`torch.LongTensor` of shape `(crops, dominant_tokens)`):
+        Raster indices, in each crop's (or frame's) grid, of the tokens DVTS kept (ascending).
+    complement_seed_indices (`torch.LongTensor` of shape `(crops, complement_tokens)`):
+        Raster indices of the TGVC seed tokens the other tokens were merged into (ascending).
+    """
+
+    dominant_indices: torch.LongTensor | None = None
+    complement_seed_indices: torch.LongTensor | None = None
+
+
+class EncodeMediaFirstMixin:
+    """
+    What the base models of the crop families (LLaVA, LLaVA-OneVision) share: `forward` encodes the images and videos
+    with their guidance before the stock `forward` runs, and the placeholder counts are checked against the budget
+    with an error that says what to change.
+    """
+
+    def language_model_inputs(self, inputs: dict) -> dict:
+        """Extra inputs of the stock `forward` once the media are encoded (the LLaVA family's LLM stage); none here."""
+        return {}
+
+    def describe_budget(self, modality: str) -> str:
+        """The visual tokens a `modality` item keeps, for error messages."""
+        return self.config.describe_budget()
+
+    def forward(self, *args, **kwargs):
+        """
+        The stock `forward`, with the images and videos encoded first, as `generate()` encodes them: each
+        `get_*_features` is given the inputs its signature names (pixels, sizes, feature layer and guidance), so the
+        guidance reaches the vision stage and never the LLM. Pixels of no image (an empty batch) are handed over as
+        they are.
+        """
+        stock_forward = super().forward
+        inputs, guidance = forward_inputs(stock_forward, args, kwargs)
+        encoded = dict(inputs.get("mm_encoder_outputs") or {})
+        for modality, pixels_name in MEDIA_PIXELS.items():
+            pixels = inputs.get(pixels_name)
+            if pixels is None or pixels.size(0) == 0 or encoded.get(modality) is not None:
+                continue
+            encoder = getattr(self, f"get_{modality}_features")
+            available = {**inputs, **guidance}
+            names = [name for name in signature_of(encoder.__func__).parameters if name in available]
+            encoded[modality] = encoder(**{name: available[name] for name in names}, return_dict=True)
+            inputs[pixels_name] = None
+        if encoded:
+            inputs["mm_encoder_outputs"] = encoded
+        return stock_forward(**inputs, **self.language_model_inputs(inputs))
+
+    def check_placeholder_count(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        features: torch.Tensor | None,
+        modality: str,
+    ) -> None:
+        """
+        Raises a `ValueError` naming the budget unless the prompts hold one `modality` placeholder per feature (found
+        in `input_ids`, or without them as the placeholder's embedding in `inputs_embeds`).
+        """
+        if features is None:
+            return
+        token_id = getattr(self.config, f"{modality}_token_id")
+        if input_ids is not None:
+            is_placeholder = input_ids == token_id
+        else:
+            placeholder = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+            is_placeholder = (inputs_embeds == placeholder.to(inputs_embeds.dtype)).all(dim=-1)
+        num_placeholders, num_features = int(is_placeholder.sum()), features.numel() // inputs_embeds.shape[-1]
+        if num_placeholders != num_features:
+            raise ValueError(
+                f"The prompts hold {num_placeholders} {modality} placeholder tokens but the {modality}s give "
+                f"{num_features} visual tokens: this model keeps {self.describe_budget(modality)}. Build the inputs "
+                "with the VisionTrim processor saved with the model, or give the processor the same settings as the "
+                "model config (a stock processor emits every patch token)."
+            )
+
+    def get_placeholder_mask(
+        self,
+        input_ids: torch.LongTensor,
+        inputs_embeds: torch.Tensor,
+        image_features: torch.Tensor | None = None,
+        video_features: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The stock placeholder mask(s), after checking the counts (`video_features` only for the video models)."""
+        self.check_placeholder_count(input_ids, inputs_embeds, image_features, "image")
+        self.check_placeholder_count(input_ids, inputs_embeds, video_features, "video")
+        if video_features is None:
+            return super().get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
+        return super().get_placeholder_mask(
+            input_ids, inputs_embeds=inputs_embeds, image_features=image_features, video_features=video_features
+        )
 
 
 class VisionTrimGenerationMixin:
@@ -126,6 +229,8 @@ def with_guidance_inputs(forward: Callable, *modalities: str) -> Callable:
 __all__ = [
     "GUIDANCE_INPUTS",
     "MEDIA_PIXELS",
+    "EncodeMediaFirstMixin",
+    "VisionTrimEncoderOutput",
     "VisionTrimGenerationMixin",
     "forward_inputs",
     "guidance_docstring",

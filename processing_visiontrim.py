@@ -15,10 +15,13 @@ from transformers.video_processing_utils import VideoProcessorMixin
 
 from .configuration_visiontrim import (
     DEFAULT_REDUCTION_RATIO,
+    check_budgets_agree,
     check_reduction_ratio,
     check_setting,
     qwen_visual_tokens,
+    reduction_ratio_for_tokens,
     valid_empty_guidance,
+    visual_tokens_per_crop,
 )
 
 
@@ -298,7 +301,53 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
         )
 
 
-class QwenProcessingMixin(GuidanceProcessingMixin):
+class CropBudgetProcessingMixin:
+    """
+    The per-crop budget of a processor whose model sees fixed-size crops (`CropSettings`): `reduction_ratio`, or
+    `visual_tokens=K` kept per crop, stored as the ratio. The family says how many patches a crop has
+    (`num_patches`).
+    """
+
+    num_patches: int
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`ProcessorMixin.from_pretrained`; a `visual_tokens=K` override replaces the stored `reduction_ratio`."""
+        if kwargs.get("visual_tokens") is not None:
+            kwargs.setdefault("reduction_ratio", None)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def set_budget(self, reduction_ratio: float | None, visual_tokens: int | None) -> None:
+        """
+        Sets `reduction_ratio` (from `visual_tokens` when given), checked against the crop's patch count; a
+        `reduction_ratio` and `visual_tokens` that ask for different budgets are refused.
+        """
+        if visual_tokens is not None:
+            check_budgets_agree(visual_tokens, reduction_ratio, self.num_patches, type(self).__name__)
+            reduction_ratio = reduction_ratio_for_tokens(visual_tokens, self.num_patches, type(self).__name__)
+        check_reduction_ratio(reduction_ratio, type(self).__name__, self.num_patches)
+        self.reduction_ratio = reduction_ratio
+
+    @property
+    def visual_tokens(self) -> int:
+        """Tokens kept per crop when compressing (read-only: set `reduction_ratio`)."""
+        return visual_tokens_per_crop(self.num_patches, self.reduction_ratio)
+
+
+class LlmGuidanceMixin(GuidanceProcessingMixin):
+    """
+    Guidance in the LLM's vocabulary (the Qwen families, LLaVA-OneVision): each question is tokenised by the LLM's own
+    tokenizer without special tokens, and the model embeds it with the LLM's input embeddings.
+    """
+
+    guidance_special_tokens = False
+
+    @property
+    def guidance_tokenizer(self):
+        return self.tokenizer
+
+
+class QwenProcessingMixin(LlmGuidanceMixin):
     """
     What VisionTrim processors add to the stock Qwen ones (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): an image of `N` merged
     tokens (from `image_grid_thw`) gets `max(1, round_half_up(N * (1 - reduction_ratio)))` placeholders, a video that
@@ -307,7 +356,6 @@ class QwenProcessingMixin(GuidanceProcessingMixin):
     tokenizer without special tokens, which the model embeds with the LLM's input embeddings.
     """
 
-    guidance_special_tokens = False
     default_reduction_ratio = DEFAULT_REDUCTION_RATIO
 
     def __init__(
@@ -336,11 +384,6 @@ class QwenProcessingMixin(GuidanceProcessingMixin):
         check_reduction_ratio(reduction_ratio, type(self).__name__)
         self.reduction_ratio = reduction_ratio
         self.guidance_max_length = guidance_max_length
-
-    @property
-    def guidance_tokenizer(self):
-        """The guidance is tokenised by the LLM's tokenizer: the model embeds it with the LLM's input embeddings."""
-        return self.tokenizer
 
     @property
     def media_tokens(self) -> tuple[str, ...]:
@@ -392,7 +435,9 @@ class QwenProcessingMixin(GuidanceProcessingMixin):
 
 
 __all__ = [
+    "CropBudgetProcessingMixin",
     "GuidanceProcessingMixin",
+    "LlmGuidanceMixin",
     "QwenProcessingMixin",
     "VideoProcessorCheckMixin",
     "guidance_from_prompt",

@@ -17,9 +17,8 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.utils import CONFIG_NAME, cached_file
 
-from .configuration_visiontrim import DEFAULT_REDUCTION_RATIO, check_reduction_ratio, visual_tokens_per_crop
-from .configuration_visiontrim_llava import check_budgets_agree, reduction_ratio_for_tokens
-from .processing_visiontrim import HUB_KWARGS, GuidanceProcessingMixin
+from .configuration_visiontrim import DEFAULT_REDUCTION_RATIO, visual_tokens_per_crop
+from .processing_visiontrim import HUB_KWARGS, CropBudgetProcessingMixin, GuidanceProcessingMixin
 
 
 class GuidanceTokenizerAttribute(ProcessorMixin):
@@ -33,11 +32,11 @@ class GuidanceTokenizerAttribute(ProcessorMixin):
         super().__init__(*args, guidance_tokenizer=self.guidance_tokenizer, **kwargs)
 
 
-class LlavaProcessingMixin(GuidanceProcessingMixin):
+class LlavaProcessingMixin(CropBudgetProcessingMixin, GuidanceProcessingMixin):
     """
-    What VisionTrim processors add to the stock LLaVA ones: the CLIP `guidance_tokenizer`, the budget
-    (`reduction_ratio`, per crop) and placeholders for the kept tokens only. A processor's `__init__` sets the guidance
-    tokenizer, calls the stock `__init__` with its own arguments, then sets the budget.
+    What VisionTrim processors add to the stock LLaVA ones: the CLIP `guidance_tokenizer`, the per-crop budget
+    (`CropBudgetProcessingMixin`) and placeholders for the kept tokens only. A processor's `__init__` sets the
+    guidance tokenizer, calls the stock `__init__` with its own arguments, then sets the budget.
     """
 
     def set_guidance_tokenizer(self, guidance_tokenizer, guidance_max_length: int, empty_guidance: str) -> None:
@@ -55,34 +54,11 @@ class LlavaProcessingMixin(GuidanceProcessingMixin):
         self.guidance_tokenizer = guidance_tokenizer
         self.guidance_max_length = guidance_max_length
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """`ProcessorMixin.from_pretrained`; a `visual_tokens=K` override replaces the stored `reduction_ratio`."""
-        if kwargs.get("visual_tokens") is not None:
-            kwargs.setdefault("reduction_ratio", None)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    def set_budget(self, reduction_ratio: float | None, visual_tokens: int | None) -> None:
-        """
-        Sets `reduction_ratio` (from `visual_tokens` when given), checked against the crop's patch count; a
-        `reduction_ratio` and `visual_tokens` that ask for different budgets are refused.
-        """
-        if visual_tokens is not None:
-            check_budgets_agree(visual_tokens, reduction_ratio, self.num_patches, type(self).__name__)
-            reduction_ratio = reduction_ratio_for_tokens(visual_tokens, self.num_patches, type(self).__name__)
-        check_reduction_ratio(reduction_ratio, type(self).__name__, self.num_patches)
-        self.reduction_ratio = reduction_ratio
-
     @property
     def num_patches(self) -> int:
         """Patch tokens per crop: `(crop height // patch) * (crop width // patch)`."""
         crop_size = self.image_processor.crop_size
         return (crop_size["height"] // self.patch_size) * (crop_size["width"] // self.patch_size)
-
-    @property
-    def visual_tokens(self) -> int:
-        """Tokens kept per crop when compressing (read-only: set `reduction_ratio`)."""
-        return visual_tokens_per_crop(self.num_patches, self.reduction_ratio)
 
     @property
     def media_tokens(self) -> tuple[str, ...]:
