@@ -112,6 +112,17 @@ ARCHITECTURES = (
         anyres=True,
     ),
     Architecture(
+        "llava-onevision",
+        "LLaVA-OneVision",
+        "llava_onevision",
+        "llava_onevision",
+        "LlavaOnevision",
+        "VisionTrimLlavaOnevisionProcessor",
+        True,
+        False,
+        anyres=True,
+    ),
+    Architecture(
         "qwen2.5-vl",
         "Qwen2.5-VL",
         "qwen2_vl",
@@ -135,14 +146,16 @@ ARCHITECTURES = (
     ),
 )
 ARCHITECTURE_NAMES = tuple(architecture.name for architecture in ARCHITECTURES)
-# The families (each its own Hub files): the LLaVA models (a CLIP tower, guided by a CLIP text tower), the Qwen2-VL
-# models (Qwen2-VL, Qwen2.5-VL) and the Qwen3-VL models (dense, MoE). The Qwen families share the M-RoPE core
-# (`mrope_visiontrim.py`): a budget per image share, guidance in the LLM's vocabulary.
-LLAVA_FAMILY, QWEN_FAMILY, QWEN3_FAMILY = "llava", "qwen2_vl", "qwen3_vl"
+# The families (each its own Hub files): the LLaVA models (a CLIP tower, guided by a CLIP text tower), LLaVA-OneVision
+# (a SigLIP tower, guided in the LLM's vocabulary), the Qwen2-VL models (Qwen2-VL, Qwen2.5-VL) and the Qwen3-VL models
+# (dense, MoE). The Qwen families share the M-RoPE core (`mrope_visiontrim.py`): a budget per image share, guidance in
+# the LLM's vocabulary.
+LLAVA_FAMILY, ONEVISION_FAMILY, QWEN_FAMILY, QWEN3_FAMILY = "llava", "llava_onevision", "qwen2_vl", "qwen3_vl"
 QWEN_FAMILIES = (QWEN_FAMILY, QWEN3_FAMILY)
 # Each family's name in messages, and the module whose builders make its tiny random models.
 FAMILY_BUILDERS = {
     LLAVA_FAMILY: ("LLaVA", "visiontrim.tools.build"),
+    ONEVISION_FAMILY: ("LLaVA-OneVision", "visiontrim.tools.build_onevision"),
     QWEN_FAMILY: ("Qwen2-VL", "visiontrim.tools.build_qwen"),
     QWEN3_FAMILY: ("Qwen3-VL", "visiontrim.tools.build_qwen"),
 }
@@ -210,6 +223,7 @@ __all__ = [
     "ARCHITECTURES",
     "ARCHITECTURE_NAMES",
     "LLAVA_FAMILY",
+    "ONEVISION_FAMILY",
     "QWEN3_FAMILY",
     "QWEN_FAMILIES",
     "QWEN_FAMILY",

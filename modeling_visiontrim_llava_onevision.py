@@ -1,0 +1,264 @@
+# Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
+"""
+PyTorch VisionTrim LLaVA-OneVision: every image crop and every pooled video frame is compressed by DVTS + TGVC before
+the LLM. Only what differs from the stock classes is stated here; the algorithm is the core's (`compress_grids`):
+SigLIP has no CLS token, so DVTS's global term is the attention each token receives at the scored layer; the
+checkpoints carry no CLIP text tower, so TGVC compares the projected tokens with the question embedded by the LLM's
+input embeddings; the crops are fixed grids (27 x 27 patches for SigLIP-so400m at 384 px, 14 x 14 pooled tokens per
+video frame).
+"""
+
+import torch
+import torch.nn.functional as F
+from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import select_hidden_states
+
+from .compression_visiontrim import (
+    CompressedTokens,
+    VisionTowerRun,
+    anyres_image_tokens,
+    checked_guidance,
+    compress_grids,
+    received_attention,
+    run_vision_tower,
+)
+from .configuration_visiontrim_llava_onevision import VisionTrimLlavaOnevisionConfig
+from .modeling_visiontrim_utils import (
+    EncodeMediaFirstMixin,
+    VisionTrimEncoderOutput,
+    VisionTrimGenerationMixin,
+    with_guidance_inputs,
+)
+
+
+class VisionTrimLlavaOnevisionModel(EncodeMediaFirstMixin, LlavaOnevisionModel):
+    """
+    `LlavaOnevisionModel` whose image features are, per crop (base view first, then the high-res crops in raster
+    order; one crop per image of a multi-image prompt), `config.visual_tokens` DVTS + TGVC tokens followed by
+    `image_newline` when `config.crop_newline` is set, and whose video features are `config.frame_tokens` tokens per
+    pooled frame, then one `image_newline`. With `reduction_ratio=0` it is the stock model.
+    """
+
+    config: VisionTrimLlavaOnevisionConfig
+
+    def describe_budget(self, modality: str) -> str:
+        return self.config.describe_budget(modality)
+
+    def question_embeddings(
+        self,
+        guidance_input_ids: torch.LongTensor | None,
+        guidance_attention_mask: torch.Tensor | None,
+        items_per_media: list[int],
+        modality: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Each item's `(items, text, text_hidden)` L2-normalised question embeddings (the LLM's input embeddings of its
+        image's or video's guidance ids, `checked_guidance`) and their `(items, text)` mask.
+        """
+        device = self.get_input_embeddings().weight.device
+        input_ids, text_mask = checked_guidance(
+            guidance_input_ids,
+            guidance_attention_mask,
+            len(items_per_media),
+            self.config.empty_guidance,
+            "guidance" if modality == "image" else "video_guidance",
+            device,
+        )
+        text_embeds = F.normalize(self.get_input_embeddings()(input_ids).float(), dim=-1)
+        repeats = torch.tensor(items_per_media, device=device)
+        return text_embeds.repeat_interleave(repeats, dim=0), text_mask.repeat_interleave(repeats, dim=0)
+
+    def compress(
+        self,
+        modality: str,
+        pixel_values: torch.Tensor,
+        items_per_media: list[int],
+        vision_feature_layer: int,
+        guidance_input_ids: torch.LongTensor | None,
+        guidance_attention_mask: torch.Tensor | None,
+        **tower_kwargs,
+    ) -> tuple[VisionTowerRun, CompressedTokens]:
+        """
+        Runs SigLIP on `(items, 3, height, width)` crops (video frames) and keeps `config.visual_tokens` tokens per
+        crop (`config.frame_tokens` per frame, on the frame's pooled grid): the run and the compression, whose
+        `features` are the `(items, kept, text_hidden)` kept tokens.
+        """
+        num_layers = self.config.vision_config.num_hidden_layers
+        run = run_vision_tower(
+            self.vision_tower,
+            pixel_values,
+            vision_feature_layer,
+            vision_feature_layer % (num_layers + 1) - 1,
+            **tower_kwargs,
+        )
+        features = run.features
+        every_patch = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+        received = received_attention(run.query, run.key, every_patch, run.num_heads, run.scaling)
+        tokens = self.multi_modal_projector(features)
+        kept = self.config.visual_tokens
+        if modality == "video":  # OneVision pools each frame 2 x 2; the global term and LTAM's features likewise
+            received = self.apply_pooling(received.unsqueeze(-1)).squeeze(-1)
+            received = received / received.sum(dim=-1, keepdim=True)
+            features, tokens = self.apply_pooling(features), self.apply_pooling(tokens)
+            kept = self.config.frame_tokens
+        items, units, _ = tokens.shape
+        side = round(units**0.5)
+        num_dominant, num_complement = self.config.kept_tokens(kept)
+        text_embeds = text_mask = None
+        if num_complement > 0:
+            text_embeds, text_mask = self.question_embeddings(
+                guidance_input_ids, guidance_attention_mask, items_per_media, modality
+            )
+        compressed = compress_grids(
+            tokens,
+            received,
+            features.view(items, side, side, -1),
+            torch.full((items,), num_dominant, device=tokens.device),
+            torch.full((items,), num_complement, device=tokens.device),
+            text_embeds,
+            text_mask,
+            self.config,
+        )
+        return run, compressed
+
+    def encoder_output(
+        self, run: VisionTowerRun, compressed: CompressedTokens, features: list[torch.Tensor] | torch.Tensor
+    ) -> VisionTrimEncoderOutput:
+        return VisionTrimEncoderOutput(
+            last_hidden_state=run.outputs.last_hidden_state,
+            pooler_output=features,
+            hidden_states=run.outputs.hidden_states,
+            attentions=run.outputs.attentions,
+            dominant_indices=compressed.dominant_indices,
+            complement_seed_indices=compressed.complement_seed_indices,
+        )
+
+    @merge_with_config_defaults
+    @can_return_tuple
+    @select_hidden_states("vision_feature_layer")
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        vision_aspect_ratio: str | None = None,
+        batch_num_images: torch.LongTensor | None = None,
+        guidance_input_ids: torch.LongTensor | None = None,
+        guidance_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPooling:
+        r"""
+        Encodes `(images, max_crops, 3, height, width)` pixels (or their `(crops, 3, height, width)` concatenation) and
+        keeps `config.visual_tokens` tokens per crop, all crops of an image guided by its `(images, text)` guidance.
+        An image of a prompt with several images (`batch_num_images`) is one crop, as in stock. Each image gives
+        `crops * (visual_tokens + crop_newline)` tokens. With compression off this is the stock method.
+        """
+        if not self.config.compression_enabled:
+            return super().get_image_features(
+                pixel_values,
+                image_sizes,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                vision_aspect_ratio=vision_aspect_ratio,
+                batch_num_images=batch_num_images,
+                **kwargs,
+            )
+        if batch_num_images is None:
+            need_patching = [True] * len(image_sizes)
+        else:
+            need_patching = [count == 1 for count in batch_num_images for _ in range(count)]
+        crops_per_image = [
+            image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+            if patched
+            else 1
+            for size, patched in zip(image_sizes, need_patching, strict=True)
+        ]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat(
+                [pixels[:count] for pixels, count in zip(pixel_values, crops_per_image, strict=True)]
+            )
+        elif pixel_values.dim() != 4 or pixel_values.shape[0] != sum(crops_per_image):
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)}: expected (images, crops, channels, height, "
+                f"width) or the {sum(crops_per_image)} crops (crops, channels, height, width) that image_sizes and "
+                "batch_num_images give; pass the processor's pixel_values, image_sizes and batch_num_images together."
+            )
+        run, compressed = self.compress(
+            "image",
+            pixel_values,
+            crops_per_image,
+            vision_feature_layer,
+            guidance_input_ids,
+            guidance_attention_mask,
+            **kwargs,
+        )
+        newline = self.image_newline if self.config.crop_newline else None
+        return self.encoder_output(run, compressed, anyres_image_tokens(compressed.features, crops_per_image, newline))
+
+    @merge_with_config_defaults
+    @can_return_tuple
+    @select_hidden_states("vision_feature_layer")
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        video_guidance_input_ids: torch.LongTensor | None = None,
+        video_guidance_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPooling:
+        r"""
+        Encodes `(videos, frames, 3, height, width)` pixels and keeps `config.frame_tokens` of each frame's pooled
+        tokens, all frames of a video guided by its `(videos, text)` guidance: `(videos, frames * frame_tokens + 1,
+        text_hidden)`, the last row `image_newline` as in stock. With compression off this is the stock method.
+        """
+        if not self.config.compression_enabled:
+            return super().get_video_features(
+                pixel_values_videos,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                **kwargs,
+            )
+        videos, frames = pixel_values_videos.shape[:2]
+        run, compressed = self.compress(
+            "video",
+            pixel_values_videos.flatten(0, 1),
+            [frames] * videos,
+            vision_feature_layer,
+            video_guidance_input_ids,
+            video_guidance_attention_mask,
+            **kwargs,
+        )
+        tokens = compressed.features.unflatten(0, (videos, frames)).flatten(1, 2)
+        newline = self.image_newline.to(tokens)[None, None].expand(videos, 1, -1)
+        features = torch.cat([tokens, newline], dim=1)
+        return self.encoder_output(run, compressed, features)
+
+
+class VisionTrimLlavaOnevisionForConditionalGeneration(
+    VisionTrimGenerationMixin, LlavaOnevisionForConditionalGeneration
+):
+    """
+    LLaVA-OneVision with VisionTrim: image crops and pooled video frames are each compressed by DVTS + TGVC, guided by
+    their prompt's question in the LLM's embedding space. Inputs come from `VisionTrimLlavaOnevisionProcessor`.
+    """
+
+    config: VisionTrimLlavaOnevisionConfig
+    base_model_class = VisionTrimLlavaOnevisionModel
+    forward = with_guidance_inputs(LlavaOnevisionForConditionalGeneration.forward, "image", "video")
+
+
+# Custom classes skip Transformers' llava-hf key renaming unless it is registered for them.
+register_checkpoint_conversion_mapping(
+    VisionTrimLlavaOnevisionForConditionalGeneration.__name__,
+    get_checkpoint_conversion_mapping("llava_onevision"),
+    overwrite=True,
+)
+VisionTrimLlavaOnevisionForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = ["VisionTrimLlavaOnevisionForConditionalGeneration", "VisionTrimLlavaOnevisionModel"]
