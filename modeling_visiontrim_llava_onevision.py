@@ -72,29 +72,25 @@ class VisionTrimLlavaOnevisionModel(EncodeMediaFirstMixin, LlavaOnevisionModel):
         repeats = torch.tensor(items_per_media, device=device)
         return text_embeds.repeat_interleave(repeats, dim=0), text_mask.repeat_interleave(repeats, dim=0)
 
-    def compress(
+    def run_tower(self, pixel_values: torch.Tensor, vision_feature_layer: int, **tower_kwargs) -> VisionTowerRun:
+        """SigLIP on `(items, 3, height, width)` crops (frames), the scored layer's queries and keys recorded."""
+        num_layers = self.config.vision_config.num_hidden_layers
+        layer_index = vision_feature_layer % (num_layers + 1) - 1
+        return run_vision_tower(self.vision_tower, pixel_values, vision_feature_layer, layer_index, **tower_kwargs)
+
+    def compress_run(
         self,
         modality: str,
-        pixel_values: torch.Tensor,
+        run: VisionTowerRun,
         items_per_media: list[int],
-        vision_feature_layer: int,
         guidance_input_ids: torch.LongTensor | None,
         guidance_attention_mask: torch.Tensor | None,
-        **tower_kwargs,
-    ) -> tuple[VisionTowerRun, CompressedTokens]:
+    ) -> CompressedTokens:
         """
-        Runs SigLIP on `(items, 3, height, width)` crops (video frames) and keeps `config.visual_tokens` tokens per
-        crop (`config.frame_tokens` per frame, on the frame's pooled grid): the run and the compression, whose
-        `features` are the `(items, kept, text_hidden)` kept tokens.
+        DVTS + TGVC on a tower run of crops (video frames, `modality="video"`): `config.visual_tokens` tokens per
+        crop, `config.frame_tokens` per frame on its pooled grid; `features` are the `(items, kept, text_hidden)`
+        kept tokens. `items_per_media`: how many consecutive crops (frames) each image (video) has.
         """
-        num_layers = self.config.vision_config.num_hidden_layers
-        run = run_vision_tower(
-            self.vision_tower,
-            pixel_values,
-            vision_feature_layer,
-            vision_feature_layer % (num_layers + 1) - 1,
-            **tower_kwargs,
-        )
         features = run.features
         every_patch = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
         received = received_attention(run.query, run.key, every_patch, run.num_heads, run.scaling)
@@ -113,7 +109,7 @@ class VisionTrimLlavaOnevisionModel(EncodeMediaFirstMixin, LlavaOnevisionModel):
             text_embeds, text_mask = self.question_embeddings(
                 guidance_input_ids, guidance_attention_mask, items_per_media, modality
             )
-        compressed = compress_grids(
+        return compress_grids(
             tokens,
             received,
             features.view(items, side, side, -1),
@@ -123,7 +119,6 @@ class VisionTrimLlavaOnevisionModel(EncodeMediaFirstMixin, LlavaOnevisionModel):
             text_mask,
             self.config,
         )
-        return run, compressed
 
     def encoder_output(
         self, run: VisionTowerRun, compressed: CompressedTokens, features: list[torch.Tensor] | torch.Tensor
@@ -188,15 +183,8 @@ class VisionTrimLlavaOnevisionModel(EncodeMediaFirstMixin, LlavaOnevisionModel):
                 f"width) or the {sum(crops_per_image)} crops (crops, channels, height, width) that image_sizes and "
                 "batch_num_images give; pass the processor's pixel_values, image_sizes and batch_num_images together."
             )
-        run, compressed = self.compress(
-            "image",
-            pixel_values,
-            crops_per_image,
-            vision_feature_layer,
-            guidance_input_ids,
-            guidance_attention_mask,
-            **kwargs,
-        )
+        run = self.run_tower(pixel_values, vision_feature_layer, **kwargs)
+        compressed = self.compress_run("image", run, crops_per_image, guidance_input_ids, guidance_attention_mask)
         newline = self.image_newline if self.config.crop_newline else None
         return self.encoder_output(run, compressed, anyres_image_tokens(compressed.features, crops_per_image, newline))
 
@@ -225,14 +213,9 @@ class VisionTrimLlavaOnevisionModel(EncodeMediaFirstMixin, LlavaOnevisionModel):
                 **kwargs,
             )
         videos, frames = pixel_values_videos.shape[:2]
-        run, compressed = self.compress(
-            "video",
-            pixel_values_videos.flatten(0, 1),
-            [frames] * videos,
-            vision_feature_layer,
-            video_guidance_input_ids,
-            video_guidance_attention_mask,
-            **kwargs,
+        run = self.run_tower(pixel_values_videos.flatten(0, 1), vision_feature_layer, **kwargs)
+        compressed = self.compress_run(
+            "video", run, [frames] * videos, video_guidance_input_ids, video_guidance_attention_mask
         )
         tokens = compressed.features.unflatten(0, (videos, frames)).flatten(1, 2)
         newline = self.image_newline.to(tokens)[None, None].expand(videos, 1, -1)

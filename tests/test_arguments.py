@@ -91,5 +91,8 @@ def test_converter_help_prints_no_torchvision_warning(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--dtype {auto,float16,bfloat16,float32}" in result.stdout
     usage = " ".join(result.stdout.split())
-    assert "--arch {llava,llava-next,video-llava,llava-next-video,qwen2.5-vl,qwen2-vl,qwen3-vl,qwen3-vl-moe}" in usage
+    architectures = (
+        "llava,llava-next,video-llava,llava-next-video,llava-onevision,qwen2.5-vl,qwen2-vl,qwen3-vl,qwen3-vl-moe"
+    )
+    assert f"--arch {{{architectures}}}" in usage
     assert "torchvision" not in result.stderr + result.stdout

@@ -528,8 +528,9 @@ def test_contradicting_arch_and_bad_budget_are_refused(tmp_path, clip_folder):
             "idefics3",
             "--llava",
             r"model_type 'idefics3' is not an architecture VisionTrim supports: llava \(LLaVA-1\.5\), .*"
-            r"llava-next-video \(LLaVA-NeXT-Video\), qwen2\.5-vl \(Qwen2\.5-VL\), qwen2-vl \(Qwen2-VL\), "
-            r"qwen3-vl \(Qwen3-VL\), qwen3-vl-moe \(Qwen3-VL-MoE\)\.",
+            r"llava-next-video \(LLaVA-NeXT-Video\), llava-onevision \(LLaVA-OneVision\), "
+            r"qwen2\.5-vl \(Qwen2\.5-VL\), qwen2-vl \(Qwen2-VL\), qwen3-vl \(Qwen3-VL\), "
+            r"qwen3-vl-moe \(Qwen3-VL-MoE\)\.",
         ),
     ],
 )

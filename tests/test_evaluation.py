@@ -438,7 +438,8 @@ def test_eval_refuses_a_budget_or_a_modality_the_folder_does_not_take(
              "--videos", str(videos), "--answers", str(tmp_path / "answers.json")]  # fmt: skip
     assert eval_error(capsys, [*video, "--model", str(checkpoint)]) == (
         f"visiontrim eval: error: argument --model: {checkpoint} is a LLaVA-1.5 folder; video QA supports "
-        "video-llava (Video-LLaVA), llava-next-video (LLaVA-NeXT-Video), qwen2.5-vl (Qwen2.5-VL), "
+        "video-llava (Video-LLaVA), llava-next-video (LLaVA-NeXT-Video), llava-onevision (LLaVA-OneVision), "
+        "qwen2.5-vl (Qwen2.5-VL), "
         "qwen2-vl (Qwen2-VL), qwen3-vl (Qwen3-VL), qwen3-vl-moe (Qwen3-VL-MoE)"
     )
 

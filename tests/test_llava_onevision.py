@@ -4,6 +4,8 @@ merged rows, layout) for anyres images, multi-image prompts and videos, the rows
 placeholder counts, remote loading and `pipeline`.
 """
 
+import json
+
 import numpy
 import pytest
 import torch
@@ -311,3 +313,50 @@ def test_remote_classes_pipeline_and_generate(compressed, tmp_path):
     generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     expected = processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert answer["content"] == expected
+
+
+def llava_hf_onevision_source(folder, seed: int = 0):
+    """A llava-hf LLaVA-OneVision folder: the stock model's save_pretrained and the stock processor's files."""
+    config = build_onevision_config(reduction_ratio=0)
+    torch.manual_seed(seed)
+    stock = stock_onevision_with_same_weights(build_model(config, seed=seed))
+    stock.save_pretrained(folder)
+    processor = build_onevision_processor(config)
+    processor.tokenizer.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(processor.chat_template)
+    stock_files = {
+        "processor_config.json": {"num_image_tokens": 729, "vision_feature_select_strategy": "full"},
+        "video_preprocessor_config.json": {"size": {"height": 384, "width": 384}, "do_resize": True},
+    }
+    for name, content in stock_files.items():
+        (folder / name).write_text(json.dumps(content))
+    return stock
+
+
+def test_a_llava_hf_folder_converts_without_a_clip_model(tmp_path):
+    from visiontrim.tools.convert.cli import main
+
+    stock = llava_hf_onevision_source(tmp_path / "source")
+    main(["--llava", str(tmp_path / "source"), "--output", str(tmp_path / "out"), "--tokens", "64"])
+    output = tmp_path / "out"
+    assert json.loads((output / "config.json").read_text())["model_type"] == "visiontrim_llava_onevision"
+    card = " ".join((output / "README.md").read_text().split())
+    assert "with 64 of 729 tokens per crop" in card and "keeps 17 of its 196 pooled tokens" in card
+    model, processor = load_remote(output)
+    weights = model.state_dict()
+    assert set(weights) == set(stock.state_dict())
+    for key, tensor in stock.state_dict().items():
+        assert torch.equal(weights[key], tensor), key
+    inputs = processor(images=random_image(300, 700, 1), text=chat(processor, "image"), return_tensors="pt")
+    assert model(**inputs).image_outputs.pooler_output[0].shape[0] == 3 * (64 + 1)
+    off, off_processor = load_remote(output, reduction_ratio=0)
+    off_inputs = off_processor(images=random_image(300, 700, 1), text=chat(processor, "image"), return_tensors="pt")
+    stock_inputs = {key: value for key, value in off_inputs.items() if "guidance" not in key}
+    torch.testing.assert_close(off(**off_inputs).logits, stock(**stock_inputs).logits, rtol=0, atol=1e-5)
+
+    with pytest.raises(SystemExit):
+        main(
+            ["--llava", str(tmp_path / "source"), "--clip", str(tmp_path / "source"), "--output", str(tmp_path / "x")]
+        )
+    assert not (tmp_path / "x").exists()

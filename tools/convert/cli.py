@@ -7,8 +7,9 @@ CLIP model its vision tower comes from:
     visiontrim-convert --llava llava-hf/llava-1.5-7b-hf --clip openai/clip-vit-large-patch14-336 \\
         --output visiontrim-llava-1.5-7b --tokens 64
 
-and `--qwen` the Qwen models (`--qwen Qwen/Qwen2.5-VL-7B-Instruct --reduction-ratio 0.75`; Qwen2-VL, Qwen3-VL too). A
-refused or failed conversion prints one line, exits with status 2 and leaves nothing behind.
+`--llava` also takes LLaVA-OneVision checkpoints, without `--clip`, and `--qwen` the Qwen models (`--qwen
+Qwen/Qwen2.5-VL-7B-Instruct --reduction-ratio 0.75`; Qwen2-VL, Qwen3-VL too). A refused or failed conversion prints one
+line, exits with status 2 and leaves nothing behind.
 """
 
 import argparse
@@ -16,11 +17,19 @@ import logging
 import sys
 from pathlib import Path
 
-from ...architectures import ARCHITECTURE_NAMES, ARCHITECTURES, LLAVA_FAMILY, QWEN_FAMILIES
+from ...architectures import (
+    ARCHITECTURE_NAMES,
+    ARCHITECTURES,
+    LLAVA_FAMILY,
+    ONEVISION_FAMILY,
+    QWEN_FAMILIES,
+    architecture_of,
+)
 from ..arguments import folder_or_hub_id, positive_int
 from .llava import convert_llava
+from .onevision import convert_onevision
 from .qwen import convert_qwen
-from .repository import DTYPES, ConversionError
+from .repository import DTYPES, ConversionError, read_config, resolve
 
 
 logger = logging.getLogger("visiontrim.convert")
@@ -34,21 +43,31 @@ def family_names(*families: str) -> str:
 
 def convert(args: argparse.Namespace) -> Path:
     """Converts the `--llava` or `--qwen` checkpoint of `args` (from `parse_arguments`); returns the folder written."""
-    return convert_qwen(args) if args.qwen is not None else convert_llava(args)
+    if args.qwen is not None:
+        return convert_qwen(args)
+    folder = resolve(args.llava)
+    config = read_config(folder, args.llava)
+    try:
+        onevision = architecture_of(config).family == ONEVISION_FAMILY
+    except ValueError:  # not a supported model type (or the original LLaVA layout): the LLaVA converter says which
+        onevision = False
+    return (convert_onevision if onevision else convert_llava)(args, folder, config)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="visiontrim-convert",
         description=f"Convert a {family_names(LLAVA_FAMILY)} checkpoint (--llava, plus the CLIP model its vision "
-        f"tower comes from) or a {family_names(*QWEN_FAMILIES)} one (--qwen) into a VisionTrim repository folder that "
-        "loads with from_pretrained(..., trust_remote_code=True).",
+        f"tower comes from), a {family_names(ONEVISION_FAMILY)} one (--llava, no CLIP model) or a "
+        f"{family_names(*QWEN_FAMILIES)} one (--qwen) into a VisionTrim repository folder that loads with "
+        "from_pretrained(..., trust_remote_code=True).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--llava",
         type=folder_or_hub_id,
-        help=f"{family_names(LLAVA_FAMILY)} checkpoint: local folder or Hub id (llava-hf or original LLaVA layout)",
+        help=f"{family_names(LLAVA_FAMILY, ONEVISION_FAMILY)} checkpoint: local folder or Hub id (llava-hf or "
+        "original LLaVA layout)",
     )
     source.add_argument(
         "--qwen",
@@ -58,7 +77,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--clip",
         type=folder_or_hub_id,
-        help="LLaVA only (required there): CLIP model of its vision tower, e.g. openai/clip-vit-large-patch14-336",
+        help="LLaVA with a CLIP tower only (required there; not LLaVA-OneVision): CLIP model of its vision tower, "
+        "e.g. openai/clip-vit-large-patch14-336",
     )
     parser.add_argument(
         "--image-clip",

@@ -51,7 +51,6 @@ from .repository import (
     is_hub_id,
     new_revision,
     read_chat_template,
-    read_config,
     resolve,
     source_architecture,
     write_repository,
@@ -611,8 +610,11 @@ def render_card(
     )
 
 
-def convert_llava(args: argparse.Namespace) -> Path:
-    """Converts the `--llava` checkpoint with its `--clip` model (and Video-LLaVA's `--image-clip`) to `--output`."""
+def convert_llava(args: argparse.Namespace, llava_folder: Path, llava_config: dict) -> Path:
+    """
+    Converts the `--llava` checkpoint (resolved to `llava_folder`, whose `config.json` is `llava_config`) with its
+    `--clip` model (and Video-LLaVA's `--image-clip`) to `--output`.
+    """
     output = Path(args.output)
     check_output(output, args.overwrite)
     budget = {}
@@ -625,8 +627,7 @@ def convert_llava(args: argparse.Namespace) -> Path:
 
     if args.clip is None:
         raise ConversionError("--clip is required with --llava: the CLIP model whose text tower guides TGVC.")
-    llava_folder, clip_folder = resolve(args.llava), resolve(args.clip)
-    llava_config = read_config(llava_folder, args.llava)
+    clip_folder = resolve(args.clip)
     architecture = infer_architecture(llava_config, args.arch, args.llava)
     clip = read_clip(clip_folder, args.clip)
     if args.image_clip is not None and architecture.name != "video-llava":

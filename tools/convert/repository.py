@@ -21,7 +21,15 @@ from transformers import PreTrainedModel, ProcessorMixin
 from transformers.utils import CHAT_TEMPLATE_FILE, LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE
 
 from ... import __version__
-from ...architectures import LLAVA_FAMILY, QWEN3_FAMILY, QWEN_FAMILY, Architecture, architecture_of, is_visiontrim
+from ...architectures import (
+    LLAVA_FAMILY,
+    ONEVISION_FAMILY,
+    QWEN3_FAMILY,
+    QWEN_FAMILY,
+    Architecture,
+    architecture_of,
+    is_visiontrim,
+)
 from ..checksums import folder_checksums, write_manifest
 
 
@@ -31,7 +39,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 # The weight indexes of sharded checkpoints: each maps every weight to the shard file holding it.
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # The source option that converts each family's checkpoints.
-SOURCE_OPTIONS = {LLAVA_FAMILY: "--llava", QWEN_FAMILY: "--qwen", QWEN3_FAMILY: "--qwen"}
+SOURCE_OPTIONS = {LLAVA_FAMILY: "--llava", ONEVISION_FAMILY: "--llava", QWEN_FAMILY: "--qwen", QWEN3_FAMILY: "--qwen"}
 
 
 class ConversionError(ValueError):
