@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..architectures import ARCHITECTURES, Architecture, architecture_named, architecture_of
+from ..architectures import ARCHITECTURES, ONEVISION_FAMILY, Architecture, architecture_named, architecture_of
 from ..compression_visiontrim import GuidanceEmbeddingCache, compress_crops, encode_guidance, run_vision_tower
 from ..configuration_visiontrim_llava import vision_attention_layer
 from . import plots
@@ -34,6 +34,7 @@ from .arguments import (
     non_negative_int,
     positive_int,
 )
+from .bench_onevision import run_onevision
 from .bench_qwen import QWEN_BENCHES, run_qwen
 from .build import (
     LLAVA_15_SHAPES,
@@ -81,9 +82,12 @@ ROWS = {
                          ("VisionTrim 256", 32, 0.75, None), ("VisionTrim 128", 16, 0.75, None),
                          ("DVTS only 256", 32, 1.0, None), ("TGVC only 256", 32, 0.0, None)],
 }  # fmt: skip
-# The architectures with rows: the LLaVA family's above, the Qwen family's in `bench_qwen.py`.
+# The architectures with rows: the LLaVA family's above, the Qwen families' in `bench_qwen.py`, LLaVA-OneVision's in
+# `bench_onevision.py`.
 BENCHMARKED = tuple(
-    architecture for architecture in ARCHITECTURES if architecture.name in ROWS or architecture.name in QWEN_BENCHES
+    architecture
+    for architecture in ARCHITECTURES
+    if architecture.name in ROWS or architecture.name in QWEN_BENCHES or architecture.family == ONEVISION_FAMILY
 )
 VIDEO_FRAMES = 8
 LLM_STAGE_LAYER = 2  # or the LLM's last layer, when it has no more than 2
@@ -311,6 +315,8 @@ def run(args: argparse.Namespace) -> dict:
     architecture = bench_architecture(args)
     if architecture.qwen:
         return run_qwen(args, architecture)
+    if architecture.family == ONEVISION_FAMILY:
+        return run_onevision(args, architecture)
     arch = architecture.name
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

@@ -11,8 +11,10 @@ to stock. The compression is timed on the recorded tower run, the question's emb
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -62,6 +64,8 @@ QWEN3_ROWS = (QWEN_ROWS[0], ("VisionTrim 50%", 0.5, 0.75), *QWEN_ROWS[1:])
 # tokens; Qwen3-VL's 16 px patches: 1024 x 768, 64 x 48 patches, 768 merged tokens).
 QWEN_IMAGE_SIZES = ((448, 448), (1008, 756))
 QWEN3_IMAGE_SIZES = ((448, 448), (1024, 768))
+# The text inputs the LLM's prefill takes beside the image features (those a model's processor gives).
+TEXT_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")
 
 
 @dataclass(frozen=True)
@@ -108,25 +112,17 @@ def bench_photo(size: tuple[int, int], path: str | None = None) -> Image.Image:
     return photo.crop((left, top, left + crop_width, top + crop_height)).resize(size, Image.Resampling.BICUBIC)
 
 
-def measure(row: QwenRow, model, inputs, tower_run, args) -> None:
+def measure(row: QwenRow, model, inputs, encode: Callable[[], Any], args) -> None:
     """
-    Fills `row`: tokens, compression time (VisionTrim rows), prefill, decode per token, FLOPs and KV bytes. Every row
-    starts from the same recorded tower run: the stock row from its merged tokens, the others compress it.
+    Fills `row`: tokens, compression time (VisionTrim rows: `encode` compresses a recorded tower run), prefill,
+    decode per token, FLOPs and KV bytes, the LLM given `encode()`'s image features.
     """
     row.visual_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
     row.prompt_tokens = inputs["input_ids"].shape[1]
-    if row.reduction_ratio is None:  # the tower's own outputs, one image (Qwen3-VL: with its DeepStack sets)
-        fields = {"pooler_output": (tower_run.outputs.pooler_output,)}
-        if getattr(tower_run.outputs, "deepstack_features", None) is not None:
-            fields["deepstack_features"] = [(level,) for level in tower_run.outputs.deepstack_features]
-        encoded = type(tower_run.outputs)(**fields)
-    else:
-        guidance = (inputs["guidance_input_ids"], inputs["guidance_attention_mask"])
-        row.compression = timings(
-            lambda: model.model.compress_run("image", tower_run, *guidance), args.warmup, args.repeats
-        )
-        encoded = model.model.compress_run("image", tower_run, *guidance)
-    text = {name: inputs[name] for name in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")}
+    if row.reduction_ratio is not None:
+        row.compression = timings(encode, args.warmup, args.repeats)
+    encoded = encode()
+    text = {name: inputs[name] for name in TEXT_INPUTS if name in inputs}
     features = {"mm_encoder_outputs": {"image": encoded}}
     row.prefill = timings(lambda: model(**text, **features, logits_to_keep=1), args.warmup, args.repeats)
     row.kv_cache_bytes = kv_cache_bytes(model(**text, **features, logits_to_keep=1, use_cache=True).cache)
@@ -139,6 +135,17 @@ def measure(row: QwenRow, model, inputs, tower_run, args) -> None:
     answer = timings(generate(args.new_tokens), args.warmup, args.repeats)
     first_token = timings(generate(1), args.warmup, args.repeats)
     row.decode_per_token = time_per_step(answer, first_token, args.new_tokens - 1)
+
+
+def qwen_encoder(row: QwenRow, model, inputs, tower_run) -> Callable[[], Any]:
+    """A row's image features from the recorded tower run: stock's merged tokens, or VisionTrim's compression."""
+    if row.reduction_ratio is None:  # the tower's own outputs, one image (Qwen3-VL: with its DeepStack sets)
+        fields = {"pooler_output": (tower_run.outputs.pooler_output,)}
+        if getattr(tower_run.outputs, "deepstack_features", None) is not None:
+            fields["deepstack_features"] = [(level,) for level in tower_run.outputs.deepstack_features]
+        return lambda: type(tower_run.outputs)(**fields)
+    guidance = (inputs["guidance_input_ids"], inputs["guidance_attention_mask"])
+    return lambda: model.model.compress_run("image", tower_run, *guidance)
 
 
 def add_ratios(rows: list[QwenRow], tower: Timing) -> None:
@@ -195,31 +202,64 @@ def plot(sizes: list[dict], path: Path, title: str) -> bool:
 
 
 def bench_size(
-    size: tuple[int, int], rows_spec: tuple, model, processor, stock, stock_processor, prompt: str, args, dtype
+    size: tuple[int, int],
+    rows_spec: tuple,
+    model,
+    processor,
+    stock,
+    stock_processor,
+    prompt: str,
+    args,
+    tower: Callable[[Any], Any],
+    encoder: Callable[..., Callable[[], Any]],
 ) -> dict:
-    """Every row of `rows_spec` (`QWEN_ROWS`) on the photo at `size` (width, height); the tower is timed once."""
+    """
+    Every row of `rows_spec` (`QWEN_ROWS`) on the photo at `size` (width, height). The tower (`tower(inputs)`, a
+    recorded run) is timed once; each row's image features come from `encoder(row, model, inputs, tower_run)`.
+    """
     image = bench_photo(size, args.image)
     inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(args.device)
-    pixels, grid = inputs["pixel_values"].to(dtype), inputs["image_grid_thw"]
-    config = model.config
-    tower = timings(
-        lambda: run_qwen_tower(model.model.visual, pixels, grid, config.scored_block), args.warmup, args.repeats
-    )
-    tower_run = run_qwen_tower(model.model.visual, pixels, grid, config.scored_block)
+    tower_time = timings(lambda: tower(inputs), args.warmup, args.repeats)
+    tower_run = tower(inputs)
     rows = []
     for name, reduction_ratio, dominant_ratio in rows_spec:
         row = QwenRow(name, size, reduction_ratio, dominant_ratio)
-        if reduction_ratio is None:
-            row_inputs = stock_processor(images=[image], text=[prompt], return_tensors="pt").to(args.device)
-            measure(row, stock, row_inputs, tower_run, args)
-        else:
-            config.reduction_ratio = processor.reduction_ratio = reduction_ratio
-            config.dominant_ratio = dominant_ratio
-            row_inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(args.device)
-            measure(row, model, row_inputs, tower_run, args)
+        net, row_processor = (stock, stock_processor) if reduction_ratio is None else (model, processor)
+        if reduction_ratio is not None:
+            model.config.reduction_ratio = processor.reduction_ratio = reduction_ratio
+            model.config.dominant_ratio = dominant_ratio
+        row_inputs = row_processor(images=[image], text=[prompt], return_tensors="pt").to(args.device)
+        measure(row, net, row_inputs, encoder(row, net, row_inputs, tower_run), args)
         rows.append(row)
-    add_ratios(rows, tower)
-    return {"image_size": list(size), "grid_thw": grid[0].tolist(), "tower": tower, "rows": rows}
+    add_ratios(rows, tower_time)
+    return {
+        "image_size": list(size),
+        "pixel_values": list(inputs["pixel_values"].shape),
+        "tower": tower_time,
+        "rows": rows,
+    }
+
+
+def write_report(report: dict, sizes: list[dict], stem: str, title: str, args: argparse.Namespace) -> None:
+    """Writes `report` (with each size's rows) as JSON and a plot to `--output-dir`, and prints the tables."""
+    report["sizes"] = [
+        {**entry, "tower": asdict(entry["tower"]), "rows": [asdict(row) for row in entry["rows"]]} for entry in sizes
+    ]
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    machine = report["machine"]
+    plotted = plot(sizes, output / f"{stem}.png", f"{title}; {machine['cpu']}, {args.dtype}")
+    print(
+        f"{report['model']}; {machine['cpu']}; {args.device}, {args.dtype}, {machine['torch_threads']} threads; "
+        f"min of {args.repeats} runs after {args.warmup} warm-up"
+    )
+    for entry in sizes:
+        print(table(entry["rows"], entry["tower"]))
+    if any(row.decode_per_token is None for entry in sizes for row in entry["rows"]):
+        print(noise_note(args.new_tokens))
+    written = [output / f"{stem}.json"] + ([output / f"{stem}.png"] if plotted else [])
+    print(f"written: {', '.join(map(str, written))}")
 
 
 def run_qwen(args: argparse.Namespace, architecture: Architecture) -> dict:
@@ -265,13 +305,16 @@ def run_qwen(args: argparse.Namespace, architecture: Architecture) -> dict:
         args.repeats,
         args.warmup,
     )
+
+    def tower(inputs):
+        pixels, grid = inputs["pixel_values"].to(dtype), inputs["image_grid_thw"]
+        return run_qwen_tower(model.model.visual, pixels, grid, model.config.scored_block)
+
     with torch.inference_mode():
         sizes = [
-            bench_size(size, bench.rows, model, processor, stock, stock_processor, prompt, args, dtype)
+            bench_size(size, bench.rows, model, processor, stock, stock_processor, prompt, args, tower, qwen_encoder)
             for size in bench.sizes
         ]
-
-    title = description.replace(", LLM", ",\nLLM")
     report = {
         "model": description,
         "arch": architecture.name,
@@ -281,25 +324,6 @@ def run_qwen(args: argparse.Namespace, architecture: Architecture) -> dict:
         "repeats": args.repeats,
         "new_tokens": args.new_tokens,
         "machine": machine_description(device),
-        "sizes": [
-            {**entry, "tower": asdict(entry["tower"]), "rows": [asdict(row) for row in entry["rows"]]}
-            for entry in sizes
-        ],
     }
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-{architecture.name}"
-    (output / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    machine = report["machine"]
-    plotted = plot(sizes, output / f"{stem}.png", f"{title}; {machine['cpu']}, {args.dtype}")
-    print(
-        f"{description}; {machine['cpu']}; {args.device}, {args.dtype}, {machine['torch_threads']} threads; "
-        f"min of {args.repeats} runs after {args.warmup} warm-up"
-    )
-    for entry in sizes:
-        print(table(entry["rows"], entry["tower"]))
-    if any(row.decode_per_token is None for entry in sizes for row in entry["rows"]):
-        print(noise_note(args.new_tokens))
-    written = [output / f"{stem}.json"] + ([output / f"{stem}.png"] if plotted else [])
-    print(f"written: {', '.join(map(str, written))}")
+    write_report(report, sizes, f"bench-{architecture.name}", description.replace(", LLM", ",\nLLM"), args)
     return report
