@@ -119,7 +119,7 @@ ARCHITECTURES = (
         "LlavaOnevision",
         "VisionTrimLlavaOnevisionProcessor",
         True,
-        False,
+        True,
         anyres=True,
     ),
     Architecture(

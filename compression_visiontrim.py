@@ -987,6 +987,27 @@ def compress_grids(
     )
 
 
+def embed_question(
+    embed_tokens: Callable[[torch.LongTensor], torch.Tensor],
+    guidance_input_ids: torch.LongTensor | None,
+    guidance_attention_mask: torch.Tensor | None,
+    num_media: int,
+    empty_guidance: str,
+    modality: str,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Each image's (video's) question in the LLM's embedding space: its `(media, text)` guidance ids, checked by
+    `checked_guidance` and moved to `device`, embedded by the LLM's `embed_tokens` and L2-normalised (float32), with
+    their `(media, text)` bool mask.
+    """
+    input_name = "guidance" if modality == "image" else "video_guidance"
+    input_ids, text_mask = checked_guidance(
+        guidance_input_ids, guidance_attention_mask, num_media, empty_guidance, input_name, device
+    )
+    return F.normalize(embed_tokens(input_ids).float(), dim=-1), text_mask
+
+
 def compress_units_with_question(
     run: QwenTowerRun,
     config: CompressionSettings,
@@ -997,22 +1018,81 @@ def compress_units_with_question(
     device: torch.device,
 ) -> CompressedUnits:
     """
-    `compress_units` guided by each image's (video's) question in the LLM's embedding space: its `(media, text)`
-    guidance ids, checked by `checked_guidance` and moved to `device`, embedded by the LLM's `embed_tokens` and
-    L2-normalised. With TGVC off (`dominant_ratio=1`) there is no guidance.
+    `compress_units` guided by each image's (video's) question in the LLM's embedding space (`embed_question`). With
+    TGVC off (`dominant_ratio=1`) there is no guidance.
     """
     text_embeds = text_mask = None
     if config.dominant_ratio < 1:
-        input_ids, text_mask = checked_guidance(
+        text_embeds, text_mask = embed_question(
+            embed_tokens,
             guidance_input_ids,
             guidance_attention_mask,
             run.grid_thw.shape[0],
             config.empty_guidance,
-            "guidance" if modality == "image" else "video_guidance",
+            modality,
             device,
         )
-        text_embeds = F.normalize(embed_tokens(input_ids).float(), dim=-1)
     return compress_units(run, config, text_embeds, text_mask)
+
+
+def compress_pooled_crops(
+    run: VisionTowerRun,
+    tokens: torch.Tensor,
+    pool: Callable[[torch.Tensor], torch.Tensor] | None,
+    config: CompressionSettings,
+    kept: int,
+    items_per_media: list[int],
+    embed_tokens: Callable[[torch.LongTensor], torch.Tensor],
+    guidance_input_ids: torch.LongTensor | None,
+    guidance_attention_mask: torch.Tensor | None,
+    modality: str,
+) -> CompressedTokens:
+    """
+    DVTS + TGVC on the crops (video frames) of a tower without a CLS token, guided in the LLM's embedding space
+    (LLaVA-OneVision's SigLIP): every item keeps `kept` tokens, `config.kept_tokens(kept)` = `(K_d, K_c)`. The global
+    term is the attention each patch receives at the scored layer (`received_attention`); LTAM compares the scored
+    layer's features on the item's grid. With `pool` (OneVision's 2 x 2 pooling of a frame, applied to `(items,
+    patches, dim)`), the received attention (renormalised to sum 1), the features and the tokens are pooled first.
+
+    Args:
+        run: the tower's run on `(items, 3, height, width)` pixels; `run.features` `(items, patches, vision_hidden)`.
+        tokens: `(items, patches, text_hidden)` the projector's outputs, the tokens kept or merged.
+        items_per_media: how many consecutive items (crops, frames) each image (video) has; they share its question.
+        embed_tokens, guidance_input_ids, guidance_attention_mask, modality: the question (`embed_question`).
+    """
+    features = run.features
+    every_patch = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+    received = received_attention(run.query, run.key, every_patch, run.num_heads, run.scaling)
+    if pool is not None:
+        received = pool(received.unsqueeze(-1)).squeeze(-1)
+        received = received / received.sum(dim=-1, keepdim=True)
+        features, tokens = pool(features), pool(tokens)
+    items, units, _ = tokens.shape
+    side = round(units**0.5)
+    num_dominant, num_complement = config.kept_tokens(kept)
+    text_embeds = text_mask = None
+    if num_complement > 0:
+        text_embeds, text_mask = embed_question(
+            embed_tokens,
+            guidance_input_ids,
+            guidance_attention_mask,
+            len(items_per_media),
+            config.empty_guidance,
+            modality,
+            tokens.device,
+        )
+        repeats = torch.tensor(items_per_media, device=tokens.device)
+        text_embeds, text_mask = text_embeds.repeat_interleave(repeats, 0), text_mask.repeat_interleave(repeats, 0)
+    return compress_grids(
+        tokens,
+        received,
+        features.view(items, side, side, -1),
+        torch.full((items,), num_dominant, device=tokens.device),
+        torch.full((items,), num_complement, device=tokens.device),
+        text_embeds,
+        text_mask,
+        config,
+    )
 
 
 def anyres_image_tokens(
@@ -1047,9 +1127,11 @@ __all__ = [
     "anyres_image_tokens",
     "compress_crops",
     "compress_grids",
+    "compress_pooled_crops",
     "compress_units",
     "compress_units_with_question",
     "dominant_token_scores",
+    "embed_question",
     "encode_guidance",
     "head_mean_attention",
     "local_token_affinity",

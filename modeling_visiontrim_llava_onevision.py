@@ -9,7 +9,6 @@ video frame).
 """
 
 import torch
-import torch.nn.functional as F
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -21,9 +20,7 @@ from .compression_visiontrim import (
     CompressedTokens,
     VisionTowerRun,
     anyres_image_tokens,
-    checked_guidance,
-    compress_grids,
-    received_attention,
+    compress_pooled_crops,
     run_vision_tower,
 )
 from .configuration_visiontrim_llava_onevision import VisionTrimLlavaOnevisionConfig
@@ -48,30 +45,6 @@ class VisionTrimLlavaOnevisionModel(EncodeMediaFirstMixin, LlavaOnevisionModel):
     def describe_budget(self, modality: str) -> str:
         return self.config.describe_budget(modality)
 
-    def question_embeddings(
-        self,
-        guidance_input_ids: torch.LongTensor | None,
-        guidance_attention_mask: torch.Tensor | None,
-        items_per_media: list[int],
-        modality: str,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        Each item's `(items, text, text_hidden)` L2-normalised question embeddings (the LLM's input embeddings of its
-        image's or video's guidance ids, `checked_guidance`) and their `(items, text)` mask.
-        """
-        device = self.get_input_embeddings().weight.device
-        input_ids, text_mask = checked_guidance(
-            guidance_input_ids,
-            guidance_attention_mask,
-            len(items_per_media),
-            self.config.empty_guidance,
-            "guidance" if modality == "image" else "video_guidance",
-            device,
-        )
-        text_embeds = F.normalize(self.get_input_embeddings()(input_ids).float(), dim=-1)
-        repeats = torch.tensor(items_per_media, device=device)
-        return text_embeds.repeat_interleave(repeats, dim=0), text_mask.repeat_interleave(repeats, dim=0)
-
     def run_tower(self, pixel_values: torch.Tensor, vision_feature_layer: int, **tower_kwargs) -> VisionTowerRun:
         """SigLIP on `(items, 3, height, width)` crops (frames), the scored layer's queries and keys recorded."""
         num_layers = self.config.vision_config.num_hidden_layers
@@ -91,33 +64,18 @@ class VisionTrimLlavaOnevisionModel(EncodeMediaFirstMixin, LlavaOnevisionModel):
         crop, `config.frame_tokens` per frame on its pooled grid; `features` are the `(items, kept, text_hidden)`
         kept tokens. `items_per_media`: how many consecutive crops (frames) each image (video) has.
         """
-        features = run.features
-        every_patch = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
-        received = received_attention(run.query, run.key, every_patch, run.num_heads, run.scaling)
-        tokens = self.multi_modal_projector(features)
-        kept = self.config.visual_tokens
-        if modality == "video":  # OneVision pools each frame 2 x 2; the global term and LTAM's features likewise
-            received = self.apply_pooling(received.unsqueeze(-1)).squeeze(-1)
-            received = received / received.sum(dim=-1, keepdim=True)
-            features, tokens = self.apply_pooling(features), self.apply_pooling(tokens)
-            kept = self.config.frame_tokens
-        items, units, _ = tokens.shape
-        side = round(units**0.5)
-        num_dominant, num_complement = self.config.kept_tokens(kept)
-        text_embeds = text_mask = None
-        if num_complement > 0:
-            text_embeds, text_mask = self.question_embeddings(
-                guidance_input_ids, guidance_attention_mask, items_per_media, modality
-            )
-        return compress_grids(
-            tokens,
-            received,
-            features.view(items, side, side, -1),
-            torch.full((items,), num_dominant, device=tokens.device),
-            torch.full((items,), num_complement, device=tokens.device),
-            text_embeds,
-            text_mask,
+        video = modality == "video"  # OneVision pools each frame 2 x 2: its global term and LTAM's features likewise
+        return compress_pooled_crops(
+            run,
+            self.multi_modal_projector(run.features),
+            self.apply_pooling if video else None,
             self.config,
+            self.config.frame_tokens if video else self.config.visual_tokens,
+            items_per_media,
+            self.get_input_embeddings(),
+            guidance_input_ids,
+            guidance_attention_mask,
+            modality,
         )
 
     def encoder_output(

@@ -12,12 +12,14 @@ import torch
 from torch import nn
 from transformers import BatchFeature
 from vllm.config import VllmConfig
+from vllm.distributed import tensor_model_parallel_all_gather
 from vllm.logger import init_logger
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import ProcessorInputs, TimingContext
 from vllm.platforms import current_platform
 
 from ..architectures import ARCHITECTURES
+from ..compression_visiontrim import VisionTowerRun, record_outputs
 from ..processing_visiontrim import guidance_from_prompt, has_user_turn, unknown_format_warning
 
 
@@ -42,6 +44,22 @@ def padded_guidance(
         nn.utils.rnn.pad_sequence(list(input_ids), batch_first=True),
         nn.utils.rnn.pad_sequence(list(attention_mask), batch_first=True),
     )
+
+
+def recorded_tower_run(tower: nn.Module, attention: nn.Module, pixels: torch.Tensor, **tower_kwargs) -> VisionTowerRun:
+    """
+    vLLM's CLIP or SigLIP tower on `(crops, 3, height, width)` pixels (`tower_kwargs` select its features), with the
+    queries and keys of the scored layer's `attention` recorded off its fused `qkv_proj` (all heads, whatever the
+    tensor-parallel split).
+    """
+    with record_outputs(attention.qkv_proj) as recorded:
+        features = tower(pixels, **tower_kwargs)
+    query, key, _ = recorded[attention.qkv_proj][0].chunk(3, dim=-1)
+    if attention.tp_size > 1:  # each rank holds its share of the heads; DVTS averages over all of them
+        # The chunks are views into the fused output; the CPU all-gather needs contiguous tensors.
+        query = tensor_model_parallel_all_gather(query.contiguous())
+        key = tensor_model_parallel_all_gather(key.contiguous())
+    return VisionTowerRun(None, features, query, key, attention.num_heads, attention.scale)
 
 
 def check_head_size(vllm_config: VllmConfig) -> None:

@@ -18,7 +18,6 @@ from torch import nn
 from transformers import CLIPTextModelWithProjection
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 from vllm.config import VllmConfig
-from vllm.distributed import tensor_model_parallel_all_gather
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
@@ -40,14 +39,7 @@ from vllm.model_executor.models.llava_next_video import (
 from vllm.model_executor.models.utils import AutoWeightsLoader
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..compression_visiontrim import (
-    CompressedCrops,
-    GuidanceEmbeddingCache,
-    VisionTowerRun,
-    anyres_image_tokens,
-    compress_crops,
-    record_outputs,
-)
+from ..compression_visiontrim import CompressedCrops, GuidanceEmbeddingCache, anyres_image_tokens, compress_crops
 from ..configuration_visiontrim_llava import vision_attention_layer
 from .vllm_common import (
     ProfilingQuestionMixin,
@@ -55,6 +47,7 @@ from .vllm_common import (
     VisionTrimProcessorMixin,
     check_head_size,
     padded_guidance,
+    recorded_tower_run,
 )
 from .weight_names import vllm_weight_name
 
@@ -197,14 +190,7 @@ class VisionTrimVllmMixin:
         and keys recorded off its fused `qkv_proj`, and `compress_crops` keeps `config.visual_tokens` per crop.
         """
         attention = self.vision_tower.vision_model.encoder.layers[self.scored_layer].self_attn
-        with record_outputs(attention.qkv_proj) as recorded:
-            features = self.vision_tower(crops, feature_select_strategy=None)
-        query, key, _ = recorded[attention.qkv_proj][0].chunk(3, dim=-1)
-        if attention.tp_size > 1:  # each rank holds its share of the heads; DVTS averages over all of them
-            # The chunks are views into the fused output; the CPU all-gather needs contiguous tensors.
-            query = tensor_model_parallel_all_gather(query.contiguous())
-            key = tensor_model_parallel_all_gather(key.contiguous())
-        run = VisionTowerRun(None, features, query, key, attention.num_heads, attention.scale)
+        run = recorded_tower_run(self.vision_tower, attention, crops, feature_select_strategy=None)
         if guidance_input_ids is not None:
             guidance_input_ids, guidance_attention_mask = padded_guidance(guidance_input_ids, guidance_attention_mask)
         return compress_crops(

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,11 +44,18 @@ QWEN3_FILES = QWEN_CORE_FILES | {
     "modeling_visiontrim_qwen3_vl.py",
     "processing_visiontrim_qwen3_vl.py",
 }
+ONEVISION_FILES = CORE_FILES | {
+    "configuration_visiontrim_llava_onevision.py",
+    "modeling_visiontrim_llava_onevision.py",
+    "processing_visiontrim_llava_onevision.py",
+    "video_processing_visiontrim.py",
+}
 SHIPPED_FILES = {
     "llava": LLAVA_FILES,
     "llava-next": LLAVA_FILES,
     "video-llava": LLAVA_FILES | {"video_processing_visiontrim.py"},
     "llava-next-video": LLAVA_FILES | {"video_processing_visiontrim.py"},
+    "llava-onevision": ONEVISION_FILES,
     "qwen2.5-vl": QWEN_FILES,
     "qwen2-vl": QWEN_FILES,
     "qwen3-vl": QWEN3_FILES,
@@ -266,6 +274,7 @@ for folder in folders:
 
 def test_each_folder_ships_the_core_and_its_own_family_only(tmp_path):
     from visiontrim.tools.build import build_config, build_model, build_processor
+    from visiontrim.tools.build_onevision import build_onevision_config, build_onevision_processor
     from visiontrim.tools.build_qwen import build_qwen_config, build_qwen_model, build_qwen_processor
     from visiontrim.tools.demo import sample_photo
 
@@ -276,6 +285,10 @@ def test_each_folder_ships_the_core_and_its_own_family_only(tmp_path):
             config = build_qwen_config(arch)
             build_qwen_model(config).save_pretrained(folder)
             build_qwen_processor(config).save_pretrained(folder)
+        elif arch == "llava-onevision":
+            config = build_onevision_config()
+            build_model(config).save_pretrained(folder)
+            build_onevision_processor(config).save_pretrained(folder)
         else:
             config = build_config(arch=arch)
             build_model(config).save_pretrained(folder)
@@ -283,10 +296,10 @@ def test_each_folder_ships_the_core_and_its_own_family_only(tmp_path):
         written = {path.name for path in folder.rglob("*.py")}
         assert written == expected, (arch, written ^ expected)
         family = architecture_named(arch).family
-        others = [f"visiontrim_{other}" for other in FAMILY_BUILDERS if other != family]
+        others = [re.compile(rf"visiontrim_{other}\b") for other in FAMILY_BUILDERS if other != family]
         for name in written:
             imports = [line for line in (folder / name).read_text().splitlines() if "import" in line]
-            assert not [line for line in imports if any(other in line for other in others)], (arch, name)
+            assert not [line for line in imports if any(other.search(line) for other in others)], (arch, name)
         copies.append(tmp_path / "copies" / arch)
         shutil.copytree(folder, copies[-1])  # only what save_pretrained wrote travels
     output = run_without_package(EACH_FOLDER_WITHOUT_PACKAGE, [sample_photo("chelsea.jpg"), *copies], tmp_path, 600)
@@ -296,6 +309,7 @@ def test_each_folder_ships_the_core_and_its_own_family_only(tmp_path):
         "VisionTrimLlavaNextForConditionalGeneration",
         "VisionTrimVideoLlavaForConditionalGeneration",
         "VisionTrimLlavaNextVideoForConditionalGeneration",
+        "VisionTrimLlavaOnevisionForConditionalGeneration",
         "VisionTrimQwen2_5_VLForConditionalGeneration",
         "VisionTrimQwen2VLForConditionalGeneration",
         "VisionTrimQwen3VLForConditionalGeneration",

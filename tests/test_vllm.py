@@ -344,8 +344,8 @@ def test_every_unserved_visiontrim_architecture_is_refused_naming_what_is_served
         error = engines[name]["load_error"]
         assert f"{architecture}ForConditionalGeneration is not served by the VisionTrim vLLM plugin" in error
         assert (
-            "serves VisionTrim LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video, Qwen2.5-VL, Qwen2-VL, Qwen3-VL folders"
-            in error
+            "serves VisionTrim LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2.5-VL, Qwen2-VL, "
+            "Qwen3-VL folders" in error
         )
 
 

@@ -67,10 +67,8 @@ BATCH = [
 ]
 
 
-@pytest.fixture(scope="module")
-def media(tmp_path_factory) -> dict:
+def vllm_media(folder: Path) -> dict:
     """The images (saved as PNG) and the clip (frames as .npy, and as an MPEG-4 file for OpenAI-style requests)."""
-    folder = tmp_path_factory.mktemp("vllm-qwen-media")
     cat, cup = (Image.open(sample_photo(name)).convert("RGB") for name in ("chelsea.jpg", "coffee.jpg"))
     images = {"cat": cat, "cup": cup, "tall": cup.crop((200, 0, 380, 400)), "square": cat.resize((280, 280))}
     paths = {}
@@ -86,6 +84,11 @@ def media(tmp_path_factory) -> dict:
         "frames": frames,
         "mp4": mp4_bytes(frames, CLIP_FPS),
     }
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict:
+    return vllm_media(tmp_path_factory.mktemp("vllm-qwen-media"))
 
 
 def mp4_bytes(frames: numpy.ndarray, fps: float) -> bytes:
