@@ -154,19 +154,6 @@ class VisionTrimModelMixin(EncodeMediaFirstMixin):
         )
         return run, compressed
 
-    def encoder_output(
-        self, run: VisionTowerRun, compressed: CompressedCrops, features: list[torch.Tensor] | torch.Tensor
-    ) -> VisionTrimEncoderOutput:
-        """`get_*_features`' output: the tower's outputs, the kept tokens' indices and the projected `features`."""
-        return VisionTrimEncoderOutput(
-            last_hidden_state=run.outputs.last_hidden_state,
-            pooler_output=features,
-            hidden_states=run.outputs.hidden_states,
-            attentions=run.outputs.attentions,
-            dominant_indices=compressed.dominant_indices,
-            complement_seed_indices=compressed.complement_seed_indices,
-        )
-
     def image_pooler_output(self, features: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
         """The `(images, visual_tokens, text_hidden)` projected images, laid out as the stock class does: per image."""
         return list(features)

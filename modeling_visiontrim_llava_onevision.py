@@ -26,7 +26,6 @@ from .compression_visiontrim import (
 from .configuration_visiontrim_llava_onevision import VisionTrimLlavaOnevisionConfig
 from .modeling_visiontrim_utils import (
     EncodeMediaFirstMixin,
-    VisionTrimEncoderOutput,
     VisionTrimGenerationMixin,
     with_guidance_inputs,
 )
@@ -76,18 +75,6 @@ class VisionTrimLlavaOnevisionModel(EncodeMediaFirstMixin, LlavaOnevisionModel):
             guidance_input_ids,
             guidance_attention_mask,
             modality,
-        )
-
-    def encoder_output(
-        self, run: VisionTowerRun, compressed: CompressedTokens, features: list[torch.Tensor] | torch.Tensor
-    ) -> VisionTrimEncoderOutput:
-        return VisionTrimEncoderOutput(
-            last_hidden_state=run.outputs.last_hidden_state,
-            pooler_output=features,
-            hidden_states=run.outputs.hidden_states,
-            attentions=run.outputs.attentions,
-            dominant_indices=compressed.dominant_indices,
-            complement_seed_indices=compressed.complement_seed_indices,
         )
 
     @merge_with_config_defaults

@@ -90,6 +90,20 @@ class EncodeMediaFirstMixin:
         """The visual tokens a `modality` item keeps, for error messages."""
         return self.config.describe_budget()
 
+    def encoder_output(self, run, compressed, features: list[torch.Tensor] | torch.Tensor) -> VisionTrimEncoderOutput:
+        """
+        `get_*_features`' output: the tower's outputs (of a `VisionTowerRun`), the kept tokens' indices (of the
+        compression) and the projected `features`.
+        """
+        return VisionTrimEncoderOutput(
+            last_hidden_state=run.outputs.last_hidden_state,
+            pooler_output=features,
+            hidden_states=run.outputs.hidden_states,
+            attentions=run.outputs.attentions,
+            dominant_indices=compressed.dominant_indices,
+            complement_seed_indices=compressed.complement_seed_indices,
+        )
+
     def forward(self, *args, **kwargs):
         """
         The stock `forward`, with the images and videos encoded first, as `generate()` encodes them: each

@@ -132,6 +132,22 @@ def test_qwen_report_shows_the_kept_units(qwen_folder, tmp_path, capsys):
             assert tuple(pixels[row * 28, col * 28]) == DOMINANT_COLOUR[:3], index
 
 
+def test_onevision_report_counts_crops_in_the_llms_vocabulary(tmp_path, capsys):
+    from visiontrim.tools.build_onevision import build_onevision_config, build_onevision_processor
+
+    config = build_onevision_config()
+    build_model(config).save_pretrained(tmp_path / "onevision")
+    build_onevision_processor(config).save_pretrained(tmp_path / "onevision")
+    main(["--model", str(tmp_path / "onevision"), "--repeats", "1", "--max-new-tokens", "2"])
+    report = capsys.readouterr().out
+    # The 451x300 photo picks the 1x2 grid of 384 px crops: the base view and 2 crops of 27 x 27 patches, each keeping
+    # 81 of 729 tokens (61 by DVTS, 20 TGVC seeds) and its newline.
+    assert "guidance text (LLM tokens): 'What animal is in the picture, and what is it lying on?'" in report
+    assert "VisionTrim 246 (3 crops x (61 DVTS + 20 TGVC + 1 image_newline)" in report
+    cells = grid_cells(report, 27, 27, "patch grid of the base crop")
+    assert (cells.count("D"), cells.count("S")) == (61, 20)
+
+
 def test_qwen_budget_is_a_ratio(qwen_folder, capsys):
     line = error_line(capsys, ["--model", str(qwen_folder), "--tokens", "16"])
     assert "argument --tokens: Qwen2.5-VL keeps a share of each image's merged tokens" in line

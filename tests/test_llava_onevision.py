@@ -5,6 +5,7 @@ placeholder counts, remote loading and `pipeline`.
 """
 
 import json
+from pathlib import Path
 
 import numpy
 import pytest
@@ -360,3 +361,31 @@ def test_a_llava_hf_folder_converts_without_a_clip_model(tmp_path):
             ["--llava", str(tmp_path / "source"), "--clip", str(tmp_path / "source"), "--output", str(tmp_path / "x")]
         )
     assert not (tmp_path / "x").exists()
+
+
+def test_the_evaluation_answers_as_generate_at_the_budget_asked(compressed, tmp_path):
+    from visiontrim.__main__ import main
+
+    model, processor = compressed
+    model.save_pretrained(tmp_path / "folder")
+    processor.save_pretrained(tmp_path / "folder")
+    pope = Path(__file__).parent / "data" / "pope"
+    line = (pope / "llava_pope_test.jsonl").read_text().splitlines()[0]
+    (tmp_path / "questions.jsonl").write_text(line + "\n")
+    question = json.loads(line)
+    (tmp_path / "images").mkdir()
+    random_image(300, 700, 1).save(tmp_path / "images" / question["image"])
+    main(["eval", "run", "--task", "pope", "--model", str(tmp_path / "folder"), "--questions",
+          str(tmp_path / "questions.jsonl"), "--images", str(tmp_path / "images"), "--annotations",
+          str(pope / "coco"), "--answers", str(tmp_path / "answers.jsonl"), "--visual-tokens", "36",
+          "--max-new-tokens", "4"])  # fmt: skip
+    answer = json.loads((tmp_path / "answers.jsonl").read_text())
+    again, processor_again = load_remote(tmp_path / "folder", visual_tokens=36)
+    image = Image.open(tmp_path / "images" / question["image"]).convert("RGB")
+    inputs = processor_again(
+        images=image, text=chat(processor_again, "image", question=question["text"]), return_tensors="pt"
+    )
+    assert int((inputs["input_ids"] == again.config.image_token_id).sum()) == 3 * (36 + 1)
+    generated = again.generate(**inputs, max_new_tokens=4, do_sample=False)
+    expected = processor_again.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert answer["question_id"] == question["question_id"] and answer["text"] == expected.strip()

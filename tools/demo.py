@@ -6,6 +6,7 @@ chosen, and prefill times. It runs a random LLaVA-family model at its real tower
 """
 
 import argparse
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,14 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..architectures import ARCHITECTURES, Architecture, architecture_named, supported
+from ..architectures import (
+    ARCHITECTURES,
+    LLAVA_FAMILY,
+    ONEVISION_FAMILY,
+    Architecture,
+    architecture_named,
+    supported,
+)
 from .arguments import (
     UsageError,
     folder_architecture,
@@ -49,6 +57,7 @@ from .build import (
     stock_processor,
     tower_image_size,
 )
+from .build_onevision import stock_onevision_with_same_weights
 from .build_qwen import stock_qwen_processor, stock_qwen_with_same_weights
 from .evaluation.data import Question
 from .evaluation.runner import chat_prompt
@@ -213,6 +222,10 @@ def stock_twin(
     """The stock model sharing `model`'s weights, and the processor of its prompts (every visual token)."""
     if architecture.qwen:
         return stock_qwen_with_same_weights(model), stock_qwen_processor(processor)
+    if architecture.family == ONEVISION_FAMILY:  # its processor with the stock counts
+        stock_prompts = copy.copy(processor)
+        stock_prompts.reduction_ratio = 0
+        return stock_onevision_with_same_weights(model), stock_prompts
     return stock_llava_with_same_weights(model), stock_processor(processor)
 
 
@@ -338,7 +351,7 @@ def run(args: argparse.Namespace) -> None:
     lines = [
         f"model: {description}",
         f"image: {args.image or sample_photo()}  question: {args.question!r}",
-        f"guidance text ({'LLM' if qwen else 'CLIP'} tokens): {guidance!r}",
+        f"guidance text ({'CLIP' if architecture.family == LLAVA_FAMILY else 'LLM'} tokens): {guidance!r}",
         f"visual tokens fed to the LLM: stock {visual[STOCK]}, VisionTrim {visual[VISIONTRIM]} "
         f"({token_breakdown(architecture, config, encoded[VISIONTRIM])}, "
         f"{1 - visual[VISIONTRIM] / visual[STOCK]:.1%} fewer)",

@@ -20,6 +20,7 @@ from .repository import (
     ConversionError,
     check_output,
     is_hub_id,
+    load_converted,
     new_revision,
     read_chat_template,
     source_architecture,
@@ -57,13 +58,7 @@ def convert_onevision(args: argparse.Namespace, folder: Path, source_config: dic
     except ValueError as error:
         raise ConversionError(str(error)) from error
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else "auto"
-    model, loading = model_class.from_pretrained(folder, config=config, dtype=dtype, output_loading_info=True)
-    if loading["unexpected_keys"] or loading["missing_keys"] or loading["mismatched_keys"]:
-        raise ConversionError(
-            f"{args.llava} does not load cleanly into {model_class.__name__}: unused keys "
-            f"{sorted(loading['unexpected_keys'])}, unfilled keys {sorted(loading['missing_keys'])}, mismatched "
-            f"{sorted(loading['mismatched_keys'])}."
-        )
+    model = load_converted(model_class, folder, args.llava, config, dtype)
     stock_processor = read_json(folder / "processor_config.json")
     video_size = read_json(folder / "video_preprocessor_config.json").get("size") or {"height": 384, "width": 384}
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -21,6 +21,7 @@ from .repository import (
     ConversionError,
     check_output,
     is_hub_id,
+    load_converted,
     new_revision,
     read_chat_template,
     read_config,
@@ -100,13 +101,7 @@ def convert_qwen(args: argparse.Namespace) -> Path:
     except ValueError as error:
         raise ConversionError(str(error)) from error
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else "auto"
-    model, loading = model_class.from_pretrained(folder, config=config, dtype=dtype, output_loading_info=True)
-    if loading["unexpected_keys"] or loading["missing_keys"] or loading["mismatched_keys"]:
-        raise ConversionError(
-            f"{args.qwen} does not load cleanly into {model_class.__name__}: unused keys "
-            f"{sorted(loading['unexpected_keys'])}, unfilled keys {sorted(loading['missing_keys'])}, mismatched "
-            f"{sorted(loading['mismatched_keys'])}."
-        )
+    model = load_converted(model_class, folder, args.qwen, config, dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     video_config = folder / "video_preprocessor_config.json"
     video_size = json.loads(video_config.read_text()).get("size") if video_config.exists() else None

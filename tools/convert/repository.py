@@ -119,6 +119,21 @@ def source_architecture(config: dict, source: str, option: str, requested: str |
     return architecture
 
 
+def load_converted(model_class: type[PreTrainedModel], folder: Path, source: str, config, dtype) -> PreTrainedModel:
+    """
+    The checkpoint in `folder` loaded into the VisionTrim `model_class` with `config`; refuses a checkpoint that does
+    not load cleanly (a key unused, a weight unfilled or mismatched), naming the keys.
+    """
+    model, loading = model_class.from_pretrained(folder, config=config, dtype=dtype, output_loading_info=True)
+    if loading["unexpected_keys"] or loading["missing_keys"] or loading["mismatched_keys"]:
+        raise ConversionError(
+            f"{source} does not load cleanly into {model_class.__name__}: unused keys "
+            f"{sorted(loading['unexpected_keys'])}, unfilled keys {sorted(loading['missing_keys'])}, mismatched "
+            f"{sorted(loading['mismatched_keys'])}."
+        )
+    return model
+
+
 def check_requested(architecture: Architecture, requested: str | None, source: str) -> None:
     """Refuses an `--arch` other than the checkpoint's."""
     if requested is not None and requested != architecture.name:
