@@ -4,11 +4,12 @@ The `visiontrim` model type of lmms-eval (registered through the `lmms_eval.mode
 
     python -m lmms_eval --model visiontrim --model_args pretrained=PATH,visual_tokens=64 --tasks pope --batch_size 1
 
-It loads any VisionTrim folder (LLaVA family, Qwen2-VL / Qwen2.5-VL or Qwen3-VL; `reduction_ratio=R` overrides a
-folder's budget as `visual_tokens=K` does a LLaVA one's) or a stock one with `trust_remote_code=True`. The prompt goes
-through the processor's chat template, which extracts the question, instructions included, as TGVC's guidance text. Its
-errors are raised, never turned into empty answers; lmms-eval 0.7.3 itself logs an error raised during an evaluation
-and exits with status 0 unless given `--verbosity DEBUG`, so check that the results file was written (see the README).
+It loads any VisionTrim folder (LLaVA family, LLaVA-OneVision, Qwen2-VL / Qwen2.5-VL or Qwen3-VL; `reduction_ratio=R`
+overrides a folder's budget as `visual_tokens=K` does a LLaVA or OneVision one's) or a stock one with
+`trust_remote_code=True`. The prompt goes through the processor's chat template, which extracts the question,
+instructions included, as TGVC's guidance text. Its errors are raised, never turned into empty answers; lmms-eval 0.7.3
+itself logs an error raised during an evaluation and exits with status 0 unless given `--verbosity DEBUG`, so check
+that the results file was written (see the README).
 """
 
 import inspect
