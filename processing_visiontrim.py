@@ -84,19 +84,25 @@ def unknown_format_warning(question: str) -> str:
     )
 
 
-def question_of_messages(messages: list[dict]) -> str:
+def question_of_messages(messages: list[dict], *media_tokens: str) -> str:
     """
-    The question of a chat: the text parts of its last user message, joined (`""` when it has none, e.g. an image
-    only). Content is a string or a list of parts as Transformers' chat templates take them.
+    The question of a chat: the text parts of its last user message, joined, without the media markers
+    (`media_tokens`) a text part may hold (`"<image>\nWhat is it?"`); `""` when it has none, e.g. an image only.
+    Content is a string or a list of parts as Transformers' chat templates take them.
     """
     user_messages = [message for message in messages if message.get("role") == "user"]
     if not user_messages:
         return ""
     content = user_messages[-1].get("content") or ""
     if isinstance(content, str):
-        return " ".join(content.split())
-    texts = [part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
-    return " ".join(" ".join(texts).split())
+        text = content
+    else:
+        text = " ".join(
+            part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
+    for token in media_tokens:
+        text = text.replace(token, " ")
+    return " ".join(text.split())
 
 
 def to_8_bit(images):
@@ -166,7 +172,8 @@ class GuidanceProcessingMixin(VideoProcessorCheckMixin):
         prompts = [rendered] if isinstance(rendered, str) else list(rendered)
         questions = self.__dict__.setdefault("_chat_questions", OrderedDict())
         for prompt, chat in zip(prompts, chats, strict=True):
-            questions[prompt] = question_of_messages(chat.get("messages", []) if isinstance(chat, dict) else chat)
+            messages = chat.get("messages", []) if isinstance(chat, dict) else chat
+            questions[prompt] = question_of_messages(messages, *self.media_tokens)
             questions.move_to_end(prompt)
         while len(questions) > self.chat_questions_size:
             questions.popitem(last=False)

@@ -389,3 +389,31 @@ def test_the_evaluation_answers_as_generate_at_the_budget_asked(compressed, tmp_
     generated = again.generate(**inputs, max_new_tokens=4, do_sample=False)
     expected = processor_again.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert answer["question_id"] == question["question_id"] and answer["text"] == expected.strip()
+
+
+def test_the_lmms_eval_plugin_answers_a_onevision_folder(compressed, tmp_path):
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+
+    model, processor = compressed
+    model.save_pretrained(tmp_path / "folder")
+    processor.save_pretrained(tmp_path / "folder")
+    lm = get_model("visiontrim")(
+        pretrained=str(tmp_path / "folder"), device="cpu", dtype="float32", visual_tokens="36"
+    )
+    assert lm.model.config.visual_tokens == lm.processor.visual_tokens == 36
+    image = random_image(300, 700, 1)
+    lm.task_dict = {"pope": {"test": [{"image": image}]}}
+    context = "Is there a cat in the image?\nAnswer the question using a single word or phrase."
+    arguments = (context, {"max_new_tokens": 4}, lambda doc: [doc["image"]], 0, "pope", "test")
+    [answer] = lm.generate_until(
+        [Instance("generate_until", arguments, 0, {"task": "pope", "doc_id": 0, "repeats": 1})]
+    )
+    prompt = lm.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": f"<image>\n{context}"}]}], add_generation_prompt=True
+    )
+    inputs = lm.processor(images=[image], text=[prompt], return_tensors="pt")
+    assert lm.processor.tokenizer.decode(inputs["guidance_input_ids"][0]) == context.replace("\n", " ")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 3 * (36 + 1)
+    expected = lm.model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    assert answer == lm.processor.decode(expected, skip_special_tokens=True).strip()

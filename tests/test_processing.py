@@ -78,6 +78,15 @@ def test_guidance_tensors_are_clip_tokens_of_the_question_right_padded(processor
     assert inputs["guidance_input_ids"].shape[1] == mask[1].sum()  # padded to the longest question, not to 77
 
 
+def test_a_chat_whose_text_holds_the_image_marker_is_guided_by_its_question_alone(processor, photos):
+    # lmms-eval's LLaVA path writes `<image>` into the message text; the chat's question must not keep it.
+    messages = [{"role": "user", "content": [{"type": "text", "text": "<image>\nWhat animal is in the picture?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=photos[0], text=prompt, return_tensors="pt")
+    decoded = processor.guidance_tokenizer.decode(inputs["guidance_input_ids"][0], skip_special_tokens=True)
+    assert decoded == "what animal is in the picture ?"
+
+
 def test_long_guidance_is_truncated_to_the_clip_context(processor, photos):
     question = "Is there " + "a very small red cup " * 30 + "on the table?"
     inputs = processor(images=photos[0], text=f"USER: <image>\n{question} ASSISTANT:", return_tensors="pt")
