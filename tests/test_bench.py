@@ -234,6 +234,19 @@ def test_toy_qwen3_benchmark_reports_its_default_and_deepstack(tmp_path, capsys)
     assert "(DeepStack at [0, 1, 2])" in capsys.readouterr().out
 
 
+def test_toy_onevision_benchmark_reports_crops_and_budgets_per_crop(tmp_path):
+    """A 2-crop and a 5-crop photo: stock (base view + unpadded grid + row newlines) and 144 / 81 / 36 per crop."""
+    main(["bench", "--toy", "--arch", "llava-onevision", *TOY_ARGUMENTS, "--output-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "bench-llava-onevision.json").read_text())
+    assert [entry["crops"] for entry in report["sizes"]] == [2, 5]
+    for entry, crops, stock in zip(report["sizes"], (2, 5), (729 + 27 * 28, 729 + 54 * 55), strict=True):
+        names = [row["name"] for row in entry["rows"]]
+        assert names == ["stock", "VisionTrim 144", "VisionTrim 81", "VisionTrim 36", "DVTS only 81", "TGVC only 81"]
+        per_crop = [144, 81, 36, 81, 81]
+        assert [row["visual_tokens"] for row in entry["rows"]] == [stock] + [crops * (k + 1) for k in per_crop]
+        assert all(row["compression"] is not None for row in entry["rows"][1:])
+
+
 @pytest.fixture(scope="module")
 def qwen_folder(tmp_path_factory):
     """A tiny VisionTrim Qwen2.5-VL folder, images at most 448 x 448."""

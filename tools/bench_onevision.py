@@ -106,7 +106,17 @@ def run_onevision(args: argparse.Namespace, architecture: Architecture) -> dict:
     with torch.inference_mode():
         sizes = [
             bench_size(
-                size, ONEVISION_ROWS, model, processor, stock, stock_processor, prompt, args, tower, onevision_encoder
+                size,
+                ONEVISION_ROWS,
+                model,
+                processor,
+                stock,
+                stock_processor,
+                prompt,
+                args,
+                tower,
+                onevision_encoder,
+                lambda inputs: {"crops": inputs["pixel_values"].shape[1]},
             )
             for size in ONEVISION_IMAGE_SIZES
         ]

@@ -212,10 +212,12 @@ def bench_size(
     args,
     tower: Callable[[Any], Any],
     encoder: Callable[..., Callable[[], Any]],
+    media_fields: Callable[[Any], dict],
 ) -> dict:
     """
     Every row of `rows_spec` (`QWEN_ROWS`) on the photo at `size` (width, height). The tower (`tower(inputs)`, a
-    recorded run) is timed once; each row's image features come from `encoder(row, model, inputs, tower_run)`.
+    recorded run) is timed once; each row's image features come from `encoder(row, model, inputs, tower_run)`; the
+    report names the photo's tower input by `media_fields(inputs)` (Qwen: its grid).
     """
     image = bench_photo(size, args.image)
     inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(args.device)
@@ -234,7 +236,7 @@ def bench_size(
     add_ratios(rows, tower_time)
     return {
         "image_size": list(size),
-        "pixel_values": list(inputs["pixel_values"].shape),
+        **media_fields(inputs),
         "tower": tower_time,
         "rows": rows,
     }
@@ -310,9 +312,14 @@ def run_qwen(args: argparse.Namespace, architecture: Architecture) -> dict:
         pixels, grid = inputs["pixel_values"].to(dtype), inputs["image_grid_thw"]
         return run_qwen_tower(model.model.visual, pixels, grid, model.config.scored_block)
 
+    def grid(inputs) -> dict:
+        return {"grid_thw": inputs["image_grid_thw"][0].tolist()}
+
     with torch.inference_mode():
         sizes = [
-            bench_size(size, bench.rows, model, processor, stock, stock_processor, prompt, args, tower, qwen_encoder)
+            bench_size(
+                size, bench.rows, model, processor, stock, stock_processor, prompt, args, tower, qwen_encoder, grid
+            )
             for size in bench.sizes
         ]
     report = {
