@@ -16,7 +16,6 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from ... import __version__
 from ...video_processing_visiontrim import VisionTrimVideoProcessor
 from .repository import (
-    DTYPES,
     ConversionError,
     check_output,
     is_hub_id,
@@ -51,14 +50,8 @@ def convert_onevision(args: argparse.Namespace, folder: Path, source_config: dic
         "visual_tokens": args.tokens,
         "dominant_ratio": args.dvts_ratio,
     }
-    settings = {key: value for key, value in settings.items() if value is not None}
-    try:
-        stock_fields = {key: value for key, value in source_config.items() if key not in ("model_type", "auto_map")}
-        config = model_class.config_class.from_dict({**stock_fields, **settings})
-    except ValueError as error:
-        raise ConversionError(str(error)) from error
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else "auto"
-    model = load_converted(model_class, folder, args.llava, config, dtype)
+    model = load_converted(model_class, folder, args.llava, source_config, settings, args.dtype)
+    config = model.config
     stock_processor = read_json(folder / "processor_config.json")
     video_size = read_json(folder / "video_preprocessor_config.json").get("size") or {"height": 384, "width": 384}
     tokenizer = AutoTokenizer.from_pretrained(folder)

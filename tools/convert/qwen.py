@@ -17,7 +17,6 @@ from ... import __version__
 from ...architectures import QWEN3_FAMILY, QWEN_FAMILY
 from ...video_processing_visiontrim import VisionTrimQwen3VLVideoProcessor, VisionTrimQwenVideoProcessor
 from .repository import (
-    DTYPES,
     ConversionError,
     check_output,
     is_hub_id,
@@ -94,14 +93,8 @@ def convert_qwen(args: argparse.Namespace) -> Path:
     architecture = source_architecture(source_config, args.qwen, "--qwen", args.arch)
     model_class = architecture.visiontrim_class("model")
     settings = {"reduction_ratio": args.reduction_ratio, "dominant_ratio": args.dvts_ratio}
-    settings = {key: value for key, value in settings.items() if value is not None}
-    try:
-        stock_fields = {key: value for key, value in source_config.items() if key not in ("model_type", "auto_map")}
-        config = model_class.config_class.from_dict({**stock_fields, **settings})
-    except ValueError as error:
-        raise ConversionError(str(error)) from error
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else "auto"
-    model = load_converted(model_class, folder, args.qwen, config, dtype)
+    model = load_converted(model_class, folder, args.qwen, source_config, settings, args.dtype)
+    config = model.config
     tokenizer = AutoTokenizer.from_pretrained(folder)
     video_config = folder / "video_preprocessor_config.json"
     video_size = json.loads(video_config.read_text()).get("size") if video_config.exists() else None

@@ -119,12 +119,24 @@ def source_architecture(config: dict, source: str, option: str, requested: str |
     return architecture
 
 
-def load_converted(model_class: type[PreTrainedModel], folder: Path, source: str, config, dtype) -> PreTrainedModel:
+def load_converted(
+    model_class: type[PreTrainedModel], folder: Path, source: str, source_config: dict, settings: dict, dtype: str
+) -> PreTrainedModel:
     """
-    The checkpoint in `folder` loaded into the VisionTrim `model_class` with `config`; refuses a checkpoint that does
-    not load cleanly (a key unused, a weight unfilled or mismatched), naming the keys.
+    The checkpoint in `folder` (its `config.json`: `source_config`) loaded into the VisionTrim `model_class`, its
+    config the stock fields plus the VisionTrim `settings` given (None: the default); `dtype` is `--dtype`. Refuses
+    settings the config refuses, and a checkpoint that does not load cleanly (a key unused, a weight unfilled or
+    mismatched), naming the keys.
     """
-    model, loading = model_class.from_pretrained(folder, config=config, dtype=dtype, output_loading_info=True)
+    try:
+        stock_fields = {key: value for key, value in source_config.items() if key not in ("model_type", "auto_map")}
+        given = {key: value for key, value in settings.items() if value is not None}
+        config = model_class.config_class.from_dict({**stock_fields, **given})
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
+    model, loading = model_class.from_pretrained(
+        folder, config=config, dtype=DTYPES[dtype] if dtype != "auto" else "auto", output_loading_info=True
+    )
     if loading["unexpected_keys"] or loading["missing_keys"] or loading["mismatched_keys"]:
         raise ConversionError(
             f"{source} does not load cleanly into {model_class.__name__}: unused keys "
