@@ -23,6 +23,7 @@ MAX_TOKENS = 8
 LOGPROBS = 5
 # The processor outputs whose image features the served model computes (`embed_multimodal`) for the features test.
 FEATURE_INPUTS = ("pixel_values", "image_sizes", "guidance_input_ids", "guidance_attention_mask")
+VIDEO_FEATURE_INPUTS = ("pixel_values_videos", "video_guidance_input_ids", "video_guidance_attention_mask")
 
 
 def chat(question: str, images: int = 0, videos: int = 0) -> str:
@@ -69,8 +70,10 @@ def folders(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def engines(vllm_python, folders, media, tmp_path_factory) -> dict[str, dict]:
     """
-    The offline engines, in one process: "onevision" (the batch with log-probs, and the OpenAI-style chats the server
-    test sends) and "uncompressed" (reduction_ratio=0: vLLM's own OneVision path): the batch.
+    The offline engines, in one process: "onevision" (the batch with log-probs, the image features of processor
+    outputs made here, and the OpenAI-style chats the server test sends), "uncompressed" (reduction_ratio=0: vLLM's
+    own OneVision path) and, last, "parallel" (the "onevision" folder on two tensor-parallel ranks, SigLIP's and the
+    LLM's heads split between them): the batch.
     """
     work = tmp_path_factory.mktemp("vllm-onevision-engines")
     _, processor = load_remote(folders["onevision"])
@@ -86,7 +89,9 @@ def engines(vllm_python, folders, media, tmp_path_factory) -> dict[str, dict]:
     images = [Image.open(media["images"][name]).convert("RGB") for name in ("cat", "tall")]
     prompts = [BATCH[0]["prompt"], BATCH[1]["prompt"]]
     inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    video = processor(videos=[media["frames"]], text=BATCH[3]["prompt"], return_tensors="pt")
     features_input = {name: inputs[name] for name in FEATURE_INPUTS}
+    features_input.update({name: video[name] for name in VIDEO_FEATURE_INPUTS})
     torch.save(features_input, work / "features_input.pt")
     jobs = {
         "onevision": {
@@ -98,6 +103,7 @@ def engines(vllm_python, folders, media, tmp_path_factory) -> dict[str, dict]:
         },
         # Stock counts: the two-image prompt is over 2,048 tokens.
         "uncompressed": {"model": str(folders["uncompressed"]), **common, "engine": {"max_model_len": 8192}},
+        "parallel": {"model": str(folders["onevision"]), **common, "tensor_parallel_size": 2},
     }
     results = run_jobs(vllm_python, work, jobs)
     results["onevision"]["features_input"] = features_input
@@ -128,13 +134,16 @@ def test_prompts_tokens_and_log_probs_equal_transformers(engines, folders, media
             assert abs(logprob - reference[int(token)].item()) < 5e-3, (entry["prompt"], token)
 
 
-def test_served_features_of_the_same_pixels_equal_transformers(engines, folders):
+def test_served_image_and_video_features_of_the_same_pixels_equal_transformers(engines, folders):
     result = loaded(engines["onevision"])
     model, _ = load_remote(folders["onevision"])
     inputs = result["features_input"]
-    expected = model.model.get_image_features(**inputs).pooler_output
-    assert [tokens.shape[0] for tokens in expected] == [3 * 82, 3 * 82]
-    assert len(result["features"]) == 2
+    expected = list(model.model.get_image_features(**{name: inputs[name] for name in FEATURE_INPUTS}).pooler_output)
+    expected += list(
+        model.model.get_video_features(**{name: inputs[name] for name in VIDEO_FEATURE_INPUTS}).pooler_output
+    )
+    assert [tokens.shape[0] for tokens in expected] == [3 * 82, 3 * 82, 4 * 22 + 1]
+    assert len(result["features"]) == 3
     for served, reference in zip(result["features"], expected, strict=True):
         assert served.shape == reference.shape
         torch.testing.assert_close(served, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
@@ -152,6 +161,17 @@ def test_placeholders_are_the_kept_tokens(engines, folders, media):
     assert all(count % 82 == 0 for count in (cat, tall, square, cup))
     video = frames * 22 + 1
     assert result["placeholders"] == [cat, tall, square + cup, video, cat + video]
+
+
+def test_two_tensor_parallel_ranks_answer_as_one(engines):
+    # The scored layer's queries and keys are gathered from both ranks: DVTS sees every head, as on one rank.
+    parallel, single = loaded(engines["parallel"])["rounds"][0], loaded(engines["onevision"])["rounds"][0]
+    assert parallel["prompt_ids"] == single["prompt_ids"]
+    assert parallel["tokens"] == single["tokens"]
+    for parallel_logprobs, single_logprobs in zip(parallel["logprobs"], single["logprobs"], strict=True):
+        assert parallel_logprobs.keys() == single_logprobs.keys()
+        for token, logprob in single_logprobs.items():
+            assert abs(parallel_logprobs[token] - logprob) < 1e-4
 
 
 def test_vllm_serve_answers_openai_image_and_video_chats_like_offline(vllm_python, folders, media, engines, tmp_path):
