@@ -1049,7 +1049,7 @@ def compress_pooled_crops(
 ) -> CompressedTokens:
     """
     DVTS + TGVC on the crops (video frames) of a tower without a CLS token, guided in the LLM's embedding space
-    (LLaVA-OneVision's SigLIP): every item keeps `kept` tokens, `config.kept_tokens(kept)` = `(K_d, K_c)`. The global
+    (LLaVA-OneVision's SigLIP): every item keeps `kept` tokens, `config.split_kept(kept)` = `(K_d, K_c)`. The global
     term is the attention each patch receives at the scored layer (`received_attention`); LTAM compares the scored
     layer's features on the item's grid. With `pool` (OneVision's 2 x 2 pooling of a frame, applied to `(items,
     patches, dim)`), the received attention (renormalised to sum 1), the features and the tokens are pooled first.
@@ -1069,7 +1069,7 @@ def compress_pooled_crops(
         features, tokens = pool(features), pool(tokens)
     items, units, _ = tokens.shape
     side = round(units**0.5)
-    num_dominant, num_complement = config.kept_tokens(kept)
+    num_dominant, num_complement = config.split_kept(kept)
     text_embeds = text_mask = None
     if num_complement > 0:
         text_embeds, text_mask = embed_question(

@@ -230,6 +230,11 @@ class CompressionSettings:
         """Whether the LLM stage runs; only families with an LLM-stage decoder turn it on."""
         return False
 
+    def split_kept(self, kept: int) -> tuple[int, int]:
+        """`(K_d, K_c)` of an item keeping `kept` tokens: `K_d = round_half_up(kept * dominant_ratio)` by DVTS."""
+        dominant = round_half_up(kept * self.dominant_ratio)
+        return dominant, kept - dominant
+
 
 @dataclass(kw_only=True)
 class CropSettings(CompressionSettings):
@@ -259,12 +264,12 @@ class CropSettings(CompressionSettings):
     @property
     def dominant_tokens(self) -> int:
         """Tokens per crop DVTS keeps."""
-        return round_half_up(self.visual_tokens * self.dominant_ratio)
+        return self.split_kept(self.visual_tokens)[0]
 
     @property
     def complement_tokens(self) -> int:
         """Tokens per crop TGVC produces."""
-        return self.visual_tokens - self.dominant_tokens
+        return self.split_kept(self.visual_tokens)[1]
 
     @property
     def tgvc_enabled(self) -> bool:
@@ -335,10 +340,7 @@ class QwenSettings(CompressionSettings):
     def kept_tokens(self, units: int) -> tuple[int, int]:
         """`(K_d, K_c)`: the DVTS tokens and TGVC seeds kept of an image (video slice) of `units` merged tokens."""
         kept = qwen_visual_tokens(units, self.reduction_ratio)
-        if not self.compression_enabled:
-            return kept, 0
-        dominant = round_half_up(kept * self.dominant_ratio)
-        return dominant, kept - dominant
+        return self.split_kept(kept) if self.compression_enabled else (kept, 0)
 
     def describe_budget(self) -> str:
         ratio = self.reduction_ratio

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from transformers import LlavaOnevisionConfig
 
-from .configuration_visiontrim import CropSettings, qwen_visual_tokens, round_half_up, strict_settings
+from .configuration_visiontrim import CropSettings, qwen_visual_tokens, strict_settings
 
 
 @dataclass(kw_only=True)
@@ -42,11 +42,6 @@ class OnevisionSettings(CropSettings):
     def frame_tokens(self) -> int:
         """Tokens a video frame keeps (all `frame_units` with compression off)."""
         return qwen_visual_tokens(self.frame_units, self.reduction_ratio)
-
-    def kept_tokens(self, units: int) -> tuple[int, int]:
-        """`(K_d, K_c)` of an item (crop or frame) keeping `units` tokens."""
-        dominant = round_half_up(units * self.dominant_ratio)
-        return dominant, units - dominant
 
     def describe_budget(self, modality: str = "image") -> str:
         if modality == "video":

@@ -26,6 +26,7 @@ from .compression_visiontrim import (
 from .configuration_visiontrim_llava_onevision import VisionTrimLlavaOnevisionConfig
 from .modeling_visiontrim_utils import (
     EncodeMediaFirstMixin,
+    VisionTrimEncoderOutput,
     VisionTrimGenerationMixin,
     with_guidance_inputs,
 )
@@ -76,6 +77,18 @@ class VisionTrimLlavaOnevisionModel(EncodeMediaFirstMixin, LlavaOnevisionModel):
             guidance_attention_mask,
             modality,
         )
+
+    def image_output(
+        self,
+        run: VisionTowerRun,
+        crops_per_image: list[int],
+        guidance_input_ids: torch.LongTensor | None,
+        guidance_attention_mask: torch.Tensor | None,
+    ) -> VisionTrimEncoderOutput:
+        """The images' encoder output from a tower run of their crops: each crop's kept tokens, then its newline."""
+        compressed = self.compress_run("image", run, crops_per_image, guidance_input_ids, guidance_attention_mask)
+        newline = self.image_newline if self.config.crop_newline else None
+        return self.encoder_output(run, compressed, anyres_image_tokens(compressed.features, crops_per_image, newline))
 
     @merge_with_config_defaults
     @can_return_tuple
@@ -129,9 +142,7 @@ class VisionTrimLlavaOnevisionModel(EncodeMediaFirstMixin, LlavaOnevisionModel):
                 "batch_num_images give; pass the processor's pixel_values, image_sizes and batch_num_images together."
             )
         run = self.run_tower(pixel_values, vision_feature_layer, **kwargs)
-        compressed = self.compress_run("image", run, crops_per_image, guidance_input_ids, guidance_attention_mask)
-        newline = self.image_newline if self.config.crop_newline else None
-        return self.encoder_output(run, compressed, anyres_image_tokens(compressed.features, crops_per_image, newline))
+        return self.image_output(run, crops_per_image, guidance_input_ids, guidance_attention_mask)
 
     @merge_with_config_defaults
     @can_return_tuple

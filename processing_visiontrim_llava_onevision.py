@@ -115,6 +115,10 @@ class VisionTrimLlavaOnevisionProcessor(CropBudgetProcessingMixin, LlmGuidanceMi
             crops += (best_height // crop) * (best_width // crop)
         return crops * (self.visual_tokens + int(self.crop_newline))
 
+    def video_tokens(self, frames: int) -> int:
+        """Placeholders of a video of `frames` frames: each frame's kept pooled tokens, then one newline."""
+        return frames * self.frame_tokens + 1
+
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         if self.reduction_ratio == 0:
             return super().replace_image_token(image_inputs, image_idx, **kwargs)
@@ -130,8 +134,7 @@ class VisionTrimLlavaOnevisionProcessor(CropBudgetProcessingMixin, LlmGuidanceMi
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
         if self.reduction_ratio == 0:
             return super().replace_video_token(video_inputs, video_idx, **kwargs)
-        frames = len(video_inputs["pixel_values_videos"][video_idx])
-        return self.video_token * (frames * self.frame_tokens + 1)
+        return self.video_token * self.video_tokens(len(video_inputs["pixel_values_videos"][video_idx]))
 
     def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs) -> MultiModalData:
         """The stock counts (an image alone in its prompt: all its crops), or the kept tokens' when compressing."""
@@ -142,7 +145,7 @@ class VisionTrimLlavaOnevisionProcessor(CropBudgetProcessingMixin, LlmGuidanceMi
             if image_sizes is not None:
                 multimodal_data.num_image_tokens = [self.image_tokens(size, single=True) for size in image_sizes]
             if video_sizes is not None:
-                multimodal_data.num_video_tokens = [frames * self.frame_tokens + 1 for frames, _, _ in video_sizes]
+                multimodal_data.num_video_tokens = [self.video_tokens(frames) for frames, _, _ in video_sizes]
         return multimodal_data
 
 

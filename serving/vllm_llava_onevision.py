@@ -63,7 +63,7 @@ class VisionTrimLlavaOnevisionProcessingInfo(VisionTrimProcessorMixin, LlavaOnev
             return super().get_num_video_tokens(
                 image_width=image_width, image_height=image_height, num_frames=num_frames
             )
-        return num_frames * processor.frame_tokens + 1
+        return processor.video_tokens(num_frames)
 
 
 class VisionTrimLlavaOnevisionDummyInputsBuilder(ProfilingQuestionMixin, LlavaOnevisionDummyInputsBuilder):
