@@ -14,12 +14,12 @@ from PIL import Image
 from reference_qwen3 import slow_compressed_positions, slow_visiontrim_qwen3
 
 from visiontrim.configuration_visiontrim import qwen_visual_tokens
+from visiontrim.tools.build import uncompressed_processor
 from visiontrim.tools.build_qwen import (
     QwenShapes,
     build_qwen_config,
     build_qwen_model,
     build_qwen_processor,
-    stock_qwen_processor,
     stock_qwen_with_same_weights,
 )
 
@@ -163,7 +163,7 @@ def test_two_images_match_the_reference_units_rows_and_positions():
         attention_mask=inputs["attention_mask"],
         mm_encoder_outputs={"image": encoded},
     )
-    stock_inputs = image_batch(stock_qwen_processor(processor))
+    stock_inputs = image_batch(uncompressed_processor(processor))
     rows = [[units] for units in reference.kept_units]  # one image per row
     expected_positions, expected_deltas = slow_compressed_positions(model, stock_inputs, rows)
     assert torch.equal(positions, expected_positions)
@@ -174,7 +174,7 @@ def test_two_images_match_the_reference_units_rows_and_positions():
 def test_image_and_video_match_the_reference_and_keep_each_slice_after_its_timestamp():
     model, processor = build(0.75)
     inputs = image_and_video(processor)
-    stock_inputs = image_and_video(stock_qwen_processor(processor))
+    stock_inputs = image_and_video(uncompressed_processor(processor))
     slices, height, width = inputs["video_grid_thw"][0].tolist()
     per_slice = qwen_visual_tokens(height * width // 4, 0.75)
     text = processor.tokenizer.decode(inputs["input_ids"][0])

@@ -18,7 +18,8 @@ from test_vllm_qwen import (
     transformers_reference,
 )
 
-from visiontrim.tools.build_qwen import QwenShapes, stock_qwen_processor, stock_qwen_with_same_weights
+from visiontrim.tools.build import uncompressed_processor
+from visiontrim.tools.build_qwen import QwenShapes, stock_qwen_with_same_weights
 from visiontrim.tools.demo import sample_photo
 
 from helpers import load_remote, loaded, run_jobs, save_qwen_checkpoint
@@ -66,7 +67,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     }
     model, processor = load_remote(folders["uncompressed"])
     stock_qwen_with_same_weights(model).save_pretrained(work / "stock")
-    stock_qwen_processor(processor).save_pretrained(work / "stock")
+    uncompressed_processor(processor).save_pretrained(work / "stock")
     folders["stock"] = work / "stock"
     return folders
 

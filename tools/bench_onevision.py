@@ -9,14 +9,12 @@ prefill, decode and KV-cache bytes, each as a ratio to stock.
 """
 
 import argparse
-import copy
 import logging
 
 import torch
 from transformers import LlavaOnevisionConfig
 
 from ..architectures import Architecture
-from ..compression_visiontrim import anyres_image_tokens
 from .arguments import UsageError
 from .bench_qwen import QwenRow, bench_size, write_report
 from .build import build_model
@@ -25,9 +23,8 @@ from .build_onevision import (
     OnevisionShapes,
     build_onevision_config,
     build_onevision_processor,
-    stock_onevision_with_same_weights,
 )
-from .demo import load_folder
+from .demo import load_folder, stock_twin
 from .measure import machine_description
 
 
@@ -54,14 +51,7 @@ def onevision_encoder(row: QwenRow, model, inputs, tower_run):
         return lambda: encoded
     crops = [tower_run.features.shape[0]]  # one image: all the run's crops
     guidance = (inputs["guidance_input_ids"], inputs["guidance_attention_mask"])
-    inner = model.model
-
-    def compress():
-        compressed = inner.compress_run("image", tower_run, crops, *guidance)
-        newline = inner.image_newline if model.config.crop_newline else None
-        return inner.encoder_output(tower_run, compressed, anyres_image_tokens(compressed.features, crops, newline))
-
-    return compress
+    return lambda: model.model.image_output(tower_run, crops, *guidance)
 
 
 def run_onevision(args: argparse.Namespace, architecture: Architecture) -> dict:
@@ -87,9 +77,7 @@ def run_onevision(args: argparse.Namespace, architecture: Architecture) -> dict:
             f"random {architecture.display_name}-shaped: SigLIP {shapes.vision_layers} x {shapes.vision_hidden} at "
             f"{shapes.image_size} px, LLM {shapes.llm_layers} x {shapes.llm_hidden}"
         )
-    stock = stock_onevision_with_same_weights(model)
-    stock_processor = copy.copy(processor)
-    stock_processor.reduction_ratio = 0  # every patch token: stock's prompts
+    stock, stock_processor = stock_twin(architecture, model, processor)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     logger.warning(

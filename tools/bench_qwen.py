@@ -31,10 +31,8 @@ from .build_qwen import (
     build_qwen_config,
     build_qwen_model,
     build_qwen_processor,
-    stock_qwen_processor,
-    stock_qwen_with_same_weights,
 )
-from .demo import load_folder, sample_photo
+from .demo import load_folder, sample_photo, stock_twin
 from .measure import (
     NOISE,
     Timing,
@@ -298,7 +296,7 @@ def run_qwen(args: argparse.Namespace, architecture: Architecture) -> dict:
             f"random {architecture.display_name}-shaped: vision tower {shapes.vision_layers} x "
             f"{shapes.vision_hidden}{attention}, LLM {shapes.llm_layers} x {shapes.llm_hidden}"
         )
-    stock, stock_processor = stock_qwen_with_same_weights(model), stock_qwen_processor(processor)
+    stock, stock_processor = stock_twin(architecture, model, processor)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     logger.warning(

@@ -6,6 +6,7 @@ for the demo, the benchmark and the tests. Shapes are real where it matters (a 3
 the Qwen configs and processors).
 """
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -318,6 +319,16 @@ def stock_llava_with_same_weights(model: PreTrainedModel) -> PreTrainedModel:
             setattr(stock.model, name, getattr(model.model, name))
     stock.lm_head = model.lm_head
     stock.generation_config = model.generation_config
+    return stock
+
+
+def uncompressed_processor(processor: ProcessorMixin) -> ProcessorMixin:
+    """
+    A copy of a VisionTrim processor that emits every visual token (`reduction_ratio=0`): the stock prompts of the
+    families whose processors count the stock tokens themselves when compression is off (Qwen, LLaVA-OneVision).
+    """
+    stock = copy.copy(processor)
+    stock.reduction_ratio = 0
     return stock
 
 

@@ -6,7 +6,6 @@ Qwen3-VL's 16 px; 2 x 2 merge; Qwen2.5-VL's 112 px windows and full-attention bl
 widths and depths are small unless asked for.
 """
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -227,11 +226,4 @@ def stock_qwen_with_same_weights(model: PreTrainedModel) -> PreTrainedModel:
     stock.model.language_model = model.model.language_model
     stock.lm_head = model.lm_head
     stock.generation_config = model.generation_config
-    return stock
-
-
-def stock_qwen_processor(processor: ProcessorMixin) -> ProcessorMixin:
-    """A copy of a VisionTrim Qwen processor that emits every merged token (`reduction_ratio=0`): the stock prompts."""
-    stock = copy.copy(processor)
-    stock.reduction_ratio = 0
     return stock

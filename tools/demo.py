@@ -6,7 +6,6 @@ chosen, and prefill times. It runs a random LLaVA-family model at its real tower
 """
 
 import argparse
-import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,9 +55,10 @@ from .build import (
     stock_llava_with_same_weights,
     stock_processor,
     tower_image_size,
+    uncompressed_processor,
 )
 from .build_onevision import stock_onevision_with_same_weights
-from .build_qwen import stock_qwen_processor, stock_qwen_with_same_weights
+from .build_qwen import stock_qwen_with_same_weights
 from .evaluation.data import Question
 from .evaluation.runner import chat_prompt
 from .measure import Timing, timings
@@ -221,11 +221,9 @@ def stock_twin(
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """The stock model sharing `model`'s weights, and the processor of its prompts (every visual token)."""
     if architecture.qwen:
-        return stock_qwen_with_same_weights(model), stock_qwen_processor(processor)
-    if architecture.family == ONEVISION_FAMILY:  # its processor with the stock counts
-        stock_prompts = copy.copy(processor)
-        stock_prompts.reduction_ratio = 0
-        return stock_onevision_with_same_weights(model), stock_prompts
+        return stock_qwen_with_same_weights(model), uncompressed_processor(processor)
+    if architecture.family == ONEVISION_FAMILY:
+        return stock_onevision_with_same_weights(model), uncompressed_processor(processor)
     return stock_llava_with_same_weights(model), stock_processor(processor)
 
 

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bench_qwen import QWEN_BENCHES
+from .build import uncompressed_processor
 from .build_qwen import (
     QwenShapes,
     build_qwen_config,
     build_qwen_model,
     build_qwen_processor,
-    stock_qwen_processor,
     stock_qwen_with_same_weights,
 )
 from .demo import sample_photo
@@ -76,7 +76,7 @@ def save_folders(root: Path, arch: str, shapes: QwenShapes) -> dict[str, str]:
         processor.save_pretrained(folders[kept])
     folders["stock"] = root / "stock"
     stock_qwen_with_same_weights(model).save_pretrained(folders["stock"])
-    stock_qwen_processor(processor).save_pretrained(folders["stock"])
+    uncompressed_processor(processor).save_pretrained(folders["stock"])
     return {name: str(folder) for name, folder in folders.items()}
 
 
