@@ -142,7 +142,7 @@ ARCHITECTURES = (
         "Qwen3VLMoe",
         "VisionTrimQwen3VLProcessor",
         True,
-        False,
+        True,
     ),
 )
 ARCHITECTURE_NAMES = tuple(architecture.name for architecture in ARCHITECTURES)

@@ -35,10 +35,17 @@ class VisionTrimQwen3VLMoeConfig(QwenSettings, Qwen3VLMoeConfig):
     r"""
     Configuration of [`VisionTrimQwen3VLMoeForConditionalGeneration`]: a [`Qwen3VLMoeConfig`] plus the VisionTrim
     settings of [`QwenSettings`], as [`VisionTrimQwen3VLConfig`] (the MoE models share Qwen3-VL's vision tower).
+    The text config states `norm_topk_prob=True` where it is absent, as the released checkpoints do: Qwen3-VL MoE
+    always renormalises its router's top-k weights, and vLLM's MoE layers read the field.
     """
 
     model_type = "visiontrim_qwen3_vl_moe"
     reduction_ratio: int | float = setting(valid_reduction_ratio, QWEN3_DEFAULT_REDUCTION_RATIO)
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if not hasattr(self.text_config, "norm_topk_prob"):
+            self.text_config.norm_topk_prob = True
 
 
 VisionTrimQwen3VLConfig.register_for_auto_class()

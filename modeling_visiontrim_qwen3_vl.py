@@ -16,7 +16,8 @@ from transformers import (
     Qwen3VLMoeForConditionalGeneration,
     Qwen3VLMoeModel,
 )
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import Transpose, WeightConverter
 
 from .compression_visiontrim import CompressedUnits, QwenTowerRun
 from .configuration_visiontrim_qwen3_vl import VisionTrimQwen3VLConfig, VisionTrimQwen3VLMoeConfig
@@ -94,10 +95,35 @@ class VisionTrimQwen3VLMoeForConditionalGeneration(QwenGenerationMixin, Qwen3VLM
     forward = with_guidance_inputs(Qwen3VLMoeForConditionalGeneration.forward, "image", "video")
 
 
-# Qwen3-VL MoE checkpoints store their experts transposed: Transformers converts them only for classes it registers.
+class ReleasedExpertLayout(Transpose):
+    """
+    The experts of the released Qwen3-VL MoE checkpoints, `(experts, in, out)`, where Transformers holds
+    `(experts, out, in)`. VisionTrim folders hold the released layout, which vLLM's Qwen3-VL MoE loads (stock
+    Transformers saves its own), so the experts are always transposed on save. On load, a checkpoint in Transformers'
+    own layout (a stock folder saved by Transformers, for the converter) is taken as it is; a square expert, whose
+    layout its shape cannot tell, is taken as released.
+    """
+
+    def convert(self, input_dict: dict, source_patterns: list[str], target_patterns: list[str], **kwargs) -> dict:
+        tensor = next(iter(input_dict.values()))
+        tensor = tensor[0] if isinstance(tensor, list) else tensor
+        expected = kwargs["model"].get_parameter(kwargs["full_layer_name"]).shape
+        if tensor.shape == expected and tensor.shape[self.dim0] != tensor.shape[self.dim1]:
+            return {self.get_target_pattern(input_dict, source_patterns, target_patterns): tensor}
+        return super().convert(input_dict, source_patterns, target_patterns, **kwargs)
+
+    @property
+    def reverse_op(self) -> Transpose:
+        return Transpose(dim0=self.dim1, dim1=self.dim0)
+
+
+# Transformers converts a checkpoint's experts only for the classes it registers.
 register_checkpoint_conversion_mapping(
     VisionTrimQwen3VLMoeForConditionalGeneration.__name__,
-    get_checkpoint_conversion_mapping("qwen3_vl_moe"),
+    [
+        WeightConverter(f"mlp.experts.{name}", f"mlp.experts.{name}", operations=[ReleasedExpertLayout(1, 2)])
+        for name in ("gate_up_proj", "down_proj")
+    ],
     overwrite=True,
 )
 for model_class in (VisionTrimQwen3VLForConditionalGeneration, VisionTrimQwen3VLMoeForConditionalGeneration):

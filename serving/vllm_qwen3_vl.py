@@ -17,12 +17,14 @@ from functools import partial
 import numpy as np
 import torch
 from transformers import BatchFeature
+from vllm.config import VllmConfig
 from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLDummyInputsBuilder,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMultiModalProcessor,
     Qwen3VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeProcessingInfo
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
@@ -39,6 +41,10 @@ from .vllm_qwen import (
 
 
 class VisionTrimQwen3VLProcessingInfo(VisionTrimQwenProcessingInfoMixin, Qwen3VLProcessingInfo):
+    pass
+
+
+class VisionTrimQwen3VLMoeProcessingInfo(VisionTrimQwenProcessingInfoMixin, Qwen3VLMoeProcessingInfo):
     pass
 
 
@@ -173,3 +179,25 @@ class VisionTrimQwen3VLForConditionalGeneration(VisionTrimQwenVllmMixin, Qwen3VL
         pieces.append(np.broadcast_to(np.arange(text_length), (3, text_length)) + next_position)
         positions = np.concatenate(pieces, axis=1)
         return torch.from_numpy(positions), int(positions.max()) + 1 - len(input_tokens)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VisionTrimQwen3VLMultiModalProcessor,
+    info=VisionTrimQwen3VLMoeProcessingInfo,
+    dummy_inputs=VisionTrimQwen3VLDummyInputsBuilder,
+)
+class VisionTrimQwen3VLMoeForConditionalGeneration(
+    VisionTrimQwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+):
+    """vLLM's Qwen3-VL MoE, compressed as the dense model (the vision path is the same)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        text_config = vllm_config.model_config.hf_config.text_config
+        if getattr(text_config, "norm_topk_prob", None) is not True:
+            raise ValueError(
+                f"{vllm_config.model_config.model}: vLLM's Qwen3 MoE layers renormalise the router's top-k weights "
+                "only if the text config's `norm_topk_prob` is true, and Qwen3-VL MoE always does (Transformers "
+                'leaves the field out for that reason). Set `"norm_topk_prob": true` in config.json\'s '
+                "`text_config`, as the released Qwen3-VL MoE checkpoints and `visiontrim-convert` write it."
+            )
+        super().__init__(vllm_config=vllm_config, prefix=prefix)

@@ -7,6 +7,8 @@ As in `test_qwen_reference.py`, the tiny models' scored block is sharpened (`SHA
 decision is far from a tie an fp32 implementation could decide either way; each case checks its margins.
 """
 
+import json
+
 import numpy
 import pytest
 import torch
@@ -354,16 +356,21 @@ def test_moe_variant_compresses_the_same_way_and_equals_stock_when_off():
     assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
 
 
-def test_converter_turns_a_qwen3_vl_folder_into_a_visiontrim_one_at_the_qwen3_default(tmp_path):
-    from visiontrim.convert_checkpoint import main
-
-    model, processor = build(0.0, sharpness=None)
-    source = tmp_path / "qwen3"
+def save_stock_source(model, processor, source) -> None:
+    """`model` as a stock Qwen3-VL folder saved by Transformers, with the processor files of a Hub checkpoint."""
     stock_qwen_with_same_weights(model).save_pretrained(source)
     processor.image_processor.save_pretrained(source)
     processor.video_processor.save_pretrained(source)  # the converter reads its `size`
     processor.tokenizer.save_pretrained(source)
     (source / "chat_template.jinja").write_text(processor.chat_template)
+
+
+def test_converter_turns_a_qwen3_vl_folder_into_a_visiontrim_one_at_the_qwen3_default(tmp_path):
+    from visiontrim.convert_checkpoint import main
+
+    model, processor = build(0.0, sharpness=None)
+    source = tmp_path / "qwen3"
+    save_stock_source(model, processor, source)
     main(["--qwen", str(source), "--output", str(tmp_path / "out")])
     loaded, loaded_processor = load_remote(tmp_path / "out")
     assert type(loaded).__name__ == "VisionTrimQwen3VLForConditionalGeneration"
@@ -378,6 +385,46 @@ def test_converter_turns_a_qwen3_vl_folder_into_a_visiontrim_one_at_the_qwen3_de
         expected = model.generate(**image_and_video(processor), max_new_tokens=4, do_sample=False)
         converted = loaded.generate(**image_and_video(loaded_processor), max_new_tokens=4, do_sample=False)
     assert torch.equal(converted, expected)
+
+
+def test_moe_folders_hold_the_released_expert_layout_whichever_layout_they_were_converted_from(tmp_path):
+    # The released checkpoints hold each expert (experts, in, out) and say `norm_topk_prob`; Transformers saves its
+    # own (experts, out, in) and leaves the field out. vLLM's Qwen3-VL MoE loads the released form only.
+    from safetensors.torch import load_file, save_file
+
+    from visiontrim.convert_checkpoint import main
+
+    model, processor = build(0.0, arch="qwen3-vl-moe", sharpness=None)
+    text = model.config.text_config
+    experts, hidden, width = text.num_experts, text.hidden_size, text.moe_intermediate_size
+    released = {"gate_up_proj": (experts, hidden, 2 * width), "down_proj": (experts, width, hidden)}
+    sources = {"transformers": tmp_path / "transformers", "released": tmp_path / "released"}
+    for source in sources.values():
+        save_stock_source(model, processor, source)
+        config = json.loads((source / "config.json").read_text())
+        config["text_config"].pop("norm_topk_prob", None)
+        if source == sources["released"]:
+            config["text_config"]["norm_topk_prob"] = True
+            weights = load_file(source / "model.safetensors")
+            weights = {name: (w.mT.contiguous() if ".experts." in name else w) for name, w in weights.items()}
+            save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+        (source / "config.json").write_text(json.dumps(config))
+    for name, source in sources.items():
+        stored = load_file(source / "model.safetensors")["model.language_model.layers.0.mlp.experts.gate_up_proj"]
+        assert (tuple(stored.shape) == released["gate_up_proj"]) == (name == "released")
+        output = tmp_path / f"from-{name}"
+        main(["--qwen", str(source), "--output", str(output)])
+        weights = load_file(output / "model.safetensors")
+        for layer in range(text.num_hidden_layers):
+            for projection, shape in released.items():
+                assert tuple(weights[f"model.language_model.layers.{layer}.mlp.experts.{projection}"].shape) == shape
+        assert json.loads((output / "config.json").read_text())["text_config"]["norm_topk_prob"] is True
+        assert "this folder serves images and videos" in " ".join((output / "README.md").read_text().split())
+        loaded, _ = load_remote(output)
+        weights = loaded.state_dict()
+        for key, expected in model.state_dict().items():
+            assert torch.equal(weights.pop(key), expected), key
+        assert not weights
 
 
 @torch.no_grad()

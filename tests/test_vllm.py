@@ -2,8 +2,8 @@
 The vLLM plugin (`visiontrim.serving`), run as users run it: `LLM(model=folder, trust_remote_code=True)` and
 `vllm serve folder --trust-remote-code`, in vLLM's own environment (tests/vllm/make_env.sh; `.ci/run` builds it at
 `.venv-vllm`). Each engine runs in a subprocess (tests/vllm/jobs.py); the Transformers references run here. LLaVA-1.5,
-LLaVA-NeXT and LLaVA-NeXT-Video (videos) folders are served; the LLM stage, Video-LLaVA (no vLLM model) and Qwen3-VL
-MoE (not yet) are refused at load. Qwen folders: tests/test_vllm_qwen.py.
+LLaVA-NeXT and LLaVA-NeXT-Video (videos) folders are served; the LLM stage and Video-LLaVA (no vLLM model) are refused
+at load. Qwen folders: tests/test_vllm_qwen.py and tests/test_vllm_qwen3.py; LLaVA-OneVision: test_vllm_onevision.py.
 
 Without that environment these tests are skipped, unless VISIONTRIM_REQUIRE_VLLM=1 (CI), which makes them fail.
 """
@@ -29,16 +29,14 @@ from visiontrim.tools.build import (
     stock_llava_with_same_weights,
     stock_processor,
 )
-from visiontrim.tools.build_qwen import QwenShapes
 from visiontrim.tools.demo import sample_photo
 from visiontrim.tools.vllm_server import image_chat_request, vllm_server
 
-from helpers import load_remote, loaded, run_jobs, save_qwen_checkpoint
+from helpers import load_remote, loaded, run_jobs
 
 
 # vLLM's CPU attention needs a head size of at least 32: 64 wide, 2 heads.
 VLLM_SHAPES = Shapes(llm_heads=2, llm_kv_heads=2)
-QWEN3_SHAPES = QwenShapes(llm_heads=2, llm_kv_heads=2)
 IMAGE_TOKEN_ID = 4
 MAX_TOKENS = 8
 CAT_QUESTION = "What animal is in the picture?"
@@ -130,8 +128,7 @@ def engines(vllm_python, folder, photos, tmp_path_factory) -> dict[str, dict]:
     - "uncompressed" (reduction_ratio=0) and "stock" (vLLM's own LLaVA, same weights): the mixed batch;
     - "next" (a VisionTrim LLaVA-NeXT folder): the mixed batch;
     - "next-video" (a VisionTrim LLaVA-NeXT-Video folder): two videos asked different questions, with log-probs;
-    - "staged" (the LLM stage on), "video" (Video-LLaVA), "qwen3-moe" (Qwen3-VL MoE) and "narrow" (LLM heads of 16):
-      folders the plugin refuses;
+    - "staged" (the LLM stage on), "video" (Video-LLaVA) and "narrow" (LLM heads of 16): folders the plugin refuses;
     - "parallel", last: `folder` on two tensor-parallel ranks (the CLIP tower's heads split between them), the batch.
     """
     work = tmp_path_factory.mktemp("vllm-engines")
@@ -177,7 +174,6 @@ def engines(vllm_python, folder, photos, tmp_path_factory) -> dict[str, dict]:
         "next": {"model": str(save_folder(work / "next", arch="llava-next")), **batch_job},
         "staged": {"model": str(save_folder(work / "staged", llm_stage_layer=1, llm_stage_tokens=32))},
         "video": {"model": str(save_folder(work / "video", arch="video-llava"))},
-        "qwen3-moe": {"model": str(save_qwen_checkpoint(work / "qwen3-moe", "qwen3-vl-moe", shapes=QWEN3_SHAPES))},
         "next-video": {
             "model": str(next_video_folder),
             "videos": clips,
@@ -339,14 +335,13 @@ def test_llava_next_video_tokens_and_log_probs_equal_transformers(engines, photo
             assert abs(logprob - reference[int(token)].item()) < 1e-3
 
 
-def test_every_unserved_visiontrim_architecture_is_refused_naming_what_is_served(engines):
-    for name, architecture in (("video", "VisionTrimVideoLlava"), ("qwen3-moe", "VisionTrimQwen3VLMoe")):
-        error = engines[name]["load_error"]
-        assert f"{architecture}ForConditionalGeneration is not served by the VisionTrim vLLM plugin" in error
-        assert (
-            "serves VisionTrim LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2.5-VL, Qwen2-VL, "
-            "Qwen3-VL folders" in error
-        )
+def test_an_unserved_visiontrim_architecture_is_refused_naming_what_is_served(engines):
+    error = engines["video"]["load_error"]
+    assert "VisionTrimVideoLlavaForConditionalGeneration is not served by the VisionTrim vLLM plugin" in error
+    assert (
+        "serves VisionTrim LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2.5-VL, Qwen2-VL, "
+        "Qwen3-VL, Qwen3-VL-MoE folders" in error
+    )
 
 
 def test_a_head_size_vllm_cpu_attention_lacks_is_refused_at_load(engines):

@@ -167,8 +167,8 @@ def build_qwen_config(arch: str = "qwen2.5-vl", shapes: QwenShapes | None = None
     if architecture.family == QWEN3_FAMILY:
         text["head_dim"] = head_dim
         text["rope_parameters"]["mrope_interleaved"] = True
-    if arch == "qwen3-vl-moe":
-        text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": shapes.llm_intermediate // 2}
+    if arch == "qwen3-vl-moe":  # an expert's width neither the LLM's nor half of it: its layout shows in its shape
+        text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": shapes.llm_hidden * 3 // 4}
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in TOKEN_FIELDS.items()}
     return architecture.visiontrim_class("config")(vision_config=vision, text_config=text, **ids, **compression)
 

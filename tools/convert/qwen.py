@@ -31,11 +31,6 @@ from .repository import (
 
 
 CARD_TEMPLATE = "model_card_qwen.md"
-NOT_SERVED = """## Serving with vLLM
-
-Not yet: the visiontrim vLLM plugin refuses $architecture folders when they load. Run this folder with Transformers as
-above.
-"""
 SERVED = """## Serving with vLLM
 
 With the `visiontrim` package installed beside vLLM (its vLLM plugin; `pip install --no-deps visiontrim`, since vLLM
@@ -116,9 +111,7 @@ def convert_qwen(args: argparse.Namespace) -> Path:
         hub_base = is_hub_id(args.qwen)
         repo_id = args.push_to_hub or "path/to/this/folder"
         family = FAMILY_CARD[architecture.family]
-        serving = string.Template(SERVED if architecture.vllm_served else NOT_SERVED).substitute(
-            repo_id=repo_id, revision=revision, architecture=architecture.display_name
-        )
+        serving = string.Template(SERVED).substitute(repo_id=repo_id, revision=revision)
         return template.substitute(
             license=args.license or "apache-2.0",
             base_model_metadata=f"base_model: {args.qwen}\n" if hub_base else "",
