@@ -1,6 +1,6 @@
 # Copyright 2026 The visiontrim authors. Licensed under the Apache License, Version 2.0.
 """
-VisionTrim Qwen3-VL in vLLM (the shared design: `vllm_qwen.py`). What Qwen3-VL changes:
+VisionTrim Qwen3-VL in vLLM, dense and MoE (the shared design: `vllm_qwen.py`). What Qwen3-VL changes:
 
 - Placeholders: an image keeps `max(1, round_half_up(N * (1 - reduction_ratio)))` of its `N` merged tokens; a video
   keeps stock Qwen3-VL's layout, each temporal slice `<t seconds><|vision_start|>...<|vision_end|>`, with that many
