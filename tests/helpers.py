@@ -131,3 +131,13 @@ def loaded(result: dict) -> dict:
     """A job's result, failing the test with the engine's load error if it refused the folder."""
     assert "load_error" not in result, result["load_error"]
     return result
+
+
+def assert_ranks_answer_as_one(parallel: dict, single: dict) -> None:
+    """A round on tensor-parallel ranks gave one rank's prompts, greedy tokens and first-step log-probs (1e-4)."""
+    assert parallel["prompt_ids"] == single["prompt_ids"]
+    assert parallel["tokens"] == single["tokens"]
+    for parallel_logprobs, single_logprobs in zip(parallel["logprobs"], single["logprobs"], strict=True):
+        assert parallel_logprobs.keys() == single_logprobs.keys()
+        for token, logprob in single_logprobs.items():
+            assert abs(parallel_logprobs[token] - logprob) < 1e-4

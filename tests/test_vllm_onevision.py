@@ -14,7 +14,7 @@ from test_vllm_qwen import assert_served_chats_equal_offline, openai_messages, v
 from visiontrim.tools.build import build_model
 from visiontrim.tools.build_onevision import OnevisionShapes, build_onevision_config, build_onevision_processor
 
-from helpers import load_remote, loaded, run_jobs
+from helpers import assert_ranks_answer_as_one, load_remote, loaded, run_jobs
 
 
 # vLLM's CPU attention needs a head size of at least 32: 64 wide, 2 heads.
@@ -165,13 +165,7 @@ def test_placeholders_are_the_kept_tokens(engines, folders, media):
 
 def test_two_tensor_parallel_ranks_answer_as_one(engines):
     # The scored layer's queries and keys are gathered from both ranks: DVTS sees every head, as on one rank.
-    parallel, single = loaded(engines["parallel"])["rounds"][0], loaded(engines["onevision"])["rounds"][0]
-    assert parallel["prompt_ids"] == single["prompt_ids"]
-    assert parallel["tokens"] == single["tokens"]
-    for parallel_logprobs, single_logprobs in zip(parallel["logprobs"], single["logprobs"], strict=True):
-        assert parallel_logprobs.keys() == single_logprobs.keys()
-        for token, logprob in single_logprobs.items():
-            assert abs(parallel_logprobs[token] - logprob) < 1e-4
+    assert_ranks_answer_as_one(loaded(engines["parallel"])["rounds"][0], loaded(engines["onevision"])["rounds"][0])
 
 
 def test_vllm_serve_answers_openai_image_and_video_chats_like_offline(vllm_python, folders, media, engines, tmp_path):
