@@ -9,14 +9,13 @@ prefill, decode and KV-cache bytes, each as a ratio to stock.
 """
 
 import argparse
-import logging
 
 import torch
 from transformers import LlavaOnevisionConfig
 
 from ..architectures import Architecture
 from .arguments import UsageError
-from .bench_qwen import QwenRow, bench_size, write_report
+from .bench_qwen import FamilyBench, QwenRow, bench_against_stock
 from .build import build_model
 from .build_onevision import (
     ONEVISION_7B_VISION_SHAPES,
@@ -24,11 +23,8 @@ from .build_onevision import (
     build_onevision_config,
     build_onevision_processor,
 )
-from .demo import load_folder, stock_twin
-from .measure import machine_description
+from .demo import load_folder
 
-
-logger = logging.getLogger(__name__)
 
 # Per row: name, reduction ratio (None: the stock model), DVTS share; names give the tokens kept per crop of 729.
 ONEVISION_ROWS = (
@@ -77,46 +73,13 @@ def run_onevision(args: argparse.Namespace, architecture: Architecture) -> dict:
             f"random {architecture.display_name}-shaped: SigLIP {shapes.vision_layers} x {shapes.vision_hidden} at "
             f"{shapes.image_size} px, LLM {shapes.llm_layers} x {shapes.llm_hidden}"
         )
-    stock, stock_processor = stock_twin(architecture, model, processor)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    logger.warning(
-        "Timings on a shared machine are noisy: every row runs in this process with the same weights, so compare the "
-        "ratios within this run (min of %d runs after %d warm-up).",
-        args.repeats,
-        args.warmup,
-    )
 
     def tower(inputs):
         crops = inputs["pixel_values"][0].to(dtype)  # one image: its crops
         return model.model.run_tower(crops, model.config.vision_feature_layer)
 
-    with torch.inference_mode():
-        sizes = [
-            bench_size(
-                size,
-                ONEVISION_ROWS,
-                model,
-                processor,
-                stock,
-                stock_processor,
-                prompt,
-                args,
-                tower,
-                onevision_encoder,
-                lambda inputs: {"crops": inputs["pixel_values"].shape[1]},
-            )
-            for size in ONEVISION_IMAGE_SIZES
-        ]
-    report = {
-        "model": description,
-        "arch": architecture.name,
-        "question": args.question,
-        "dtype": args.dtype,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "new_tokens": args.new_tokens,
-        "machine": machine_description(device),
-    }
-    write_report(report, sizes, f"bench-{architecture.name}", description.replace(", LLM", ",\nLLM"), args)
-    return report
+    def crops(inputs) -> dict:
+        return {"crops": inputs["pixel_values"].shape[1]}
+
+    bench = FamilyBench(ONEVISION_IMAGE_SIZES, ONEVISION_ROWS, tower, onevision_encoder, crops)
+    return bench_against_stock(args, architecture, model, processor, description, bench)

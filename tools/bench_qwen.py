@@ -262,6 +262,61 @@ def write_report(report: dict, sizes: list[dict], stem: str, title: str, args: a
     print(f"written: {', '.join(map(str, written))}")
 
 
+@dataclass(frozen=True)
+class FamilyBench:
+    """
+    What a family's benchmark measures (see `bench_size`): the photo sizes, the rows, and the family's tower run,
+    encoder and media fields.
+    """
+
+    sizes: tuple[tuple[int, int], ...]
+    rows: tuple[tuple[str, float | None, float | None], ...]
+    tower: Callable[[Any], Any]
+    encoder: Callable[..., Callable[[], Any]]
+    media_fields: Callable[[Any], dict]
+
+
+def bench_against_stock(
+    args: argparse.Namespace,
+    architecture: Architecture,
+    model,
+    processor,
+    description: str,
+    bench: FamilyBench,
+) -> dict:
+    """
+    Every size and row of `bench` on `model` and its stock twin (same weights, this process), asked `--question` about
+    the photo; the report, written as JSON and a plot to `--output-dir`.
+    """
+    stock, stock_processor = stock_twin(architecture, model, processor)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    logger.warning(
+        "Timings on a shared machine are noisy: every row runs in this process with the same weights, so compare the "
+        "ratios within this run (min of %d runs after %d warm-up).",
+        args.repeats,
+        args.warmup,
+    )
+    family = (bench.tower, bench.encoder, bench.media_fields)
+    with torch.inference_mode():
+        sizes = [
+            bench_size(size, bench.rows, model, processor, stock, stock_processor, prompt, args, *family)
+            for size in bench.sizes
+        ]
+    report = {
+        "model": description,
+        "arch": architecture.name,
+        "question": args.question,
+        "dtype": args.dtype,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "new_tokens": args.new_tokens,
+        "machine": machine_description(torch.device(args.device)),
+    }
+    write_report(report, sizes, f"bench-{architecture.name}", description.replace(", LLM", ",\nLLM"), args)
+    return report
+
+
 def run_qwen(args: argparse.Namespace, architecture: Architecture) -> dict:
     """
     The benchmark of a Qwen architecture: the `--model` folder, or a random model with the 7B model's tower
@@ -296,15 +351,6 @@ def run_qwen(args: argparse.Namespace, architecture: Architecture) -> dict:
             f"random {architecture.display_name}-shaped: vision tower {shapes.vision_layers} x "
             f"{shapes.vision_hidden}{attention}, LLM {shapes.llm_layers} x {shapes.llm_hidden}"
         )
-    stock, stock_processor = stock_twin(architecture, model, processor)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    logger.warning(
-        "Timings on a shared machine are noisy: every row runs in this process with the same weights, so compare the "
-        "ratios within this run (min of %d runs after %d warm-up).",
-        args.repeats,
-        args.warmup,
-    )
 
     def tower(inputs):
         pixels, grid = inputs["pixel_values"].to(dtype), inputs["image_grid_thw"]
@@ -313,22 +359,5 @@ def run_qwen(args: argparse.Namespace, architecture: Architecture) -> dict:
     def grid(inputs) -> dict:
         return {"grid_thw": inputs["image_grid_thw"][0].tolist()}
 
-    with torch.inference_mode():
-        sizes = [
-            bench_size(
-                size, bench.rows, model, processor, stock, stock_processor, prompt, args, tower, qwen_encoder, grid
-            )
-            for size in bench.sizes
-        ]
-    report = {
-        "model": description,
-        "arch": architecture.name,
-        "question": args.question,
-        "dtype": args.dtype,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "new_tokens": args.new_tokens,
-        "machine": machine_description(device),
-    }
-    write_report(report, sizes, f"bench-{architecture.name}", description.replace(", LLM", ",\nLLM"), args)
-    return report
+    bench_family = FamilyBench(bench.sizes, bench.rows, tower, qwen_encoder, grid)
+    return bench_against_stock(args, architecture, model, processor, description, bench_family)
