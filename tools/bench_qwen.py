@@ -346,6 +346,7 @@ def run_qwen(args: argparse.Namespace, architecture: Architecture) -> dict:
         attention = {
             "qwen2.5-vl": f" (full attention at {shapes.full_attention_blocks})",
             "qwen3-vl": f" (DeepStack at {shapes.deepstack_blocks})",
+            "qwen3-vl-moe": f" (DeepStack at {shapes.deepstack_blocks})",
         }.get(architecture.name, "")
         description = (
             f"random {architecture.display_name}-shaped: vision tower {shapes.vision_layers} x "
