@@ -353,6 +353,17 @@ class LlmGuidanceMixin(GuidanceProcessingMixin):
     def guidance_tokenizer(self):
         return self.tokenizer
 
+    @property
+    def model_input_names(self) -> list[str]:
+        """The stock processor's inputs, then each image's and each video's guidance."""
+        names = super().model_input_names
+        return names + [
+            "guidance_input_ids",
+            "guidance_attention_mask",
+            "video_guidance_input_ids",
+            "video_guidance_attention_mask",
+        ]
+
 
 class QwenProcessingMixin(LlmGuidanceMixin):
     """
@@ -396,16 +407,6 @@ class QwenProcessingMixin(LlmGuidanceMixin):
     def media_tokens(self) -> tuple[str, ...]:
         """The markers removed from a prompt's question: the placeholders and the vision start and end tokens."""
         return (self.image_token, self.video_token, "<|vision_start|>", "<|vision_end|>")
-
-    @property
-    def model_input_names(self) -> list[str]:
-        names = super().model_input_names
-        return names + [
-            "guidance_input_ids",
-            "guidance_attention_mask",
-            "video_guidance_input_ids",
-            "video_guidance_attention_mask",
-        ]
 
     def num_media(self, encoding: BatchFeature, pixels_name: str) -> int:
         """Images (videos) are packed patches: one `*_grid_thw` row each."""

@@ -94,16 +94,6 @@ class VisionTrimLlavaOnevisionProcessor(CropBudgetProcessingMixin, LlmGuidanceMi
     def media_tokens(self) -> tuple[str, ...]:
         return (self.image_token, self.video_token)
 
-    @property
-    def model_input_names(self) -> list[str]:
-        names = super().model_input_names
-        return names + [
-            "guidance_input_ids",
-            "guidance_attention_mask",
-            "video_guidance_input_ids",
-            "video_guidance_attention_mask",
-        ]
-
     def image_tokens(self, image_size, single: bool) -> int:
         """Placeholders of an image of `image_size` (height, width): all its crops, or one in a multi-image prompt."""
         crop = self.image_processor.size["height"]
