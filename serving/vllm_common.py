@@ -29,6 +29,13 @@ logger = init_logger(f"vllm.{__name__}")
 
 # What a dummy (memory-profiling) prompt asks.
 PROFILING_QUESTION = "What is shown in the image?"
+# The guidance inputs of each modality, as the VisionTrim processors name them.
+GUIDANCE_INPUTS = {
+    "image": ("guidance_input_ids", "guidance_attention_mask"),
+    "video": ("video_guidance_input_ids", "video_guidance_attention_mask"),
+}
+# Each guidance input's modality, as vLLM's processors declare their fields.
+GUIDANCE_FIELDS = {name: modality for modality, names in GUIDANCE_INPUTS.items() for name in names}
 
 
 def padded_guidance(

@@ -42,6 +42,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ..compression_visiontrim import CompressedCrops, GuidanceEmbeddingCache, anyres_image_tokens, compress_crops
 from ..configuration_visiontrim_llava import vision_attention_layer
 from .vllm_common import (
+    GUIDANCE_INPUTS,
     ProfilingQuestionMixin,
     QuestionGuidanceMixin,
     VisionTrimProcessorMixin,
@@ -52,11 +53,6 @@ from .vllm_common import (
 from .weight_names import vllm_weight_name
 
 
-# The guidance fields of each modality's items, as the VisionTrim processors name them.
-GUIDANCE_FIELDS = {
-    "image": ("guidance_input_ids", "guidance_attention_mask"),
-    "video": ("video_guidance_input_ids", "video_guidance_attention_mask"),
-}
 # The modules VisionTrim adds to vLLM's LLaVA (the CLIP text tower and head).
 VISIONTRIM_MODULES = ("guidance_encoder.", "visual_projection.", "logit_scale")
 
@@ -112,7 +108,7 @@ class VisionTrimLlavaNextMultiModalProcessor(QuestionGuidanceMixin, LlavaNextMul
 
 
 class VisionTrimLlavaNextVideoMultiModalProcessor(QuestionGuidanceMixin, LlavaNextVideoMultiModalProcessor):
-    guidance_fields = {name: "video" for name in GUIDANCE_FIELDS["video"]}
+    guidance_fields = {name: "video" for name in GUIDANCE_INPUTS["video"]}
 
 
 class VisionTrimVllmMixin:
@@ -168,7 +164,7 @@ class VisionTrimVllmMixin:
         raise NotImplementedError
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        guidance = [kwargs.pop(name, None) for name in GUIDANCE_FIELDS[self.modality]]
+        guidance = [kwargs.pop(name, None) for name in GUIDANCE_INPUTS[self.modality]]
         media_input = self.media_input(**kwargs)
         if media_input is None:
             return []
@@ -202,7 +198,7 @@ class VisionTrimVllmMixin:
             guidance_input_ids,
             guidance_attention_mask,
             crops_per_item,
-            GUIDANCE_FIELDS[self.modality][0].removesuffix("_input_ids"),
+            GUIDANCE_INPUTS[self.modality][0].removesuffix("_input_ids"),
             guidance_cache=self.guidance_cache if self.config.guidance_cache_size > 0 else None,
         )
 

@@ -29,6 +29,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..compression_visiontrim import CompressedTokens, anyres_image_tokens, compress_pooled_crops
 from .vllm_common import (
+    GUIDANCE_FIELDS,
+    GUIDANCE_INPUTS,
     ProfilingQuestionMixin,
     QuestionGuidanceMixin,
     VisionTrimProcessorMixin,
@@ -39,11 +41,6 @@ from .vllm_common import (
 from .weight_names import vllm_weight_name
 
 
-# The guidance fields, by modality, as the VisionTrim processor names them.
-GUIDANCE_INPUTS = {
-    "image": ("guidance_input_ids", "guidance_attention_mask"),
-    "video": ("video_guidance_input_ids", "video_guidance_attention_mask"),
-}
 # OneVision's ChatML user turn, for vLLM's profiling prompt.
 ONEVISION_USER_TURN = "<|im_start|>user\n{media}\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -71,7 +68,7 @@ class VisionTrimLlavaOnevisionDummyInputsBuilder(ProfilingQuestionMixin, LlavaOn
 
 
 class VisionTrimLlavaOnevisionMultiModalProcessor(QuestionGuidanceMixin, LlavaOnevisionMultiModalProcessor):
-    guidance_fields = {name: modality for modality, names in GUIDANCE_INPUTS.items() for name in names}
+    guidance_fields = GUIDANCE_FIELDS
 
     def _postprocess_hf_mm_data(
         self, mm_inputs: Mapping[str, object], hf_processor_mm_kwargs: Mapping[str, object], processed: BatchFeature

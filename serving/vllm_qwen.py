@@ -26,16 +26,9 @@ from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 
 from ..compression_visiontrim import QwenTowerRun, compress_units_with_question, record_outputs
 from ..configuration_visiontrim import qwen_visual_tokens
-from .vllm_common import VisionTrimProcessorMixin, check_head_size, padded_guidance
+from .vllm_common import GUIDANCE_INPUTS, VisionTrimProcessorMixin, check_head_size, padded_guidance
 
 
-# The guidance inputs of each modality (the names the folder's processor gives them).
-GUIDANCE_INPUTS = {
-    "image": ("guidance_input_ids", "guidance_attention_mask"),
-    "video": ("video_guidance_input_ids", "video_guidance_attention_mask"),
-}
-# Each guidance input's modality, as vLLM's processors declare their fields.
-GUIDANCE_FIELDS = {name: modality for modality, names in GUIDANCE_INPUTS.items() for name in names}
 PIXEL_INPUTS = {"image": "pixel_values", "video": "pixel_values_videos"}
 # A kept token's (t, h, w) offset rides on its embedding as (offset // 256, offset % 256) per axis: integers below
 # 256 are exact in bfloat16 and float16, so long videos keep exact positions in half precision.

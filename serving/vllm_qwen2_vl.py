@@ -28,9 +28,8 @@ from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from .vllm_common import ProfilingQuestionMixin, QuestionGuidanceMixin
+from .vllm_common import GUIDANCE_FIELDS, ProfilingQuestionMixin, QuestionGuidanceMixin
 from .vllm_qwen import (
-    GUIDANCE_FIELDS,
     QWEN_USER_TURN,
     VisionTrimQwenProcessingInfoMixin,
     VisionTrimQwenVllmMixin,
